@@ -1,0 +1,119 @@
+"""The pure-PyTorch backend against the float64 reference (CPU, every case of the issue)."""
+
+import pytest
+import torch
+
+from multimoe_rt import ops
+from multimoe_rt.torch_moe import align_torch, moe_reference, moe_torch
+
+# Relative error ||out - ref|| / ||ref|| against float64, by dtype.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def make_case(T, K, H, I, S, gated, dtype, seed, slots=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w1 = (torch.randn(S, 2 * I if gated else I, H, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(S, H, I, generator=g) / I**0.5).to(dtype)
+    s = torch.randint(0, S, (T, K), generator=g) if slots is None else slots
+    w = torch.rand(T, K, generator=g) + 0.1
+    return x, s, w, w1, w2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated,K", [(True, 2), (False, 1), (True, 1), (False, 2)])
+@pytest.mark.parametrize("T", [1, 3, 8, 513])
+def test_moe_torch_matches_reference(T, gated, K, dtype):
+    x, s, w, w1, w2 = make_case(T, K, H=37, I=29, S=7, gated=gated, dtype=dtype, seed=T * 31 + K)
+    out = moe_torch(x, s, w, w1, w2, gated)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, moe_reference(x, s, w, w1, w2, gated)) <= TOL[dtype]
+
+
+def test_all_tokens_on_one_slot_and_empty_slots():
+    T, K = 64, 2
+    slots = torch.full((T, K), 3)
+    slots[:, 1] = 5  # slots 0, 1, 2, 4, 6 get no tokens
+    x, s, w, w1, w2 = make_case(T, K, 24, 16, 7, True, torch.float32, seed=1, slots=slots)
+    assert rel_err(moe_torch(x, s, w, w1, w2, True), moe_reference(x, s, w, w1, w2, True)) <= 1e-5
+
+
+def test_zero_weight_contributes_exactly_zero():
+    x, s, w, w1, w2 = make_case(9, 1, 16, 8, 4, False, torch.float32, seed=2)
+    w[::2] = 0.0
+    out = moe_torch(x, s, w, w1, w2, False)
+    assert (out[::2] == 0).all() and (out[1::2] != 0).any()
+
+
+def test_reference_is_per_pair_definition():
+    # Hand-checkable: one token, two slots, SwiGLU.
+    x = torch.tensor([[1.0, -2.0]])
+    w1 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [1.0, 1.0]]])  # I=1: rows gate, up
+    w2 = torch.tensor([[[2.0], [1.0]], [[1.0], [-1.0]]])
+    s, w = torch.tensor([[0, 1]]), torch.tensor([[0.25, 0.75]])
+    silu = lambda v: v / (1 + torch.exp(torch.tensor(-v, dtype=torch.float64)))
+    a0 = silu(1.0) * -2.0
+    a1 = silu(-0.5) * -1.0
+    expected = 0.25 * a0 * torch.tensor([2.0, 1.0]).double() + 0.75 * a1 * torch.tensor([1.0, -1.0]).double()
+    torch.testing.assert_close(moe_reference(x, s, w, w1, w2, True)[0], expected)
+
+
+@pytest.mark.parametrize("T,K,S,block_m", [(1, 1, 4, 16), (5, 2, 3, 4), (100, 2, 17, 16), (7, 2, 40, 8)])
+def test_align_torch_layout(T, K, S, block_m):
+    s = torch.randint(0, S, (T, K))
+    sorted_ids, block_slot, num_padded = align_torch(s, S, block_m)
+    n = int(num_padded)
+    assert n % block_m == 0 and len(sorted_ids) % block_m == 0
+    real = sorted_ids[:n][sorted_ids[:n] < T * K]
+    assert sorted(real.tolist()) == list(range(T * K))
+    assert (sorted_ids[n:] == T * K).all() and (block_slot[n // block_m:] == -1).all()
+    flat = s.reshape(-1)
+    for b in range(n // block_m):
+        ids = sorted_ids[b * block_m:(b + 1) * block_m]
+        ids = ids[ids < T * K]
+        assert (flat[ids.long()] == block_slot[b]).all()
+        assert ids.tolist() == sorted(ids.tolist())  # stable within a slot
+
+
+def test_align_empty_input():
+    sorted_ids, block_slot, num_padded = align_torch(torch.empty(0, 2, dtype=torch.int64), 4, 8)
+    assert int(num_padded) == 0 and (block_slot == -1).all()
+
+
+def test_ops_fused_moe_dispatch_and_compile():
+    x, s, w, w1, w2 = make_case(11, 2, 20, 12, 5, True, torch.float32, seed=3)
+    ref = moe_reference(x, s, w, w1, w2, True)
+    for backend in ("torch", "reference"):
+        assert rel_err(ops.fused_moe(x, s, w, w1, w2, True, backend=backend), ref) <= 1e-5
+    compiled = torch.compile(lambda t: ops.fused_moe(t, s, w, w1, w2, True, check_slots=False), backend="eager")
+    assert rel_err(compiled(x), ref) <= 1e-5
+
+
+def test_backend_env_override(monkeypatch):
+    monkeypatch.setenv("MULTIMOE_BACKEND", "reference")
+    assert ops.choose_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("MULTIMOE_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown MoE backend"):
+        ops.choose_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda a: a.update(x=a["x"].double()), TypeError, "must be one of"),
+    (lambda a: a.update(x=a["x"][:, :-1]), ValueError, "expert shapes"),
+    (lambda a: a.update(s=a["s"].float()), TypeError, "int32 or int64"),
+    (lambda a: a.update(s=a["s"] + 100), IndexError, "out of range"),
+    (lambda a: a.update(s=a["s"] - 100), IndexError, "out of range"),
+    (lambda a: a.update(w=a["w"][:, :1]), ValueError, r"\[T=6, K\]"),
+    (lambda a: a.update(w1=a["w1"][:, :5]), ValueError, "gated=True"),
+    (lambda a: a.update(x=a["x"].to("meta")), ValueError, "one device"),
+])
+def test_bad_input_raises_clearly(mutate, exc, match):
+    x, s, w, w1, w2 = make_case(6, 2, 10, 8, 3, True, torch.float32, seed=4)
+    a = dict(x=x, s=s, w=w, w1=w1, w2=w2)
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        ops.fused_moe(a["x"], a["s"], a["w"], a["w1"], a["w2"], True)
