@@ -38,6 +38,13 @@ def from_pretrained(*args, **kwargs):
     return MultiVariantModel.from_pretrained(*args, **kwargs)
 
 
+def register_experts_implementation() -> bool:
+    """Make ``experts_implementation="multimoe"`` selectable in transformers models."""
+    from .hf import register
+
+    return register()
+
+
 def patch(*args, **kwargs):
     from .hf import patch as _patch
 

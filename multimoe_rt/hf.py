@@ -1,0 +1,108 @@
+"""Drop-in integration with transformers: slab-backed experts modules and the ``multimoe`` experts
+implementation.
+
+Two routes:
+
+* ``patch(model, slab, table, variant)`` replaces every experts module of a loaded Mixtral or
+  SwitchTransformers model with a ``SlabExperts`` that reads the slab through the table (the
+  original expert weights are freed); the rest of the model and ``generate()`` are untouched.
+* ``register()`` adds ``"multimoe"`` to transformers' ``ExpertsInterface``, so
+  ``from_pretrained(..., experts_implementation="multimoe")`` runs our fused MoE op on the
+  model's own stacked expert weights (the table is the identity there).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+
+
+class ActiveVariant:
+    """The variant every SlabExperts of one model reads: a row of the slot table.
+
+    ``value`` is an int, or an int tensor ``[T]`` of per-token variant ids for a mixed batch.
+    Shared by all layers so a switch flips them together.
+    """
+
+    def __init__(self, value=0):
+        self.value = value
+
+
+def moe_layer_prefixes(model: nn.Module) -> list[str]:
+    """Module names of the MoE blocks in checkpoint order (the ``layer`` index of the table)."""
+    names = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind.endswith("SparseMoeBlock") or kind == "SwitchTransformersSparseMLP":
+            names.append(name)
+    return names
+
+
+class SlabExperts(nn.Module):
+    """An experts module whose weights live in a shared ExpertSlab, found through a SlotTable.
+
+    Accepts both call conventions: Mixtral's ``(hidden, top_k_index, top_k_weights)`` and
+    Switch's ``(hidden, one_hot_selected [T,1,E], router_probs [T,1])``.
+    """
+
+    def __init__(self, slab, table, layer: int, active: ActiveVariant, num_experts: int, backend=None):
+        super().__init__()
+        self.slab, self.table, self.layer, self.active = slab, table, layer, active
+        self.num_experts, self.backend = num_experts, backend
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if top_k_index.dim() == 3:  # Switch: one-hot dispatch mask, zero row = dropped by capacity
+            top_k_weights = top_k_weights * top_k_index.sum(-1).to(top_k_weights.dtype)
+            top_k_index = top_k_index.argmax(-1)
+        if top_k_index.shape[-1] > self.num_experts:
+            raise ValueError(f"top-k {top_k_index.shape[-1]} exceeds the {self.num_experts} experts of layer {self.layer}")
+        slots = self.table.resolve(self.layer, top_k_index, self.active.value)
+        out = ops.fused_moe(hidden_states, slots, top_k_weights.to(hidden_states.dtype), self.slab.w1, self.slab.w2,
+                            self.slab.gated, backend=self.backend, check_slots=False)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, slab_slots={self.slab.num_slots}, gated={self.slab.gated}"
+
+
+def patch(model: nn.Module, slab, table, variant=0, backend=None, active: ActiveVariant | None = None) -> ActiveVariant:
+    """Replace the experts of ``model`` with slab-backed modules reading ``table[variant]``.
+
+    Returns the ActiveVariant holder: set ``.value`` to serve another table row.
+    """
+    layers = moe_layer_prefixes(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Mixtral or SwitchTransformers MoE blocks to patch")
+    if len(layers) != table.shape[1]:
+        raise ValueError(f"the model has {len(layers)} MoE layers but the slot table has {table.shape[1]}")
+    table.validate(slab)
+    active = active or ActiveVariant(variant)
+    for layer, name in enumerate(layers):
+        block = model.get_submodule(name)
+        num_experts = table.shape[2]
+        block.experts = SlabExperts(slab, table, layer, active, num_experts, backend)
+    return active
+
+
+def multimoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """``ExpertsInterface`` entry: our fused op on the module's own ``gate_up_proj``/``down_proj``."""
+    if self.has_bias or self.is_transposed or not self.is_concatenated:
+        raise NotImplementedError(f"experts_implementation='multimoe' supports concatenated [gate; up] experts "
+                                  f"without bias or transposition; {type(self).__name__} differs")
+    return ops.fused_moe(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
+                         self.gate_up_proj, self.down_proj, gated=self.has_gate, check_slots=False)
+
+
+def register() -> bool:
+    """Register ``multimoe`` in transformers' ExpertsInterface; False where this transformers has none."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return False
+    ALL_EXPERTS_FUNCTIONS.register("multimoe", multimoe_experts_forward)
+    return True
+
+
+register()

@@ -1,0 +1,144 @@
+"""MultiVariantModel: several variants of one MoE model served from one slab and one model skeleton.
+
+The skeleton is the transformers model class of the family, built without expert weights: its
+experts modules are ``SlabExperts`` reading the shared slab through the slot table, and its
+parameters (all non-expert) are the active set of the ``NonExpertStore``. So ``forward`` and
+``generate`` are transformers' own (KV cache, EOS, sampling), and switching variant is a store
+switch plus a table-row change.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import transformers
+from torch import nn
+
+from . import plan as plan_mod
+from .checkpoint import VariantSet
+from .hf import ActiveVariant, SlabExperts, moe_layer_prefixes
+from .reconfig import NonExpertStore
+
+MODEL_CLASSES = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "switch": (transformers.SwitchTransformersConfig, transformers.SwitchTransformersForConditionalGeneration),
+}
+
+
+def build_skeleton(variant_set: VariantSet, slab, table, active: ActiveVariant, device, dtype, backend=None) -> nn.Module:
+    """The family's transformers model with slab-backed experts and uninitialised non-expert parameters."""
+    config_cls, model_cls = MODEL_CLASSES[variant_set.family]
+    config = config_cls.from_dict(dict(variant_set[0].config))
+    with torch.device("meta"):
+        model = model_cls(config)
+    layers = moe_layer_prefixes(model)
+    if layers != variant_set.moe_layers:
+        raise ValueError(f"the {variant_set.family} model's MoE blocks {layers} do not match the checkpoint's "
+                         f"{variant_set.moe_layers}")
+    for i, name in enumerate(layers):
+        model.get_submodule(name).experts = SlabExperts(slab, table, i, active, variant_set.num_experts, backend)
+    model = model.to_empty(device=device).to(dtype)
+    # Non-persistent buffers (rotary frequencies) were lost on the meta device: rebuild those modules.
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "inv_freq"):
+            parent, _, child = name.rpartition(".")
+            fresh = type(module)(module.config).to(device)
+            setattr(model.get_submodule(parent) if parent else model, child, fresh)
+    model.tie_weights()
+    return model.eval()
+
+
+class MultiVariantModel:
+    """Serve ``variant_set``'s variants from one slab; see ``from_pretrained``."""
+
+    def __init__(self, variant_set: VariantSet, plan, device="cpu", dtype=torch.float32, resident: int = 0,
+                 backend=None):
+        self.variant_set, self.plan = variant_set, plan
+        self.names, self.family = list(variant_set.names), variant_set.family
+        self.device, self.dtype = torch.device(device), dtype
+        self.slab, self.table = plan_mod.load_slab(plan, variant_set, device=self.device, dtype=dtype)
+        self.active = ActiveVariant(0)
+        self.model = build_skeleton(variant_set, self.slab, self.table, self.active, self.device, dtype, backend)
+        self.lock = threading.RLock()
+        self.store = NonExpertStore(self.model, variant_set, self.device, resident=resident,
+                                    on_switch=self._select_row, lock=self.lock)
+
+    @classmethod
+    def from_pretrained(cls, dirs, names=None, budget=None, share=None, plan=None, metric="l2", scope="global",
+                        representative="anchor", device="cpu", dtype=torch.float32, resident: int = 0,
+                        backend=None, seed: int = 0):
+        """Load variant directories, plan the slab (or take ``plan``: a Plan or a JSON path), build the model.
+
+        Without ``budget``/``share``/``plan`` every variant keeps its own experts, except exact duplicates.
+        """
+        variant_set = dirs if isinstance(dirs, VariantSet) else VariantSet.from_dirs(dirs, names=names)
+        if isinstance(plan, (str, bytes)) or hasattr(plan, "__fspath__"):
+            plan = plan_mod.Plan.from_json(plan, variant_set)
+        elif plan is None:
+            if budget is None and share is None:
+                share = 0.0
+            plan = plan_mod.make_plan(variant_set, budget_bytes=budget,
+                                      share=share, metric=metric, scope=scope, representative=representative,
+                                      seed=seed, dtype=dtype)
+        return cls(variant_set, plan, device=device, dtype=dtype, resident=resident, backend=backend)
+
+    def _select_row(self, v: int) -> None:
+        self.active.value = v
+
+    # -- switching (Algorithm 2) ------------------------------------------------------------
+    @property
+    def active_variant(self) -> str:
+        return self.names[self.store.active_variant]
+
+    def prefetch(self, variant) -> None:
+        """Start copying ``variant``'s non-expert weights while the current request still runs."""
+        self.store.switch_to(variant)
+
+    def switch_to(self, variant) -> None:
+        self.store.switch_to(variant)
+
+    def activate(self) -> float:
+        return self.store.activate()
+
+    def use(self, variant) -> None:
+        self.store.use(variant)
+
+    # -- compute ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, variant, input_ids, decoder_input_ids=None, **kwargs):
+        """Logits of ``variant`` for ``input_ids`` (Switch: encoder ids, plus ``decoder_input_ids``)."""
+        with self.lock:
+            self.use(variant)
+            input_ids = input_ids.to(self.device)
+            if self.family == "switch":
+                if decoder_input_ids is None:
+                    raise ValueError("Switch variants need decoder_input_ids for a forward pass")
+                return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids.to(self.device),
+                                  **kwargs).logits
+            return self.model(input_ids=input_ids, **kwargs).logits
+
+    __call__ = forward
+
+    @torch.inference_mode()
+    def generate(self, variant, input_ids, max_new_tokens: int = 25, eos_token_id=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, attention_mask=None, **kwargs):
+        """Prefill + decode with a KV cache (transformers' generate) as ``variant``; returns new token ids."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        with self.lock:
+            self.use(variant)
+            input_ids = input_ids.to(self.device)
+            gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
+                       pad_token_id=self.model.config.pad_token_id if self.model.config.pad_token_id is not None
+                       else (eos_token_id if eos_token_id is not None else 0),
+                       attention_mask=None if attention_mask is None else attention_mask.to(self.device), **kwargs)
+            if do_sample:
+                gen.update(temperature=temperature, top_p=top_p)
+            out = self.model.generate(input_ids=input_ids, **gen)
+            # Switch returns the decoder sequence (after its start token); Mixtral prompt + continuation.
+            return out[:, 1:] if self.family == "switch" else out[:, input_ids.shape[1]:]
+
+    def memory_footprint(self) -> dict:
+        return {"slab_bytes": self.slab.nbytes, "non_expert_device_bytes": self.store.device_nbytes,
+                "total_device_bytes": self.slab.nbytes + self.store.device_nbytes}

@@ -1,0 +1,222 @@
+"""Runtime partial reconfiguration (the paper's Algorithm 2): swap only the non-expert weights.
+
+Every variant's non-expert tensors (embeddings, attention, norms, routers, LM head) live in
+host memory (pinned where CUDA exists). On the device there are two rotating buffer sets, the
+active one (the model's parameters point at it) and a staging one, plus one dedicated set per
+*resident* variant. ``switch_to(v)`` copies v's tensors into the staging set in the background
+(side CUDA stream on GPU, a worker thread on CPU); ``activate()`` waits for that copy, then flips
+every parameter's storage to the staging set and selects v's row of the slot table. Nothing in the
+expert path is copied.
+
+A tensor whose bytes the staging set already holds (same hash) is not copied again, so variants
+that froze their attention share it for free. A failed copy leaves the active variant untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+
+class SwitchError(RuntimeError):
+    """A variant switch failed; the previously active variant is still active."""
+
+
+def tensor_digest(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy(),
+                           digest_size=16).digest()
+
+
+def tied_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> every name it is known by (tied embeddings have several)."""
+    by_id = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id[id(p)].append(name)
+    return {names[0]: names for names in by_id.values()}
+
+
+class _Pending:
+    def __init__(self, variant: int, target: int):
+        self.variant, self.target = variant, target
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.cuda_event = None
+        self.nbytes = 0
+
+
+class NonExpertStore:
+    """Host copies of every variant's non-expert weights and the device sets they are copied into.
+
+    ``variants`` is a VariantSet (anything with ``names`` and variants offering ``tensor(name)``
+    and ``non_expert_names()``). ``on_switch(v)`` is called inside ``activate`` so the caller can
+    select the slot-table row in the same critical section.
+    """
+
+    def __init__(self, model: nn.Module, variants, device, resident: int = 0, on_switch=None,
+                 lock: threading.RLock | None = None):
+        self.device = torch.device(device)
+        self.names = list(variants.names)
+        self.on_switch = on_switch or (lambda v: None)
+        self.lock = lock or threading.RLock()  # also held by forwards: a flip never lands mid-request
+        self.copy_hook = None  # tests inject delays or faults here: called as hook(variant, name)
+        self.params = dict(model.named_parameters())
+        aliases = tied_aliases(model)
+        pin = torch.cuda.is_available()
+
+        self.host: list[dict[str, torch.Tensor]] = []
+        self.digest: list[dict[str, bytes]] = []
+        for v in variants:
+            available = set(v.non_expert_names())
+            host, digest = {}, {}
+            for name, p in self.params.items():
+                source = next((a for a in aliases[name] if a in available), None)
+                if source is None:
+                    raise KeyError(f"{v.path}: non-expert tensor {name!r} (or a tied alias {aliases[name][1:]}) "
+                                   f"is missing from variant {v.name!r}")
+                t = v.tensor(source)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"{v.path}: tensor {source!r} has shape {tuple(t.shape)}, "
+                                     f"the model expects {tuple(p.shape)}")
+                t = t.to(p.dtype).contiguous()
+                host[name] = t.pin_memory() if pin else t
+                digest[name] = tensor_digest(host[name])
+            self.host.append(host)
+            self.digest.append(digest)
+
+        # Device sets: 0 = the model's own parameters, 1 = staging, then one per resident variant.
+        self.sets = [{n: p.data for n, p in self.params.items()},
+                     {n: torch.empty_like(p.data) for n, p in self.params.items()}]
+        self.holds: list[dict[str, bytes | None]] = [dict.fromkeys(self.params), dict.fromkeys(self.params)]
+        self.resident_set: dict[int, int] = {}
+        for v in range(min(resident, len(self.names))):
+            self.sets.append({n: torch.empty_like(p.data) for n, p in self.params.items()})
+            self.holds.append(dict.fromkeys(self.params))
+            self.resident_set[v] = len(self.sets) - 1
+            self._copy_now(v, self.resident_set[v])
+        self.released = [None] * len(self.sets)  # CUDA events: compute is done reading a set
+        self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        self.active_set, self.active_variant = 0, None
+        self.pending: _Pending | None = None
+        self.stats = {"switches": 0, "bytes_copied": 0, "tensors_skipped": 0, "tensors_copied": 0}
+        self.switch_to(0)
+        self.activate()
+
+    # -- sizes ----------------------------------------------------------------------------
+    @property
+    def set_nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params.values())
+
+    @property
+    def device_nbytes(self) -> int:
+        return self.set_nbytes * len(self.sets)
+
+    def index(self, variant) -> int:
+        if isinstance(variant, int):
+            if not 0 <= variant < len(self.names):
+                raise KeyError(f"variant index {variant} out of range: {len(self.names)} variants")
+            return variant
+        if variant not in self.names:
+            raise KeyError(f"unknown variant {variant!r}; known: {self.names}")
+        return self.names.index(variant)
+
+    # -- copying ----------------------------------------------------------------------------
+    def _copy_now(self, v: int, target: int, pending: _Pending | None = None) -> None:
+        dst, holds = self.sets[target], self.holds[target]
+        for name, src in self.host[v].items():
+            if holds[name] == self.digest[v][name]:
+                self.stats["tensors_skipped"] += 1
+                continue
+            holds[name] = None  # stale until the copy has landed
+            if self.copy_hook is not None:
+                self.copy_hook(v, name)
+            dst[name].copy_(src, non_blocking=self.side_stream is not None)
+            holds[name] = self.digest[v][name]
+            self.stats["tensors_copied"] += 1
+            if pending is not None:
+                pending.nbytes += src.numel() * src.element_size()
+
+    def _run_copy(self, pending: _Pending) -> None:
+        try:
+            if self.side_stream is not None:
+                with torch.cuda.stream(self.side_stream):
+                    if self.released[pending.target] is not None:
+                        self.side_stream.wait_event(self.released[pending.target])
+                    self._copy_now(pending.variant, pending.target, pending)
+                    pending.cuda_event = torch.cuda.Event()
+                    pending.cuda_event.record(self.side_stream)
+            else:
+                self._copy_now(pending.variant, pending.target, pending)
+        except BaseException as e:  # reported to whoever activates
+            pending.error = e
+        finally:
+            pending.done.set()
+
+    def switch_to(self, variant) -> None:
+        """Start copying ``variant``'s non-expert weights into the staging set; returns at once."""
+        v = self.index(variant)
+        if self.pending is not None:
+            if self.pending.variant == v:
+                return
+            self.pending.done.wait()  # one copy in flight at a time: it owns the staging set
+        if v in self.resident_set:
+            self.pending = _Pending(v, self.resident_set[v])
+            self.pending.done.set()
+            return
+        if v == self.active_variant:
+            self.pending = None
+            return
+        # Rotate: the staging set is whichever of sets 0 and 1 is not active.
+        target = 1 if self.active_set == 0 else 0
+        self.pending = _Pending(v, target)
+        if self.side_stream is not None:  # enqueueing CUDA copies is cheap: do it on this thread
+            self._run_copy(self.pending)
+        else:
+            threading.Thread(target=self._run_copy, args=(self.pending,), daemon=True,
+                             name="multimoe-switch-copy").start()
+
+    prefetch = switch_to
+
+    def activate(self) -> float:
+        """Wait for the pending copy, then flip every parameter to it; returns seconds waited."""
+        pending = self.pending
+        if pending is None:
+            return 0.0
+        t0 = time.perf_counter()
+        pending.done.wait()
+        waited = time.perf_counter() - t0
+        self.pending = None
+        if pending.error is not None:
+            self.holds[pending.target] = dict.fromkeys(self.params)
+            raise SwitchError(f"switch to variant {self.names[pending.variant]!r} failed; "
+                              f"{self._active_name()!r} stays active: {pending.error}") from pending.error
+        with self.lock:
+            if pending.cuda_event is not None:
+                torch.cuda.current_stream(self.device).wait_event(pending.cuda_event)
+            if self.side_stream is not None:
+                released = torch.cuda.Event()
+                released.record(torch.cuda.current_stream(self.device))
+                self.released[self.active_set] = released
+            for name, p in self.params.items():
+                p.data = self.sets[pending.target][name]
+            self.active_set, self.active_variant = pending.target, pending.variant
+            self.on_switch(pending.variant)
+            self.stats["switches"] += 1
+            self.stats["bytes_copied"] += pending.nbytes
+        return waited
+
+    def _active_name(self):
+        return None if self.active_variant is None else self.names[self.active_variant]
+
+    def use(self, variant) -> None:
+        """Blocking switch: copy what differs and activate."""
+        v = self.index(variant)
+        if v == self.active_variant and self.pending is None:
+            return
+        self.switch_to(v)
+        self.activate()
