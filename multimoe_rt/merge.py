@@ -27,7 +27,10 @@ expert (the v5 fused ``gate_up_proj`` is split for trimming and rebuilt).
 """
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -40,6 +43,7 @@ __all__ = [
     "task_arithmetic_tensors",
     "ties_tensors",
     "merge_variants",
+    "save_merged",
     "METHODS",
 ]
 
@@ -327,4 +331,28 @@ def merge_variants(variant_set, method: str, base: int | str = 0, **kw) -> dict[
             for e in range(num_experts):
                 out[f"{prefix}.experts.expert_{e}.wi.weight"] = w1s[e]
                 out[f"{prefix}.experts.expert_{e}.wo.weight"] = w2s[e]
+    return out
+
+
+# files copied next to the merged weights so the directory loads like the variant it came from
+_SIDE_FILES = ("config.json", "generation_config.json", "multimoe_tokenizer.json")
+
+
+def save_merged(state_dict: Mapping[str, torch.Tensor], out_dir: str | os.PathLike, like) -> Path:
+    """Write a merged state dict as a Hugging Face directory (``model.safetensors`` plus the config and
+    tokenizer files of ``like``, a Variant or a checkpoint directory), loadable by ``from_pretrained``
+    and by ``checkpoint.load_variant``. Returns the directory."""
+    from safetensors.torch import save_file
+
+    src = Path(getattr(like, "path", like))
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"save_merged: {src / 'config.json'} missing; 'like' must be a variant directory")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in _SIDE_FILES:
+        if (src / f).is_file():
+            shutil.copyfile(src / f, out / f)
+    # safetensors refuses non-contiguous tensors (a caller's dict may hold views)
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -298,3 +298,38 @@ def test_merge_variants_errors():
 
 def test_module_exports():
     assert merge.METHODS == ("average", "task_arithmetic", "ties")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "switch"])
+def test_checkpoints_merge_save_and_reload(tmp_path, family):
+    """Real checkpoint directories -> VariantSet -> merge -> save_merged -> from_pretrained and load_variant."""
+    ckpt = pytest.importorskip("multimoe_rt.checkpoint")
+    from transformers import MixtralForCausalLM, SwitchTransformersForConditionalGeneration
+    from multimoe_rt.merge import save_merged
+    cls = MixtralForCausalLM if family == "mixtral" else SwitchTransformersForConditionalGeneration
+    dirs = []
+    for s in range(3):
+        if family == "mixtral":
+            _, m = _mixtral(s)
+        else:
+            from transformers import SwitchTransformersConfig
+            torch.manual_seed(s)
+            # num_sparse_*_layers=1 of 2 blocks: block 1 of each stack is sparse (HF's sparse-step rule)
+            cfg = SwitchTransformersConfig(vocab_size=32, d_model=8, d_ff=6, d_kv=4, num_heads=2, num_layers=2,
+                                           num_decoder_layers=2, num_experts=3, num_sparse_encoder_layers=1,
+                                           num_sparse_decoder_layers=1)
+            m = SwitchTransformersForConditionalGeneration(cfg)
+        m.save_pretrained(tmp_path / f"v{s}")
+        dirs.append(tmp_path / f"v{s}")
+    vs = ckpt.VariantSet.from_dirs(dirs)
+    merged = merge_variants(vs, "ties", density=0.3, scale=0.9)
+    out = save_merged(merged, tmp_path / "merged", vs[0])
+    model = cls.from_pretrained(out)
+    sd = model.state_dict()
+    for k, t in merged.items():
+        assert torch.equal(sd[k], t), k
+    again = ckpt.load_variant(out)
+    assert again.family == family and sorted(again.non_expert_names()) == sorted(vs[0].non_expert_names())
+    w1, w2 = again.expert(len(again.moe_layers) - 1, 2)
+    ref1, ref2 = vs[0].expert(len(again.moe_layers) - 1, 2)
+    assert w1.shape == ref1.shape and w2.shape == ref2.shape
