@@ -1,0 +1,427 @@
+"""Load MoE variants from local Hugging Face directories, lazily, and check that a set of them fits one slab.
+
+A directory holds `config.json` and either `model.safetensors` or a sharded `model.safetensors.index.json`.
+Only safetensors are read (through `safe_open`, memory-mapped); nothing is unpickled and no code from the
+checkpoint runs. Every header is parsed and checked against the file size before anything is opened, so a
+truncated download fails here with the file named instead of deep inside a kernel.
+
+Families (by config["model_type"]):
+  mixtral              gated SwiGLU, top-k. transformers-5 fused naming
+                         model.layers.{i}.mlp.experts.gate_up_proj [E, 2I, H], .down_proj [E, H, I], mlp.gate.weight
+                       or the per-expert naming of the published Mixtral checkpoints
+                         model.layers.{i}.block_sparse_moe.experts.{e}.w1/w3 [I, H], .w2 [H, I], block_sparse_moe.gate.weight
+                       (w1 = gate, w3 = up, so w13 = cat([w1, w3]) matches gate_up_proj rows).
+  switch_transformers  ReLU, top-1, encoder and decoder sparse layers
+                         {encoder,decoder}.block.{b}.layer.{l}.mlp.experts.expert_{e}.wi.weight [I, H], .wo.weight [H, I]
+                         ...mlp.router.classifier.weight [E, H]
+Non-expert tensors are always named as transformers 5 names them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file, the tensor and what was expected vs found."""
+
+
+# safetensors dtype strings -> (torch dtype, bytes per element)
+_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+}
+# Headers of real checkpoints are well under a megabyte per shard; anything huge is a corrupt length field.
+_MAX_HEADER = 100 * 1024 * 1024
+
+FAMILIES = {"mixtral": "mixtral", "switch_transformers": "switch"}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple
+
+
+def read_safetensors_header(path: Path) -> dict[str, _Entry]:
+    """Parse and check one safetensors header: JSON, dtypes, byte lengths, and that the data fits in the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file: {size} bytes, no 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors header: header length field says {n} bytes, "
+                    f"file has {size} bytes")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from e
+
+    entries, data_end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}': {info!r}") from e
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {dtype!r}")
+        want = math.prod(shape) * _DTYPES[dtype][1]
+        if end - begin != want:
+            raise CheckpointError(
+                f"{path}: tensor '{name}': header gives {end - begin} bytes for {dtype} {list(shape)}, expected {want}")
+        data_end = max(data_end, end)
+        entries[name] = _Entry(path, dtype, shape)
+    if 8 + n + data_end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: header says tensor data ends at byte {8 + n + data_end}, "
+            f"file has {size} bytes")
+    return entries
+
+
+def _load_index(directory: Path) -> dict[str, _Entry]:
+    """name -> entry over the directory's safetensors file(s), each header checked."""
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors_header(single)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: cannot read 'weight_map': {e}") from e
+        entries = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = directory / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{index}: shard '{shard}' listed in weight_map is missing ({shard_path})")
+            entries.update(read_safetensors_header(shard_path))
+        for name, shard in weight_map.items():
+            if name not in entries or entries[name].file.name != Path(shard).name:
+                raise CheckpointError(f"{directory / shard}: tensor '{name}' listed in {index.name} is not in the file")
+        return entries
+    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    hint = f" (found {pickled}: pickle formats are never loaded, convert to safetensors)" if pickled else ""
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _fmt(shape) -> str:
+    return str(list(shape))
+
+
+class Variant:
+    """One checkpoint directory, read lazily. See the module docstring for the naming it accepts."""
+
+    def __init__(self, path, name: str | None = None, check_finite: bool = False):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory")
+        self.name = name if name is not None else self.path.name
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path}: missing config (config.json is required)")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from e
+        model_type = self.config.get("model_type")
+        if model_type not in FAMILIES:
+            raise CheckpointError(
+                f"{cfg_path}: unknown family: model_type {model_type!r}, expected one of {sorted(FAMILIES)}")
+        self.family = FAMILIES[model_type]
+        self._entries = _load_index(self.path)
+        self._handles = {}
+        # per MoE layer: how to read expert e: ("fused", gate_up, down) | ("legacy", prefix) | ("switch", prefix)
+        self._layout: list[tuple] = []
+        # v5 name -> name in the file, for every non-expert tensor
+        self._nonexpert: dict[str, str] = {}
+        if self.family == "mixtral":
+            self._init_mixtral()
+        else:
+            self._init_switch()
+        self._check_required()
+        self.expert_nbytes = (self._n1 * self.hidden_size + self.hidden_size * self.intermediate_size) * \
+            _DTYPES[self._expert_dtype][1]
+        self.dtype = _DTYPES[self._expert_dtype][0]
+        if check_finite:
+            self.check_finite()
+
+    # ---- config / layout ----
+    def _cfg(self, key, *alts):
+        for k in (key,) + alts:
+            if k in self.config and self.config[k] is not None:
+                return self.config[k]
+        raise CheckpointError(f"{self.path / 'config.json'}: missing config key '{key}' for family {self.family}")
+
+    def _expect(self, name: str, shape) -> _Entry:
+        e = self._entries.get(name)
+        if e is None:
+            raise CheckpointError(f"{self.path}: missing tensor '{name}' (expected shape {_fmt(shape)})")
+        if tuple(e.shape) != tuple(shape):
+            raise CheckpointError(f"{e.file}: tensor '{name}': expected shape {_fmt(shape)}, found {_fmt(e.shape)}")
+        return e
+
+    def _init_mixtral(self):
+        act = self.config.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"{self.path / 'config.json'}: hidden_act {act!r}: only 'silu' (SwiGLU) is supported")
+        H, I = self._cfg("hidden_size"), self._cfg("intermediate_size")
+        E, K = self._cfg("num_local_experts", "num_experts"), self._cfg("num_experts_per_tok")
+        L = self._cfg("num_hidden_layers")
+        self.hidden_size, self.intermediate_size, self.num_experts, self.top_k = H, I, E, K
+        self.vocab_size, self.gated, self._n1 = self._cfg("vocab_size"), True, 2 * I
+        self.moe_layers = [f"model.layers.{i}.mlp" for i in range(L)]
+        expert_names = set()
+        for i in range(L):
+            fused = f"model.layers.{i}.mlp.experts.gate_up_proj"
+            legacy = f"model.layers.{i}.block_sparse_moe"
+            if fused in self._entries:
+                down = f"model.layers.{i}.mlp.experts.down_proj"
+                self._expect(fused, (E, 2 * I, H))
+                self._expect(down, (E, H, I))
+                self._layout.append(("fused", fused, down))
+                expert_names |= {fused, down}
+            elif f"{legacy}.experts.0.w1.weight" in self._entries:
+                for e in range(E):
+                    for w, shape in (("w1", (I, H)), ("w3", (I, H)), ("w2", (H, I))):
+                        n = f"{legacy}.experts.{e}.{w}.weight"
+                        self._expect(n, shape)
+                        expert_names.add(n)
+                self._layout.append(("legacy", legacy))
+            else:
+                raise CheckpointError(
+                    f"{self.path}: missing tensor '{fused}' (expected shape {_fmt((E, 2 * I, H))}) "
+                    f"or legacy '{legacy}.experts.0.w1.weight' for MoE layer {i}")
+        for n in self._entries:
+            if n in expert_names:
+                continue
+            m = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.(weight|bias)", n)
+            self._nonexpert[f"model.layers.{m.group(1)}.mlp.gate.{m.group(2)}" if m else n] = n
+        self._expert_names = expert_names
+
+    def _init_switch(self):
+        act = self.config.get("dense_act_fn", "relu")
+        if act != "relu":
+            raise CheckpointError(
+                f"{self.path / 'config.json'}: dense_act_fn {act!r}: only 'relu' Switch experts are supported")
+        H, I, E = self._cfg("d_model", "hidden_size"), self._cfg("d_ff"), self._cfg("num_experts")
+        self.hidden_size, self.intermediate_size, self.num_experts, self.top_k = H, I, E, 1
+        self.vocab_size, self.gated, self._n1 = self._cfg("vocab_size"), False, I
+        n_enc = self._cfg("num_layers", "num_hidden_layers")
+        n_dec = self.config.get("num_decoder_layers") or n_enc
+        # Same placement rule as transformers' SwitchTransformersStack (sparse_step from the config counts).
+        self.moe_layers = []
+        for stack, n, n_sparse, ff in (("encoder", n_enc, self._cfg("num_sparse_encoder_layers"), 1),
+                                       ("decoder", n_dec, self._cfg("num_sparse_decoder_layers"), 2)):
+            step = n // n_sparse if n_sparse > 0 else n
+            for b in range(n):
+                if step > 0 and (b % step == 1 or step == 1):
+                    self.moe_layers.append(f"{stack}.block.{b}.layer.{ff}.mlp")
+        expert_names = set()
+        for prefix in self.moe_layers:
+            for e in range(E):
+                for w, shape in (("wi", (I, H)), ("wo", (H, I))):
+                    n = f"{prefix}.experts.expert_{e}.{w}.weight"
+                    self._expect(n, shape)
+                    expert_names.add(n)
+            self._layout.append(("switch", prefix))
+        extra = sorted(n for n in self._entries if re.search(r"\.mlp\.experts\.expert_\d+\.", n) and n not in expert_names)
+        if extra:
+            raise CheckpointError(
+                f"{self._entries[extra[0]].file}: tensor '{extra[0]}' is an expert outside the sparse layers the "
+                f"config describes ({self.moe_layers})")
+        self._nonexpert = {n: n for n in self._entries if n not in expert_names}
+        self._expert_names = expert_names
+
+    def _check_required(self):
+        E, H, V = self.num_experts, self.hidden_size, self.vocab_size
+        for i, prefix in enumerate(self.moe_layers):
+            router = f"{prefix}.gate.weight" if self.family == "mixtral" else f"{prefix}.router.classifier.weight"
+            if router not in self._nonexpert:
+                raise CheckpointError(f"{self.path}: missing tensor '{router}' (router of MoE layer {i}, "
+                                      f"expected shape {_fmt((E, H))})")
+            e = self._entries[self._nonexpert[router]]
+            if tuple(e.shape) != (E, H):
+                raise CheckpointError(f"{e.file}: tensor '{self._nonexpert[router]}': expected shape "
+                                      f"{_fmt((E, H))}, found {_fmt(e.shape)}")
+        embeds = ["model.embed_tokens.weight"] if self.family == "mixtral" else \
+            ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+        present = [n for n in embeds if n in self._nonexpert]
+        if not present:
+            raise CheckpointError(f"{self.path}: missing tensor '{embeds[0]}' (expected shape {_fmt((V, H))})")
+        for n in present + [n for n in ("lm_head.weight",) if n in self._nonexpert]:
+            e = self._entries[n]
+            if tuple(e.shape) != (V, H):
+                raise CheckpointError(f"{e.file}: tensor '{n}': expected shape {_fmt((V, H))}, found {_fmt(e.shape)}")
+        dtypes = {self._entries[n].dtype for n in self._expert_names}
+        if len(dtypes) != 1:
+            first = sorted(self._expert_names)[0]
+            odd = next(n for n in sorted(self._expert_names) if self._entries[n].dtype != self._entries[first].dtype)
+            raise CheckpointError(f"{self._entries[odd].file}: tensor '{odd}': dtype {self._entries[odd].dtype}, "
+                                  f"expected {self._entries[first].dtype} like '{first}' (experts must share a dtype)")
+        self._expert_dtype = dtypes.pop()
+
+    # ---- lazy reads ----
+    def _handle(self, file: Path):
+        h = self._handles.get(file)
+        if h is None:
+            try:
+                h = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{file}: cannot open as safetensors: {e}") from e
+            self._handles[file] = h
+        return h
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._handle(self._entries[name].file).get_tensor(name)
+
+    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1, w2) of one expert: w1 [2I, H] (gate rows then up rows) or [I, H] (Switch wi); w2 [H, I]."""
+        if not 0 <= layer < len(self.moe_layers):
+            raise IndexError(f"variant '{self.name}': MoE layer {layer} out of range [0, {len(self.moe_layers)})")
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"variant '{self.name}': expert {expert} out of range [0, {self.num_experts})")
+        kind = self._layout[layer]
+        if kind[0] == "fused":
+            _, gate_up, down = kind
+            w1 = self._handle(self._entries[gate_up].file).get_slice(gate_up)[expert]
+            w2 = self._handle(self._entries[down].file).get_slice(down)[expert]
+            return w1, w2
+        if kind[0] == "legacy":
+            p = f"{kind[1]}.experts.{expert}"
+            w13 = torch.cat([self._read(f"{p}.w1.weight"), self._read(f"{p}.w3.weight")], dim=0)
+            return w13, self._read(f"{p}.w2.weight")
+        p = f"{kind[1]}.experts.expert_{expert}"
+        return self._read(f"{p}.wi.weight"), self._read(f"{p}.wo.weight")
+
+    def non_expert_names(self) -> list[str]:
+        return list(self._nonexpert)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A non-expert tensor by its transformers-5 name."""
+        if name not in self._nonexpert:
+            raise CheckpointError(f"{self.path}: missing tensor '{name}' (not a non-expert tensor of variant "
+                                  f"'{self.name}'; it has {len(self._nonexpert)})")
+        return self._read(self._nonexpert[name])
+
+    def tensor_shape(self, name: str) -> tuple:
+        return tuple(self._entries[self._nonexpert[name]].shape)
+
+    def tensor_file(self, name: str) -> Path:
+        """The file a non-expert tensor lives in (for error messages and tools)."""
+        return self._entries[self._nonexpert[name]].file
+
+    def check_finite(self):
+        """Read every floating tensor once and raise on the first holding NaN or Inf."""
+        for name, e in self._entries.items():
+            if not _DTYPES[e.dtype][0].is_floating_point:
+                continue
+            t = self._read(name)
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise CheckpointError(f"{e.file}: tensor '{name}': expected finite values, found {n_nan} NaN and "
+                                      f"{n_inf} Inf of {t.numel()}")
+
+    def __repr__(self):
+        return (f"Variant({self.name!r}, family={self.family}, layers={len(self.moe_layers)}, "
+                f"experts={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, dtype={self.dtype})")
+
+
+def load_variant(path, name: str | None = None, check_finite: bool = False) -> Variant:
+    return Variant(path, name=name, check_finite=check_finite)
+
+
+@dataclass
+class VariantSet:
+    """Variants that can share one expert slab: same family, MoE layers, experts, sizes, top-k, vocab, dtype and
+    the same non-expert tensors with the same shapes. The first variant is the reference."""
+
+    variants: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.variants = list(self.variants)
+        if not self.variants:
+            raise CheckpointError("VariantSet needs at least one variant")
+        names = [v.name for v in self.variants]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise CheckpointError(f"VariantSet: variant name '{dup}' used twice ({names}); pass distinct names")
+        ref = self.variants[0]
+        for v in self.variants[1:]:
+            _check_compatible(ref, v)
+        self.names = names
+        self.family, self.num_layers, self.num_experts = ref.family, len(ref.moe_layers), ref.num_experts
+        self.hidden_size, self.intermediate_size = ref.hidden_size, ref.intermediate_size
+        self.gated, self.top_k, self.vocab_size, self.dtype = ref.gated, ref.top_k, ref.vocab_size, ref.dtype
+        self.moe_layers = list(ref.moe_layers)
+
+    @classmethod
+    def from_dirs(cls, dirs, names=None, check_finite: bool = False) -> "VariantSet":
+        dirs = list(dirs)
+        if names is not None and len(names) != len(dirs):
+            raise CheckpointError(f"VariantSet.from_dirs: {len(names)} names for {len(dirs)} directories")
+        return cls([load_variant(d, name=None if names is None else names[i], check_finite=check_finite)
+                    for i, d in enumerate(dirs)])
+
+    def __len__(self):
+        return len(self.variants)
+
+    def __getitem__(self, i):
+        if isinstance(i, str):
+            return self.variants[self.names.index(i)]
+        return self.variants[i]
+
+    def __iter__(self):
+        return iter(self.variants)
+
+
+def _check_compatible(ref: Variant, v: Variant):
+    def fail(what, expected, found):
+        raise CheckpointError(f"variant '{v.name}' ({v.path}) is incompatible with '{ref.name}' ({ref.path}): "
+                              f"{what}: expected {expected}, found {found}")
+
+    for attr in ("family", "num_experts", "hidden_size", "intermediate_size", "top_k", "vocab_size", "gated", "dtype"):
+        if getattr(ref, attr) != getattr(v, attr):
+            fail(attr, getattr(ref, attr), getattr(v, attr))
+    if len(ref.moe_layers) != len(v.moe_layers):
+        fail("number of MoE layers", len(ref.moe_layers), len(v.moe_layers))
+    for a, b in zip(ref.moe_layers, v.moe_layers):
+        if a != b:
+            fail("MoE layer", a, b)
+    theirs = set(v.non_expert_names())
+    for name in ref.non_expert_names():
+        if name not in theirs:
+            raise CheckpointError(f"{v.path}: missing tensor '{name}' (present in '{ref.name}' at "
+                                  f"{ref.tensor_file(name)}, shape {_fmt(ref.tensor_shape(name))})")
+        if ref.tensor_shape(name) != v.tensor_shape(name):
+            raise CheckpointError(f"{v.tensor_file(name)}: tensor '{name}': expected shape "
+                                  f"{_fmt(ref.tensor_shape(name))} (as in '{ref.name}'), found "
+                                  f"{_fmt(v.tensor_shape(name))}")
+    ours = set(ref.non_expert_names())
+    for name in v.non_expert_names():
+        if name not in ours:
+            raise CheckpointError(f"{v.tensor_file(name)}: tensor '{name}' is not in '{ref.name}' ({ref.path}): "
+                                  f"expected the same non-expert tensors in every variant")
