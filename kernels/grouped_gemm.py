@@ -1,0 +1,295 @@
+"""Fused MoE on the expert slab: align by slot, grouped GEMM up + activation, grouped GEMM down,
+deterministic reduce over k.
+
+    fused_moe_triton(hidden [T,H], slot_ids [T,K], topk_weights [T,K], w1 [S,N1,H], w2 [S,H,I], gated)
+
+Steps (all on the device, no host sync):
+  1. align_triton: pairs p = t*K + k sorted by slot, each slot's run padded to BLOCK_M (sentinel T*K);
+     block_slot[b] says which slab slot block b multiplies with (-1: block past the end, exits at once).
+  2. _moe_up_kernel: gathers token rows x[p // K], multiplies by w1[slot] (gate rows [0:I] and up rows
+     [I:2I] as two tiles with two accumulators), applies SiLU(gate)*up or ReLU in fp32, writes the
+     intermediate [T*K, I] in the compute dtype.
+  3. _moe_down_kernel: intermediate @ w2[slot].T, times the routing weight, writes the per-pair output
+     [T*K, H] in fp32 (for K == 1 straight into the output).
+  4. _reduce_k_kernel: out[t] = sum_k pair_out[t*K + k] in fp32, in k order: deterministic, no atomics.
+
+Precision: fp32 accumulation everywhere. tl.dot uses input_precision="ieee" so fp32 inputs are not
+rounded to tf32 (the option is ignored for bf16/fp16). Under the Triton interpreter (CPU tensors),
+tl.dot on bf16 returns wrong values, so the UPCAST constexpr converts dot operands to fp32 there.
+
+Work buffers: pass ``workspace`` (a dict of preallocated tensors, see fused_moe_triton) and nothing is
+allocated on the device per call; without it, buffers are allocated per call.
+
+Tuning: tile sizes come from kernels/configs/default.json, two shape classes by number of pairs T*K:
+"decode" (T*K <= decode_max_pairs) and "prefill". Override with the env var MULTIMOE_TRITON_CONFIG=path
+to a json of the same layout (merged over the default), or per call with config={...} (either
+{"decode": {...}, "prefill": {...}} or flat keys for the chosen class). To tune on a GPU, sweep per
+class BLOCK_M in {16, 32, 64, 128} (larger for prefill, where each slot gets many rows; 16 for decode,
+where a slot gets one or two rows and the rest of the block is padding), BLOCK_N and BLOCK_K in
+{32, 64, 128}, num_warps in {4, 8}, num_stages in {2, 3, 4}; time with bench/kernels.py at the model's
+H, I, K, number of slots and typical token counts, and keep the fastest setting that passes
+tests/test_grouped_gemm.py. decode_max_pairs is the crossover where the prefill tiles start winning.
+All block sizes must be powers of two and >= 16 (tl.dot's minimum).
+"""
+import copy
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from .align import align_triton, check_launchable, interpreting, padded_size
+
+_DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+
+
+@triton.jit
+def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr,
+                   num_pairs, H, I,
+                   stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ip,
+                   TOP_K: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(block_slot_ptr + pid_m)
+    if slot < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
+    row_ok = pair < num_pairs
+    token = pair // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    # w1[slot] is [N1, H]; load it transposed as [BLOCK_K, BLOCK_N] tiles.
+    g_ptrs = w1_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wh
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = offs_k < H - k0
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            g = g.to(tl.float32)
+        acc_g = tl.dot(x, g, acc_g, input_precision="ieee")
+        if GATED:
+            # Up rows sit I rows below the gate rows of the same slot.
+            u = tl.load(g_ptrs + I * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                u = u.to(tl.float32)
+            acc_u = tl.dot(x, u, acc_u, input_precision="ieee")
+        x_ptrs += BLOCK_K * stride_xh
+        g_ptrs += BLOCK_K * stride_wh
+    if GATED:
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+    else:
+        act = tl.maximum(acc_g, 0.0)
+    out_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_n[None, :]
+    tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block_slot_ptr,
+                     num_pairs, H, I,
+                     stride_ip, stride_ws, stride_wh, stride_wi, stride_op,
+                     UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(block_slot_ptr + pid_m)
+    if slot < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
+    row_ok = pair < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_k[None, :]
+    # w2[slot] is [H, I]; load it transposed as [BLOCK_K, BLOCK_N] tiles.
+    b_ptrs = w2_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wh + offs_k[:, None] * stride_wi
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = offs_k < I - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wi
+    weight = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * weight[:, None]
+    out_ptrs = out_ptr + pair[:, None] * stride_op + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _reduce_k_kernel(pair_ptr, out_ptr, H, stride_pp, stride_ot,
+                     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in range(TOP_K):  # fixed k order: bitwise reproducible
+        acc += tl.load(pair_ptr + (t * TOP_K + k) * stride_pp + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _file_config(env_path: str | None) -> dict:
+    with open(_DEFAULT_CONFIG) as f:
+        cfg = json.load(f)
+    if env_path:
+        try:
+            with open(env_path) as f:
+                cfg = _merge(cfg, json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"MULTIMOE_TRITON_CONFIG={env_path}: cannot read a json config ({e})") from e
+    return cfg
+
+
+def select_config(num_pairs: int, config: dict | None = None) -> dict:
+    """Tile sizes for a call with num_pairs = T*K pairs: default.json, then $MULTIMOE_TRITON_CONFIG,
+    then config (nested by class or flat for the chosen class). Returns a flat dict incl. "reduce"
+    and "align" sub-dicts."""
+    cfg = _file_config(os.environ.get("MULTIMOE_TRITON_CONFIG") or None)
+    config = config or {}
+    nested = {k: v for k, v in config.items() if isinstance(v, dict) or k == "decode_max_pairs"}
+    flat = {k: v for k, v in config.items() if k not in nested}
+    cfg = _merge(cfg, nested)
+    cls = "decode" if num_pairs <= cfg["decode_max_pairs"] else "prefill"
+    chosen = _merge(cfg[cls], flat)
+    for key in _TILE_KEYS:
+        v = chosen[key]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"triton MoE config {cls}.{key}={v!r}: must be a power of two >= 16")
+    chosen["reduce"] = cfg["reduce"]
+    chosen["align"] = cfg["align"]
+    chosen["class"] = cls
+    return chosen
+
+
+def _work(workspace, name, shape, dtype, device):
+    """workspace[name] viewed as `shape` (it may be larger: size it once for the largest batch)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if workspace is not None and name in workspace:
+        buf = workspace[name]
+        if buf.numel() < numel or buf.dtype != dtype or buf.device != device or not buf.is_contiguous():
+            raise ValueError(f"fused_moe_triton workspace[{name!r}]: need a contiguous tensor of >= {numel} "
+                             f"elements of {dtype} on {device}, got {buf.numel()} of {buf.dtype} on {buf.device}")
+        return buf.view(-1)[:numel].view(shape)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def workspace_shapes(max_tokens: int, top_k: int, hidden: int, intermediate: int, num_slots: int,
+                     dtype: torch.dtype, config: dict | None = None) -> dict:
+    """name -> (numel, dtype) of every buffer fused_moe_triton uses for up to max_tokens tokens, so a
+    caller can allocate them once (torch.empty) and pass them as workspace."""
+    pairs = max_tokens * top_k
+    block_m = max(select_config(pairs, config)["BLOCK_M"], select_config(1, config)["BLOCK_M"])
+    p_max = max(padded_size(pairs, num_slots, block_m), padded_size(pairs, num_slots, 16))
+    return {
+        "sorted_ids": (p_max, torch.int32),
+        "block_slot": (p_max // 16, torch.int32),
+        "num_padded": (1, torch.int32),
+        "align_counts": (num_slots, torch.int32),
+        "intermediate": (pairs * intermediate, dtype),
+        "pair_out": (pairs * hidden, torch.float32),
+        "out": (max_tokens * hidden, dtype),
+    }
+
+
+def allocate_workspace(max_tokens, top_k, hidden, intermediate, num_slots, dtype, device, config=None) -> dict:
+    return {name: torch.empty(numel, dtype=dt, device=device)
+            for name, (numel, dt) in workspace_shapes(max_tokens, top_k, hidden, intermediate, num_slots,
+                                                      dtype, config).items()}
+
+
+def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     w1: torch.Tensor, w2: torch.Tensor, gated: bool, config: dict | None = None,
+                     workspace: dict | None = None) -> torch.Tensor:
+    """Contract fused_moe on the slab. Returns [T, H] in hidden.dtype.
+
+    workspace (optional) holds preallocated contiguous buffers, each at least as large as this call needs
+    (see workspace_shapes / allocate_workspace): "intermediate" (hidden.dtype, T*K*I), "pair_out"
+    (float32, T*K*H), "out" (hidden.dtype, T*H) and the align buffers "sorted_ids", "block_slot",
+    "num_padded", "align_counts" (int32). The returned tensor is then a view of workspace["out"].
+    """
+    if hidden.dim() != 2 or slot_ids.dim() != 2 or topk_weights.shape != slot_ids.shape:
+        raise ValueError(f"fused_moe_triton: need hidden [T,H], slot_ids [T,K], topk_weights [T,K]; got "
+                         f"{tuple(hidden.shape)}, {tuple(slot_ids.shape)}, {tuple(topk_weights.shape)}")
+    T, H = hidden.shape
+    K = slot_ids.shape[1]
+    if slot_ids.shape[0] != T:
+        raise ValueError(f"fused_moe_triton: slot_ids has {slot_ids.shape[0]} rows, hidden has {T}")
+    if w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"fused_moe_triton: w1 must be [S,N1,H] and w2 [S,H,I], got {tuple(w1.shape)}, "
+                         f"{tuple(w2.shape)}")
+    S, N1, H1 = w1.shape
+    I = w2.shape[2]
+    if H1 != H or w2.shape[0] != S or w2.shape[1] != H or N1 != (2 * I if gated else I):
+        raise ValueError(f"fused_moe_triton: shapes disagree: hidden {tuple(hidden.shape)}, w1 {tuple(w1.shape)}, "
+                         f"w2 {tuple(w2.shape)}, gated={gated} (w1 must be [S, {'2I' if gated else 'I'}, H])")
+    if not (hidden.dtype == w1.dtype == w2.dtype):
+        raise ValueError(f"fused_moe_triton: hidden, w1, w2 must share a dtype, got "
+                         f"{hidden.dtype}, {w1.dtype}, {w2.dtype}")
+    device = hidden.device
+    for name, t in (("slot_ids", slot_ids), ("topk_weights", topk_weights), ("w1", w1), ("w2", w2)):
+        if t.device != device:
+            raise ValueError(f"fused_moe_triton: {name} is on {t.device}, hidden on {device}")
+    check_launchable(device, "fused_moe_triton")
+    upcast = interpreting(device)
+
+    cfg = select_config(T * K, config)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+    out = _work(workspace, "out", (T, H), hidden.dtype, device)
+    if T == 0:
+        return out
+    sorted_ids, block_slot, _ = align_triton(slot_ids, S, bm, workspace=workspace, chunk=cfg["align"]["CHUNK"])
+    num_blocks = block_slot.numel()
+    inter = _work(workspace, "intermediate", (T * K, I), hidden.dtype, device)
+    pair_out = out if K == 1 else _work(workspace, "pair_out", (T * K, H), torch.float32, device)
+    weights = topk_weights.reshape(-1)
+    if not weights.is_contiguous():
+        weights = weights.contiguous()
+
+    _moe_up_kernel[(num_blocks, triton.cdiv(I, bn))](
+        hidden, w1, inter, sorted_ids, block_slot,
+        T * K, H, I,
+        hidden.stride(0), hidden.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), inter.stride(0),
+        TOP_K=K, GATED=bool(gated), UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
+    _moe_down_kernel[(num_blocks, triton.cdiv(H, bn))](
+        inter, w2, weights, pair_out, sorted_ids, block_slot,
+        T * K, H, I,
+        inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0),
+        UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
+    if K > 1:
+        bh = min(cfg["reduce"]["BLOCK_H"], triton.next_power_of_2(H))
+        _reduce_k_kernel[(T, triton.cdiv(H, bh))](
+            pair_out, out, H, pair_out.stride(0), out.stride(0),
+            TOP_K=K, BLOCK_H=bh, num_warps=cfg["reduce"]["num_warps"])
+    return out
