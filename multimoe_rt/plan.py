@@ -187,6 +187,41 @@ def record_calibration(model: torch.nn.Module, moe_layers: list[str], inputs: li
     return {i: torch.cat(v)[:max_tokens] for i, v in out.items() if v}
 
 
+@torch.no_grad()
+def calibration_from_text(variant, text: str, max_tokens: int = 512, seq_len: int = 128) -> dict[int, torch.Tensor]:
+    """Recorded MoE-input states of ``variant`` (usually the anchor) on ``text``.
+
+    Loads the variant with transformers (safetensors only) and byte-tokenizes the text with the
+    ByteTokenizer the zoo writes next to each checkpoint; other tokenizers are not supported here
+    (record states yourself with ``record_calibration``).
+    """
+    from .tokenizer import TOKENIZER_FILE, ByteTokenizer
+
+    if not (Path(variant.path) / TOKENIZER_FILE).exists():
+        raise PlanError(f"{variant.path}: no {TOKENIZER_FILE}; calibration_from_text needs the zoo's byte "
+                        f"tokenizer (use record_calibration with your own inputs instead)")
+    tok = ByteTokenizer.load(variant.path)
+    ids = tok.encode(text)[:max_tokens]
+    if not ids:
+        raise PlanError("calibration text is empty")
+    batches = [torch.tensor([ids[i:i + seq_len]]) for i in range(0, len(ids), seq_len)]
+    if variant.family == "mixtral":
+        from transformers import MixtralForCausalLM as cls
+        inputs = [{"input_ids": b} for b in batches]
+    else:
+        from transformers import SwitchTransformersForConditionalGeneration as cls
+        inputs = [{"input_ids": b, "decoder_input_ids": b} for b in batches]
+    model = cls.from_pretrained(str(variant.path), dtype=torch.float32, use_safetensors=True).eval()
+    return record_calibration(model, variant.moe_layers, inputs, max_tokens=max_tokens)
+
+
+def non_expert_nbytes(variant, dtype=None) -> int:
+    """Bytes of one variant's non-expert tensors (numel from the file headers) in ``dtype``
+    (default: the variant's expert dtype): the size of one resident non-expert set."""
+    itemsize = torch.empty((), dtype=dtype or variant.dtype).element_size()
+    return sum(math.prod(variant.tensor_shape(n)) for n in variant.non_expert_names()) * itemsize
+
+
 @dataclass
 class Distances:
     """Per (variant, layer, expert) distances to the anchor; row ``anchor`` is all zeros."""

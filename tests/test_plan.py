@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from multimoe_rt.checkpoint import VariantSet
-from multimoe_rt.plan import (Plan, PlanError, checkpoint_fingerprint, compute_distances, heatmap,
-                              load_slab, make_plan, parse_size, record_calibration)
+from multimoe_rt.plan import (Plan, PlanError, calibration_from_text, checkpoint_fingerprint,
+                              compute_distances, heatmap, load_slab, make_plan, non_expert_nbytes,
+                              parse_size, record_calibration)
+from multimoe_rt.tokenizer import ByteTokenizer
 
 H, I, L, E = 32, 48, 2, 4
 
@@ -45,12 +47,13 @@ def mixtral_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mixtral")
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=64, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+    cfg = MixtralConfig(vocab_size=ByteTokenizer().vocab_size, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=E,
                         num_experts_per_tok=2, max_position_embeddings=64)
     base = MixtralForCausalLM(cfg).eval()
     dirs = {"base": root / "base"}
     base.save_pretrained(dirs["base"])
+    ByteTokenizer().save(dirs["base"])
     gen = torch.Generator().manual_seed(1)
     models = {}
     for name, changes in PERTURB.items():
@@ -433,3 +436,39 @@ def test_fingerprint_is_content_based(mixtral_dirs, tmp_path):
     shutil.copytree(dirs["a"], tmp_path / "a")
     assert checkpoint_fingerprint(tmp_path / "a") == checkpoint_fingerprint(dirs["a"])
     assert checkpoint_fingerprint(dirs["a"]) != checkpoint_fingerprint(dirs["b"])
+
+
+def test_calibration_from_text_matches_hooks(vs, mixtral_dirs):
+    _, base = mixtral_dirs
+    text = "the quick brown fox jumps over the lazy dog. " * 3
+    calib = calibration_from_text(vs[0], text, max_tokens=100, seq_len=40)
+    assert calib[1].shape == (100, H)
+    ids = torch.tensor([ByteTokenizer().encode(text)[:40]])
+    direct = record_calibration(base, vs.moe_layers, [{"input_ids": ids}])
+    assert torch.allclose(calib[1][:40], direct[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(PlanError, match="multimoe_tokenizer.json"):
+        calibration_from_text(vs[1], text)
+
+
+def test_non_expert_nbytes(vs):
+    v = vs[0]
+    n = sum(v.tensor(name).numel() for name in v.non_expert_names())
+    assert non_expert_nbytes(v) == 4 * n and non_expert_nbytes(v, torch.bfloat16) == 2 * n
+
+
+def test_cli_plan(mixtral_dirs, tmp_path, capsys):
+    from multimoe_rt.cli import main
+
+    dirs, _ = mixtral_dirs
+    out, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    argv = ["plan", *map(str, dirs.values()), "--names", ",".join(dirs), "--share", "0.5",
+            "--metric", "cosine", "--scope", "per_layer", "-o", str(out), "--heatmap", str(png), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    vs2 = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
+    plan = Plan.from_json(out, variant_set=vs2)
+    assert plan.metric == "cosine" and plan.scope == "per_layer" and plan.policy["share"] == 0.5
+    assert plan.summary() in printed and png.exists()
+    # a budget below one copy per (layer, expert): exit code 2 and the bytes needed
+    assert main(["plan", *map(str, dirs.values()), "--budget", "1KiB", "-o", str(out), "--quiet"]) == 2
+    assert f"needs {L * E * plan.slot_nbytes} B" in capsys.readouterr().err
