@@ -8,8 +8,8 @@ active one (the model's parameters point at it) and a staging one, plus one dedi
 every parameter's storage to the staging set and selects v's row of the slot table. Nothing in the
 expert path is copied.
 
-A tensor whose bytes the staging set already holds (same hash) is not copied again, so variants
-that froze their attention share it for free. A failed copy leaves the active variant untouched.
+A tensor whose bytes the staging or the active set already holds (same hash) is not copied, so
+variants that froze their attention share it for free. A failed copy leaves the active variant untouched.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class _Pending:
         self.error: BaseException | None = None
         self.cuda_event = None
         self.nbytes = 0
+        self.borrow: list[str] = []  # tensors the active set already holds: moved over at activate
 
 
 class NonExpertStore:
@@ -93,17 +94,17 @@ class NonExpertStore:
                      {n: torch.empty_like(p.data) for n, p in self.params.items()}]
         self.holds: list[dict[str, bytes | None]] = [dict.fromkeys(self.params), dict.fromkeys(self.params)]
         self.resident_set: dict[int, int] = {}
+        self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stats = {"switches": 0, "bytes_copied": 0, "tensors_skipped": 0, "tensors_copied": 0}
         for v in range(min(resident, len(self.names))):
             self.sets.append({n: torch.empty_like(p.data) for n, p in self.params.items()})
             self.holds.append(dict.fromkeys(self.params))
             self.resident_set[v] = len(self.sets) - 1
             self._copy_now(v, self.resident_set[v])
         self.released = [None] * len(self.sets)  # CUDA events: compute is done reading a set
-        self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
         self.active_set, self.active_variant = 0, None
         self.pending: _Pending | None = None
-        self.stats = {"switches": 0, "bytes_copied": 0, "tensors_skipped": 0, "tensors_copied": 0}
         self.switch_to(0)
         self.activate()
 
@@ -128,8 +129,15 @@ class NonExpertStore:
     # -- copying ----------------------------------------------------------------------------
     def _copy_now(self, v: int, target: int, pending: _Pending | None = None) -> None:
         dst, holds = self.sets[target], self.holds[target]
+        # Borrowing swaps buffers between sets, so never from a resident set (it must stay whole).
+        borrowable = pending is not None and self.active_set not in self.resident_set.values()
+        active_holds = self.holds[self.active_set] if borrowable else {}
         for name, src in self.host[v].items():
             if holds[name] == self.digest[v][name]:
+                self.stats["tensors_skipped"] += 1
+                continue
+            if active_holds.get(name) == self.digest[v][name]:
+                pending.borrow.append(name)
                 self.stats["tensors_skipped"] += 1
                 continue
             holds[name] = None  # stale until the copy has landed
@@ -202,8 +210,12 @@ class NonExpertStore:
                 released = torch.cuda.Event()
                 released.record(torch.cuda.current_stream(self.device))
                 self.released[self.active_set] = released
+            old, new = self.active_set, pending.target
+            for name in pending.borrow:  # swap buffers instead of copying equal bytes
+                self.sets[old][name], self.sets[new][name] = self.sets[new][name], self.sets[old][name]
+                self.holds[old][name], self.holds[new][name] = self.holds[new][name], self.holds[old][name]
             for name, p in self.params.items():
-                p.data = self.sets[pending.target][name]
+                p.data = self.sets[new][name]
             self.active_set, self.active_variant = pending.target, pending.variant
             self.on_switch(pending.variant)
             self.stats["switches"] += 1

@@ -1,0 +1,144 @@
+"""MultiVariantModel == each variant's own transformers model; switching is atomic and overlappable."""
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from multimoe_rt.model import MultiVariantModel
+from multimoe_rt.reconfig import SwitchError
+from tiny_models import reference, rel_err, save_variants
+
+FP32_TOL = 1e-5  # relative error of fp32 logits against the variant's own model
+
+
+@pytest.fixture(scope="module", params=["mixtral", "switch"])
+def family_dirs(request, tmp_path_factory):
+    return request.param, save_variants(tmp_path_factory.mktemp(request.param), request.param, n=3)
+
+
+def run(model_or_ref, family, variant, ids, dec):
+    if isinstance(model_or_ref, MultiVariantModel):
+        return model_or_ref.forward(variant, ids, decoder_input_ids=dec if family == "switch" else None)
+    with torch.no_grad():
+        if family == "switch":
+            return model_or_ref(input_ids=ids, decoder_input_ids=dec).logits
+        return model_or_ref(input_ids=ids).logits
+
+
+def test_sharing_zero_equals_own_models_in_any_switch_order(family_dirs):
+    family, dirs = family_dirs
+    mv = MultiVariantModel.from_pretrained(dirs, share=0.0)
+    refs = {f"{family}-v{i}": reference(family, d) for i, d in enumerate(dirs)}
+    g = torch.Generator().manual_seed(1)
+    order = list(refs) * 2
+    random.Random(0).shuffle(order)
+    for name in order:
+        ids, dec = torch.randint(2, 64, (2, 9), generator=g), torch.randint(2, 64, (2, 4), generator=g)
+        assert rel_err(run(mv, family, name, ids, dec), run(refs[name], family, name, ids, dec)) <= FP32_TOL
+        ours = mv.generate(name, ids[:1], max_new_tokens=6)
+        theirs = refs[name].generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        theirs = theirs[:, 1:] if family == "switch" else theirs[:, ids.shape[1]:]
+        assert ours.tolist() == theirs.tolist()
+    assert mv.store.stats["switches"] >= len(set(order))
+
+
+def test_full_sharing_keeps_each_variants_own_non_expert_path(family_dirs):
+    family, dirs = family_dirs
+    mv = MultiVariantModel.from_pretrained(dirs, share=1.0)
+    first_moe = mv.variant_set.moe_layers[0]
+    ids, dec = torch.randint(2, 64, (1, 7)), torch.randint(2, 64, (1, 3))
+    for i, d in enumerate(reversed(dirs)):
+        name = f"{family}-v{len(dirs) - 1 - i}"
+        ref = reference(family, d)
+        seen = {}
+        hooks = [m.get_submodule(first_moe).register_forward_pre_hook(
+            lambda mod, args, key=key: seen.__setitem__(key, args[0].clone()))
+            for key, m in (("ours", mv.model), ("ref", ref))]
+        run(mv, family, name, ids, dec)
+        run(ref, family, name, ids, dec)
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(seen["ours"], seen["ref"], rtol=0, atol=0)
+
+
+def test_prefetch_then_activate_never_reads_a_half_copied_set(tmp_path):
+    dirs = save_variants(tmp_path, "mixtral", n=2)
+    mv = MultiVariantModel.from_pretrained(dirs)
+    ref = reference("mixtral", dirs[1])
+    mv.store.copy_hook = lambda v, name: time.sleep(0.005)  # a slow copy on the "side stream"
+    mv.prefetch("mixtral-v1")
+    assert mv.active_variant == "mixtral-v0"  # nothing flipped yet: the copy runs in the background
+    ids = torch.randint(2, 64, (1, 8))
+    waited = mv.activate()
+    assert waited > 0 and mv.active_variant == "mixtral-v1"
+    assert rel_err(mv.forward("mixtral-v1", ids), run(ref, "mixtral", None, ids, None)) <= FP32_TOL
+
+
+def test_failed_copy_keeps_the_old_variant_serving(tmp_path):
+    dirs = save_variants(tmp_path, "mixtral", n=2)
+    mv = MultiVariantModel.from_pretrained(dirs)
+    ids = torch.randint(2, 64, (1, 8))
+    want0 = run(reference("mixtral", dirs[0]), "mixtral", None, ids, None)
+    calls = []
+
+    def fault(v, name):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError("injected copy failure")
+
+    mv.store.copy_hook = fault
+    with pytest.raises(SwitchError, match="mixtral-v0.* stays active"):
+        mv.use("mixtral-v1")
+    assert mv.active_variant == "mixtral-v0"
+    assert rel_err(mv.forward("mixtral-v0", ids), want0) <= FP32_TOL
+    mv.store.copy_hook = None  # the half-written staging set must not be trusted afterwards
+    want1 = run(reference("mixtral", dirs[1]), "mixtral", None, ids, None)
+    assert rel_err(mv.forward("mixtral-v1", ids), want1) <= FP32_TOL
+
+
+def test_concurrent_requests_for_different_variants_are_serialised(tmp_path):
+    dirs = save_variants(tmp_path, "mixtral", n=3)
+    mv = MultiVariantModel.from_pretrained(dirs)
+    ids = torch.randint(2, 64, (1, 8))
+    want = {f"mixtral-v{i}": run(reference("mixtral", d), "mixtral", None, ids, None) for i, d in enumerate(dirs)}
+    errors = []
+
+    def client(seed):
+        rng = random.Random(seed)
+        for _ in range(6):
+            name = rng.choice(list(want))
+            if rel_err(mv.forward(name, ids), want[name]) > FP32_TOL:
+                errors.append(name)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_resident_variants_switch_without_copies_and_frozen_tensors_are_skipped(tmp_path):
+    dirs = save_variants(tmp_path, "mixtral", n=3)
+    mv = MultiVariantModel.from_pretrained(dirs, resident=3)
+    before = mv.store.stats["bytes_copied"]
+    for name in ["mixtral-v2", "mixtral-v1", "mixtral-v0"]:
+        mv.use(name)
+    assert mv.store.stats["bytes_copied"] == before and mv.active_variant == "mixtral-v0"
+
+    mv = MultiVariantModel.from_pretrained(dirs)  # v2 fine-tuned experts only: its attention equals v0's
+    skipped = mv.store.stats["tensors_skipped"]
+    mv.use("mixtral-v2")
+    assert mv.store.stats["tensors_skipped"] - skipped == len(mv.store.params)
+    assert mv.memory_footprint()["non_expert_device_bytes"] == 2 * mv.store.set_nbytes
+
+
+def test_unknown_variant_and_bad_generation_settings(tmp_path):
+    mv = MultiVariantModel.from_pretrained(save_variants(tmp_path, "mixtral", n=2))
+    with pytest.raises(KeyError, match="unknown variant 'nope'"):
+        mv.forward("nope", torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        mv.generate("mixtral-v0", torch.zeros(1, 3, dtype=torch.long), max_new_tokens=0)
