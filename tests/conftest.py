@@ -1,0 +1,30 @@
+"""Shared pytest setup: Triton runs in its interpreter on machines without CUDA, and tests marked
+``gpu`` are skipped there. TRITON_INTERPRET must be set before anything imports triton."""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# ---- small zoo (checkpoint helper): built once per session; reuses $MULTIMOE_CACHE when set
+@pytest.fixture(scope="session")
+def small_zoo(tmp_path_factory):
+    """{"mixtral": {name: Path}, "switch": {name: Path}} of the --small zoo (base first)."""
+    from multimoe_rt import zoo
+
+    cache = os.environ.get("MULTIMOE_CACHE") or tmp_path_factory.mktemp("zoo_cache")
+    return {"mixtral": zoo.build("mixtral-tiny", small=True, cache_dir=cache, progress=False),
+            "switch": zoo.build("switch-tiny", small=True, cache_dir=cache, progress=False)}

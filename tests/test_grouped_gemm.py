@@ -1,0 +1,146 @@
+"""fused_moe_triton against the float64 reference (Triton interpreter on CPU, real kernels on GPU).
+
+Tolerances, relative error ||out - ref|| / ||ref||: fp32 <= 1e-5, bf16/fp16 <= 2e-2.
+Work buffers are poisoned with NaN so a missed element shows up as a failure.
+"""
+import json
+
+import pytest
+import torch
+
+from multimoe_rt.kernels.grouped_gemm import allocate_workspace, fused_moe_triton, select_config
+from multimoe_rt.torch_moe import moe_reference
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def make_case(T, K, S, H, I, gated, dtype, seed, slots=None, device="cpu"):
+    """Fresh random inputs; slots restricts which slab slots receive pairs."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g)
+    w1 = torch.randn(S, 2 * I if gated else I, H, generator=g) / H ** 0.5
+    w2 = torch.randn(S, H, I, generator=g) / I ** 0.5
+    pool = torch.tensor(slots if slots is not None else list(range(S)))
+    # Distinct slots per token as a router would pick (when the pool allows it).
+    if len(pool) >= K:
+        pick = torch.stack([torch.randperm(len(pool), generator=g)[:K] for _ in range(T)]) if T else \
+            torch.empty(0, K, dtype=torch.long)
+    else:
+        pick = torch.randint(0, len(pool), (T, K), generator=g)
+    slot_ids = pool[pick].reshape(T, K)
+    weights = torch.softmax(torch.randn(T, K, generator=g), dim=-1)
+    cast = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731
+    return cast(hidden), slot_ids.to(device), weights.to(device), cast(w1), cast(w2)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_and_check(T, K, S, H, I, gated, dtype, seed=0, slots=None, device="cpu", config=None):
+    hidden, slot_ids, weights, w1, w2 = make_case(T, K, S, H, I, gated, dtype, seed, slots, device)
+    ws = allocate_workspace(T, K, H, I, S, dtype, device, config)
+    for buf in ws.values():
+        buf.fill_(float("nan") if buf.is_floating_point() else -7)
+    out = fused_moe_triton(hidden, slot_ids, weights, w1, w2, gated, config=config, workspace=ws)
+    assert out.dtype == dtype and out.shape == (T, H)
+    assert out.data_ptr() == ws["out"].data_ptr(), "output must live in the workspace"
+    assert bool(torch.isfinite(out).all()), "an output element was not written (NaN poison survived)"
+    ref = moe_reference(hidden, slot_ids, weights, w1, w2, gated)
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"rel err {err:.2e} > {TOL[dtype]:.0e} (T={T} K={K} H={H} I={I} {dtype})"
+    return out
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("gated,K", [(True, 2), (False, 1)])
+def test_decode_sizes(T, gated, K):
+    run_and_check(T, K, S=6, H=48, I=32, gated=gated, dtype=torch.float32, seed=T)
+
+
+@pytest.mark.parametrize("gated,K", [(True, 2), (False, 1)])
+def test_prefill_512_tokens(gated, K):
+    cfg = select_config(512 * K)
+    assert cfg["class"] == "prefill"
+    run_and_check(512, K, S=4, H=40, I=24, gated=gated, dtype=torch.float32, seed=1)
+
+
+@pytest.mark.parametrize("H,I", [(33, 19), (17, 70), (100, 5)])
+@pytest.mark.parametrize("gated,K", [(True, 2), (False, 1), (True, 3)])
+def test_odd_sizes(H, I, gated, K):
+    run_and_check(11, K, S=5, H=H, I=I, gated=gated, dtype=torch.float32, seed=H + I)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated,K", [(True, 2), (False, 1)])
+def test_dtypes(dtype, gated, K):
+    run_and_check(37, K, S=5, H=48, I=40, gated=gated, dtype=dtype, seed=7)
+
+
+def test_slots_without_tokens():
+    run_and_check(20, 2, S=9, H=32, I=24, gated=True, dtype=torch.float32, seed=3, slots=[1, 6])
+
+
+@pytest.mark.parametrize("gated,K", [(True, 2), (False, 1)])
+def test_all_tokens_on_one_slot(gated, K):
+    run_and_check(70, K, S=4, H=32, I=24, gated=gated, dtype=torch.float32, seed=4, slots=[2])
+
+
+def test_zero_weight_contributes_exactly_zero():
+    hidden, slot_ids, weights, w1, w2 = make_case(9, 1, 3, 32, 16, False, torch.float32, 5)
+    weights[::2] = 0.0  # Switch capacity-dropped tokens
+    out = fused_moe_triton(hidden, slot_ids, weights, w1, w2, False)
+    assert bool((out[::2] == 0).all())
+    assert rel_err(out, moe_reference(hidden, slot_ids, weights, w1, w2, False)) <= 1e-5
+
+
+def test_deterministic_and_no_workspace():
+    hidden, slot_ids, weights, w1, w2 = make_case(30, 2, 4, 32, 16, True, torch.float32, 6)
+    a = fused_moe_triton(hidden, slot_ids, weights, w1, w2, True)
+    b = fused_moe_triton(hidden, slot_ids, weights, w1, w2, True)
+    assert torch.equal(a, b)
+
+
+def test_int32_slot_ids_and_empty_batch():
+    hidden, slot_ids, weights, w1, w2 = make_case(6, 2, 4, 32, 16, True, torch.float32, 8)
+    out = fused_moe_triton(hidden, slot_ids.int(), weights, w1, w2, True)
+    assert rel_err(out, moe_reference(hidden, slot_ids, weights, w1, w2, True)) <= 1e-5
+    empty = fused_moe_triton(hidden[:0], slot_ids[:0], weights[:0], w1, w2, True)
+    assert empty.shape == (0, 32)
+
+
+def test_config_override_by_dict_and_env(tmp_path, monkeypatch):
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+    assert select_config(4, cfg)["BLOCK_M"] == 32
+    run_and_check(13, 2, S=3, H=40, I=24, gated=True, dtype=torch.float32, seed=9, config=cfg)
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"decode_max_pairs": 1, "prefill": {"BLOCK_N": 32}}))
+    monkeypatch.setenv("MULTIMOE_TRITON_CONFIG", str(path))
+    chosen = select_config(4)
+    assert chosen["class"] == "prefill" and chosen["BLOCK_N"] == 32
+    with pytest.raises(ValueError, match="power of two"):
+        select_config(4, {"BLOCK_K": 24})
+
+
+def test_shape_and_dtype_errors():
+    hidden, slot_ids, weights, w1, w2 = make_case(4, 2, 3, 32, 16, True, torch.float32, 10)
+    with pytest.raises(ValueError, match="gated"):
+        fused_moe_triton(hidden, slot_ids, weights, w1, w2, False)
+    with pytest.raises(ValueError, match="dtype"):
+        fused_moe_triton(hidden.half(), slot_ids, weights, w1, w2, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 4, 64, 1000, 4096])
+@pytest.mark.parametrize("gated,K", [(True, 2), (False, 1)])
+def test_gpu_against_reference(T, dtype, gated, K):
+    run_and_check(T, K, S=24, H=256, I=352, gated=gated, dtype=dtype, seed=T, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,I", [(250, 170), (4096, 1792)])
+def test_gpu_odd_and_large(H, I):
+    run_and_check(300, 2, S=8, H=H, I=I, gated=True, dtype=torch.bfloat16, seed=H, device="cuda")
+    run_and_check(33, 2, S=8, H=H, I=I, gated=True, dtype=torch.float32, seed=I, device="cuda",
+                  slots=[0, 7])
