@@ -774,7 +774,9 @@ def heatmap(plan: Plan, path: str | os.PathLike) -> None:
     except ImportError as exc:
         raise PlanError("heatmap needs matplotlib: pip install 'multimoe_rt[plot]'") from exc
     V, L, E = plan.num_variants, plan.num_layers, plan.num_experts
-    fig, axes = plt.subplots(1, V, figsize=(1.2 + 0.45 * E * V, 1.5 + 0.3 * L), squeeze=False)
+    # fixed inches for title and legend so they never overlap the grids, whatever L is
+    height = 1.4 + 0.8 + 0.3 * L
+    fig, axes = plt.subplots(1, V, figsize=(max(6.0, 1.2 + 0.5 * E * V), height), squeeze=False)
     cmap = ListedColormap(_COLOURS)
     for v, ax in enumerate(axes[0]):
         grid = [[4 if plan.slot_location[plan.slots[v][l][e]] == "host"
@@ -792,6 +794,6 @@ def heatmap(plan: Plan, path: str | os.PathLike) -> None:
                  f"separate; sharing {100 * plan.sharing_fraction():.0f}%", fontsize=9)
     fig.legend(handles=[Patch(color=c, label=t) for c, t in zip(_COLOURS, _LABELS)],
                loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.93))
+    fig.tight_layout(rect=(0, 0.8 / height, 1, 1 - 0.4 / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)

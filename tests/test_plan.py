@@ -472,3 +472,18 @@ def test_cli_plan(mixtral_dirs, tmp_path, capsys):
     # a budget below one copy per (layer, expert): exit code 2 and the bytes needed
     assert main(["plan", *map(str, dirs.values()), "--budget", "1KiB", "-o", str(out), "--quiet"]) == 2
     assert f"needs {L * E * plan.slot_nbytes} B" in capsys.readouterr().err
+
+
+def test_other_anchor(vs):
+    # anchor = variant "b": distances and sharing are measured against b's experts
+    b = vs.names.index("b")
+    d = compute_distances(vs, anchor=b)
+    assert all(d.duplicate[b][l][e] for l in range(L) for e in range(E))
+    assert not d.duplicate[0][1][0] and d.duplicate[0][0][2]  # b moved (1,0); nobody moved (0,2)
+    plan = make_plan(vs, share=1.0, anchor=b, distances=d)
+    slab, table = load_slab(plan, vs)
+    for v in range(len(vs)):
+        w1, _ = vs[b].expert(1, 0)
+        assert torch.equal(slab.w1[int(table.slots[v, 1, 0])], w1)
+    with pytest.raises(PlanError, match="anchor"):
+        make_plan(vs, share=1.0, anchor=0, distances=d)
