@@ -142,3 +142,13 @@ def test_unknown_variant_and_bad_generation_settings(tmp_path):
         mv.forward("nope", torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="max_new_tokens"):
         mv.generate("mixtral-v0", torch.zeros(1, 3, dtype=torch.long), max_new_tokens=0)
+
+
+def test_triton_backend_inside_the_model(tmp_path):
+    """The model path through the Triton kernels (the interpreter here, real CUDA on a GPU)."""
+    dirs = save_variants(tmp_path, "mixtral", n=2)
+    mv = MultiVariantModel.from_pretrained(dirs, share=0.5, backend="triton")
+    torch_mv = MultiVariantModel.from_pretrained(dirs, share=0.5, backend="torch")
+    ids = torch.randint(2, 64, (1, 6))
+    for name in ["mixtral-v1", "mixtral-v0"]:
+        assert rel_err(mv.forward(name, ids), torch_mv.forward(name, ids)) <= FP32_TOL
