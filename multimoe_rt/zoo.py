@@ -171,11 +171,10 @@ def _used_files(params) -> list[str]:
 
 
 def _package_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("multimoe_rt")
-    except Exception:  # not installed (running from a checkout): the zoo code version still pins the recipe
-        return "unversioned"
+    # the package's own attribute, not installed metadata: a checkout and an install must hash alike
+    from . import __version__
+
+    return __version__
 
 
 def recipe_hash(recipe: str, small: bool, checksums: dict) -> str:
