@@ -1,0 +1,273 @@
+"""Baseline serving systems with the engine's system interface (see ``serve.py``).
+
+* ``ResidentSystem``: every variant fully on the device, one plain transformers model each (the
+  upper bound; only possible when memory allows).
+* ``SwapSystem``: one model slot; a request for another variant copies that whole variant (experts
+  included) into the slot from host memory. Host copies are read from disk once at start, so a swap
+  measures the host->device copy, not the disk.
+* ``PartitionedSystem``: MIG-like. N independent instances, one per variant, each with 1/N of the
+  device memory budget and 1/N of the compute, each served by its own engine lane (worker thread and
+  queue). Memory: an instance keeps its non-expert weights plus an LRU cache of
+  ``(budget/N - non-expert bytes) / expert bytes`` expert slots on the device (at least one layer's
+  experts); the rest of its experts stay in host memory and are copied in when the router picks them.
+  Compute: on CPU each instance's worker runs with ``max(1, threads // N)`` torch threads and the
+  instances run concurrently; on CUDA each instance computes on its own stream (the GPU time-slices
+  them; no SM partitioning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .checkpoint import VariantSet
+from .hf import ActiveVariant, SlabExperts, moe_layer_prefixes
+from .model import MODEL_CLASSES
+from .slab import ExpertSlab, SlotTable
+
+
+def _module_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _load(path, family: str, device, dtype) -> nn.Module:
+    model = MODEL_CLASSES[family][1].from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()
+
+
+@torch.inference_mode()
+def hf_generate(model, family: str, input_ids, max_new_tokens=25, eos_token_id=None, do_sample=False,
+                temperature=1.0, top_p=1.0, streamer=None, **kwargs):
+    """transformers' generate with the same settings MultiVariantModel.generate uses; new token ids."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    pad = model.config.pad_token_id
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
+               pad_token_id=pad if pad is not None else (eos_token_id if eos_token_id is not None else 0),
+               streamer=streamer, **kwargs)
+    if do_sample:
+        gen.update(temperature=temperature, top_p=top_p)
+    out = model.generate(input_ids=input_ids, **gen)
+    return out[:, 1:] if family == "switch" else out[:, input_ids.shape[1]:]
+
+
+class _Base:
+    lanes = 1
+
+    def __init__(self, variant_set: VariantSet, device, dtype):
+        self.variant_set, self.family = variant_set, variant_set.family
+        self.names = list(variant_set.names)
+        self.device, self.dtype = torch.device(device), dtype
+        cfg = variant_set[0].config
+        self.vocab_size = cfg.get("vocab_size")
+        self.max_positions = cfg.get("max_position_embeddings")
+        self._stats = {"switches": 0, "bytes_copied": 0}
+
+    def index(self, variant) -> int:
+        if variant not in self.names:
+            raise KeyError(f"unknown variant {variant!r}; known: {self.names}")
+        return self.names.index(variant)
+
+    def prefetch(self, variant) -> None:
+        """Nothing to overlap: these systems have no staging copy of another variant."""
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+
+class ResidentSystem(_Base):
+    kind = "resident"
+
+    def __init__(self, variant_set: VariantSet, device="cpu", dtype=torch.float32):
+        super().__init__(variant_set, device, dtype)
+        self.models = {v.name: _load(v.path, self.family, self.device, dtype) for v in variant_set}
+
+    def generate(self, variant, input_ids, **kw):
+        return hf_generate(self.models[self.names[self.index(variant)]], self.family, input_ids, **kw)
+
+    def memory_footprint(self) -> dict:
+        return {"total_device_bytes": sum(_module_bytes(m) for m in self.models.values())}
+
+
+class SwapSystem(_Base):
+    kind = "swap"
+
+    def __init__(self, variant_set: VariantSet, device="cpu", dtype=torch.float32):
+        super().__init__(variant_set, device, dtype)
+        pin = self.device.type == "cuda"
+        self.host = []
+        for v in variant_set:
+            m = _load(v.path, self.family, "cpu", dtype)
+            tensors = {n: t.detach().contiguous() for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+            self.host.append({n: (t.pin_memory() if pin else t) for n, t in tensors.items()})
+        self.model = _load(variant_set[0].path, self.family, self.device, dtype)
+        self.slot_tensors = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+        self.active = 0
+
+    def _swap_in(self, v: int) -> None:
+        nbytes = 0
+        with torch.no_grad():
+            for name, dst in self.slot_tensors.items():
+                src = self.host[v][name]
+                dst.copy_(src, non_blocking=self.device.type == "cuda")
+                nbytes += src.numel() * src.element_size()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.active = v
+        self._stats["switches"] += 1
+        self._stats["bytes_copied"] += nbytes
+
+    def generate(self, variant, input_ids, **kw):
+        v = self.index(variant)
+        if v != self.active:
+            self._swap_in(v)
+        return hf_generate(self.model, self.family, input_ids, **kw)
+
+    def memory_footprint(self) -> dict:
+        return {"total_device_bytes": _module_bytes(self.model)}
+
+
+class ExpertCache:
+    """LRU cache of one instance's experts in a small device slab; the table row says where each is."""
+
+    def __init__(self, host_experts, num_layers, num_experts, slots, hidden, intermediate, gated, dtype, device,
+                 stats):
+        self.host = host_experts  # (layer, expert) -> (w1, w2) host tensors
+        self.slab = ExpertSlab(slots, hidden, intermediate, gated, dtype=dtype, device=device)
+        self.table = SlotTable(1, num_layers, num_experts, device=device)
+        self.lru: OrderedDict[tuple, int] = OrderedDict()
+        self.free = list(range(slots))
+        self.stats = stats
+
+    def ensure(self, layer: int, experts) -> None:
+        need = [(layer, int(e)) for e in experts]
+        for key in need:
+            if key in self.lru:
+                self.lru.move_to_end(key)
+        for key in need:
+            if key in self.lru:
+                continue
+            if self.free:
+                slot = self.free.pop()
+            else:  # evict the least recently used; the current layer's hits were just moved to the end
+                old, slot = self.lru.popitem(last=False)
+                self.table.slots[0, old[0], old[1]] = -1
+            w1, w2 = self.host[key]
+            self.slab.write(slot, w1, w2)
+            self.table.slots[0, key[0], key[1]] = slot
+            self.lru[key] = slot
+            self.stats["bytes_copied"] += w1.numel() * w1.element_size() + w2.numel() * w2.element_size()
+            self.stats["expert_fetches"] += 1
+        if self.slab.device.type == "cuda":
+            torch.cuda.current_stream(self.slab.device).synchronize()
+
+
+class CachedExperts(SlabExperts):
+    """SlabExperts that first makes the router's picks resident in the instance's expert cache."""
+
+    def __init__(self, cache: ExpertCache, layer: int, num_experts: int, backend=None):
+        super().__init__(cache.slab, cache.table, layer, ActiveVariant(0), num_experts, backend)
+        self.cache = cache
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        ids = top_k_index.argmax(-1) if top_k_index.dim() == 3 else top_k_index
+        self.cache.ensure(self.layer, torch.unique(ids).tolist())  # a host sync: the price of offloading
+        return super().forward(hidden_states, top_k_index, top_k_weights)
+
+
+class PartitionedSystem(_Base):
+    """MIG-like partition; ``budget_bytes`` is the whole device budget, split evenly across instances."""
+
+    kind = "partitioned"
+
+    def __init__(self, variant_set: VariantSet, budget_bytes: int, device="cpu", dtype=torch.float32,
+                 threads: int | None = None, backend=None):
+        super().__init__(variant_set, device, dtype)
+        n = len(variant_set)
+        self.lanes = n
+        self.budget_bytes = int(budget_bytes)
+        self.instance_budget = self.budget_bytes // n
+        self.total_threads = threads or torch.get_num_threads()
+        self.instance_threads = max(1, self.total_threads // n)
+        L, E = variant_set.num_layers, variant_set.num_experts
+        self.instances, self.caches, self.non_expert_bytes = [], [], []
+        self._stats["expert_fetches"] = 0
+        pin = self.device.type == "cuda"
+        for v in variant_set:
+            model = _load(v.path, self.family, "cpu", dtype)
+            prefixes = moe_layer_prefixes(model)
+            for i, name in enumerate(prefixes):
+                model.get_submodule(name).experts = nn.Module()  # drop the stacked experts (host copy below)
+            model = model.to(self.device)
+            host = {}
+            for l in range(L):
+                for e in range(E):
+                    w1, w2 = v.expert(l, e)
+                    w1, w2 = w1.to(dtype).contiguous(), w2.to(dtype).contiguous()
+                    host[(l, e)] = (w1.pin_memory(), w2.pin_memory()) if pin else (w1, w2)
+            w1, w2 = host[(0, 0)]
+            slot_nbytes = w1.numel() * w1.element_size() + w2.numel() * w2.element_size()
+            ne = _module_bytes(model)
+            slots = (self.instance_budget - ne) // slot_nbytes
+            slots = int(min(L * E, max(E, slots)))  # at least one layer's experts: a prefill may route to all
+            cache = ExpertCache(host, L, E, slots, variant_set.hidden_size, variant_set.intermediate_size,
+                                variant_set.gated, dtype, self.device, self._stats)
+            for i, name in enumerate(prefixes):
+                model.get_submodule(name).experts = CachedExperts(cache, i, E, backend)
+            self.instances.append(model.eval())
+            self.caches.append(cache)
+            self.non_expert_bytes.append(ne)
+        self.streams = [torch.cuda.Stream(self.device) for _ in range(n)] if self.device.type == "cuda" else None
+
+    def lane_of(self, variant) -> int:
+        return self.index(variant)
+
+    @contextlib.contextmanager
+    def enter_lane(self, lane: int):
+        """Run in the lane's worker thread: 1/N of the threads (CPU), the instance's own stream (CUDA)."""
+        torch.set_num_threads(self.instance_threads)
+        if self.streams is not None:
+            with torch.cuda.stream(self.streams[lane]):
+                yield
+        else:
+            yield
+
+    def generate(self, variant, input_ids, **kw):
+        return hf_generate(self.instances[self.index(variant)], self.family, input_ids, **kw)
+
+    def memory_footprint(self) -> dict:
+        slots = [c.slab.num_slots for c in self.caches]
+        total = sum(self.non_expert_bytes) + sum(c.slab.nbytes for c in self.caches)
+        L, E = self.variant_set.num_layers, self.variant_set.num_experts
+        return {"total_device_bytes": total, "instance_budget_bytes": self.instance_budget,
+                "cache_slots_per_instance": slots, "offloaded_experts_per_instance": [L * E - s for s in slots],
+                "threads_per_instance": self.instance_threads if self.device.type == "cpu" else None}
+
+
+def build_system(kind: str, variant_set: VariantSet, device="cpu", dtype=torch.float32, budget_bytes=None,
+                 mv=None, **kw):
+    """``kind`` in ours / resident / swap / partitioned. ``ours`` needs ``mv`` (a MultiVariantModel)."""
+    from .serve import OursSystem
+
+    if kind == "ours":
+        if mv is None:
+            raise ValueError("the 'ours' system wraps a MultiVariantModel: pass mv=")
+        return OursSystem(mv)
+    if kind == "resident":
+        return ResidentSystem(variant_set, device, dtype)
+    if kind == "swap":
+        return SwapSystem(variant_set, device, dtype)
+    if kind == "partitioned":
+        if budget_bytes is None:
+            raise ValueError("the partitioned system needs the device budget it splits: pass budget_bytes=")
+        return PartitionedSystem(variant_set, budget_bytes, device, dtype, **kw)
+    raise ValueError(f"unknown system {kind!r}; known: ours, resident, swap, partitioned")
