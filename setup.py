@@ -29,7 +29,10 @@ def _extensions():
         return [], {}
 
     class SoftBuildExt(BuildExtension):
-        """BuildExtension that turns a failed compile into a warning: the package must import anyway."""
+        """BuildExtension that turns a failed compile into a warning: the package must import anyway.
+        A failed extension is dropped from the later steps (copy in place, wheel outputs)."""
+
+        failed = set()
 
         def run(self):
             try:
@@ -41,7 +44,23 @@ def _extensions():
             try:
                 super().build_extension(ext)
             except Exception as e:  # noqa: BLE001
+                self.failed.add(ext.name)
                 self._warn(e)
+
+        def _drop_failed(self):
+            self.extensions = [e for e in self.extensions if e.name not in self.failed]
+
+        def copy_extensions_to_source(self):
+            self._drop_failed()
+            super().copy_extensions_to_source()
+
+        def get_outputs(self):
+            self._drop_failed()
+            return super().get_outputs()
+
+        def get_output_mapping(self):
+            self._drop_failed()
+            return super().get_output_mapping()
 
         @staticmethod
         def _warn(e):
@@ -49,7 +68,9 @@ def _extensions():
                   "The package installs without it and uses the PyTorch/Triton paths.\n" + "=" * 78 + "\n",
                   file=sys.stderr)
 
-    cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (c++17/c++20), and nvcc
+    # rejects a second -std.
+    cxx = ["-O3"]
     sources = ["csrc/align_cpu.cpp", "csrc/bindings.cpp"]
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and os.environ.get("MULTIMOE_NO_CUDA") != "1"
     if with_cuda:
@@ -59,7 +80,7 @@ def _extensions():
         ext = CUDAExtension(
             "multimoe_rt._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("MULTIMOE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
     else:
         ext = CppExtension("multimoe_rt._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                            extra_compile_args={"cxx": cxx})

@@ -13,8 +13,8 @@ Steps (all on the device, no host sync):
      [T*K, H] in fp32 (for K == 1 straight into the output).
   4. _reduce_k_kernel: out[t] = sum_k pair_out[t*K + k] in fp32, in k order: deterministic, no atomics.
 
-Precision: fp32 accumulation everywhere. tl.dot uses input_precision="ieee" so fp32 inputs are not
-rounded to tf32 (the option is ignored for bf16/fp16). Under the Triton interpreter (CPU tensors),
+Precision: fp32 accumulation everywhere. For fp32 inputs tl.dot gets input_precision="ieee" so they are
+not rounded to tf32 (for bf16/fp16 the default is passed). Under the Triton interpreter (CPU tensors),
 tl.dot on bf16 returns wrong values, so the UPCAST constexpr converts dot operands to fp32 there.
 
 Work buffers: pass ``workspace`` (a dict of preallocated tensors, see fused_moe_triton) and nothing is
@@ -51,7 +51,7 @@ _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr,
                    num_pairs, H, I,
                    stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ip,
-                   TOP_K: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
+                   TOP_K: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -78,13 +78,13 @@ def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr,
         if UPCAST:
             x = x.to(tl.float32)
             g = g.to(tl.float32)
-        acc_g = tl.dot(x, g, acc_g, input_precision="ieee")
+        acc_g = tl.dot(x, g, acc_g, input_precision=DOT_PRECISION)
         if GATED:
             # Up rows sit I rows below the gate rows of the same slot.
             u = tl.load(g_ptrs + I * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST:
                 u = u.to(tl.float32)
-            acc_u = tl.dot(x, u, acc_u, input_precision="ieee")
+            acc_u = tl.dot(x, u, acc_u, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
         g_ptrs += BLOCK_K * stride_wh
     if GATED:
@@ -99,7 +99,7 @@ def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr,
 def _moe_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block_slot_ptr,
                      num_pairs, H, I,
                      stride_ip, stride_ws, stride_wh, stride_wi, stride_op,
-                     UPCAST: tl.constexpr,
+                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -124,7 +124,7 @@ def _moe_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block_s
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wi
     weight = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
@@ -261,6 +261,9 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
             raise ValueError(f"fused_moe_triton: {name} is on {t.device}, hidden on {device}")
     check_launchable(device, "fused_moe_triton")
     upcast = interpreting(device)
+    # "ieee" keeps fp32 inputs out of tf32; for 16-bit inputs (and the interpreter's fp32 upcast of
+    # them) the default is what tensor cores do anyway.
+    precision = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"
 
     cfg = select_config(T * K, config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -281,12 +284,13 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
         hidden, w1, inter, sorted_ids, block_slot,
         T * K, H, I,
         hidden.stride(0), hidden.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), inter.stride(0),
-        TOP_K=K, GATED=bool(gated), UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
+        TOP_K=K, GATED=bool(gated), UPCAST=upcast, DOT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
     _moe_down_kernel[(num_blocks, triton.cdiv(H, bn))](
         inter, w2, weights, pair_out, sorted_ids, block_slot,
         T * K, H, I,
         inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0),
-        UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
+        UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
     if K > 1:
         bh = min(cfg["reduce"]["BLOCK_H"], triton.next_power_of_2(H))
         _reduce_k_kernel[(T, triton.cdiv(H, bh))](
