@@ -116,11 +116,12 @@ def time_group(fns: dict, device: torch.device, budget_s: float = 1.0, min_reps:
 
 # ---------------------------------------------------------------------------------------- layers
 def make_layer(H: int, I: int, E: int, K: int, gated: bool, dtype, device, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    g = torch.Generator(device).manual_seed(seed)  # on the device: Mixtral-8x7B experts are 1.4e9 numbers
     n1 = 2 * I if gated else I
     # Scaled like a trained layer so activations stay O(1) in bf16.
-    w1 = (torch.randn(E, n1, H, generator=g) / H**0.5).to(dtype).to(device)
-    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype).to(device)
+    w1 = (torch.randn(E, n1, H, generator=g, device=device) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g, device=device) / I**0.5).to(dtype)
     return {"H": H, "I": I, "E": E, "K": K, "gated": gated, "dtype": dtype, "w1": w1, "w2": w2}
 
 
@@ -143,12 +144,13 @@ def build_slab(layer: dict, device):
     E = layer["E"]
     slab = ExpertSlab(2 * E, layer["H"], layer["I"], layer["gated"], layer["dtype"], device)
     table = SlotTable(2, 1, E, device)
-    other = make_layer(layer["H"], layer["I"], E, layer["K"], layer["gated"], layer["dtype"], "cpu", seed=7)
+    other = make_layer(layer["H"], layer["I"], E, layer["K"], layer["gated"], layer["dtype"], device, seed=7)
     for e in range(E):
         slab.write(e, other["w1"][e], other["w2"][e])
         slab.write(E + e, layer["w1"][e], layer["w2"][e])
         table.set(0, 0, e, e)
         table.set(1, 0, e, E + e)
+    del other
     sync(torch.device(device))
     table.validate(slab)
     return slab, table
@@ -275,8 +277,11 @@ def bench_layer(name: str, layer: dict, Ms: list[int], device: torch.device, bac
                     out = fn()  # also the warmup call
                     sync(device)
                 row["rel_err"] = check(f"{name} M={M} {label}", out, ref, sample, layer["dtype"])
-            except SystemExit:
-                raise
+            except SystemExit as e:
+                if label.startswith("ours"):
+                    raise  # our backend is wrong: no timing means anything
+                row["skipped"] = f"wrong output, not timed: {e}"  # a transformers implementation: report it
+                continue
             except Exception as e:  # noqa: BLE001 - an implementation that cannot run here is reported
                 row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 continue
