@@ -70,6 +70,98 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Quality bench (bench/quality.py in the source tree): imported by path, it is not part of the package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    if not path.is_file():
+        print(f"multimoe-rt eval: {path} not found; this command runs from a source checkout "
+              f"(pip install -e .)", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("multimoe_rt_bench_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.run_from_args(args)
+
+
+def _serve_qos_module():
+    """bench/serve_qos.py from the source tree (the harness lives with the other benchmarks)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "serve_qos.py"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: the QoS benchmark runs from a source checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("multimoe_serve_qos", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cmd_bench_qos(args) -> int:
+    qos = _serve_qos_module()
+    out = qos.main_args(args)
+    print(f"\nJSON: {out['files']['json']}")
+    for k, v in out["files"].items():
+        if k != "json":
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    qos = _serve_qos_module()
+    t0 = time.perf_counter()
+    print("multimoe-rt demo: 4 fine-tuned variants of one tiny Mixtral-style MoE (trained locally from "
+          "shared/data)\nserved four ways under the paper's workload (Poisson arrivals, 20-token prompts, "
+          "25 output tokens, batch 1).\n")
+    out = qos.main_args(args, tag="demo")
+    names = ", ".join(out["variants"])
+    part = out["partition_emulation"] or ""
+    best = {}
+    for x in out["ratios"]:
+        best.setdefault(x["baseline"], []).append(f"{x['turnaround_ratio']:.2f}")
+    print(f"""
+What the table says
+  ours        : one process; experts of the {len(out['variants'])} variants ({names}) consolidated into one slab
+                ({out['plan']['device_slots']} expert slots instead of {out['plan']['separate_slots']}, sharing
+                {100 * out['plan']['sharing_fraction']:.0f}% of the non-anchor experts); a variant switch copies only
+                the non-expert weights (attention, norms, router, embeddings), prefetched while the previous request
+                runs. Its device footprint is the budget the partitioned baseline splits.
+  partitioned : MIG-like. {part}
+  swap        : one model slot; switching variant copies the whole model, experts included, from host memory.
+  resident    : every variant fully loaded side by side: the memory-hungry upper bound.
+  TTFT = arrival -> first output token; turnaround = arrival -> last token (queueing included); req/s = completed
+  requests per second of the run; 'copied' = bytes moved host->device (switches, expert fetches).
+  Mean-turnaround ratio ours/baseline per λ (< 1: ours is faster): """
+          + "; ".join(f"{k}: {', '.join(v)}" for k, v in best.items()))
+    print(f"\nResults: {out['files']['json']}")
+    for k, v in out["files"].items():
+        if k != "json":
+            print(f"Plot ({k}): {v}")
+    print(f"(whole demo: {time.perf_counter() - t0:.0f} s; longer sweep: multimoe-rt bench-qos --help)")
+    return 0
+
+
+def _serve_qos_args(p, demo: bool = False) -> None:
+    p.add_argument("--small", action="store_true", help="the small mixtral-tiny zoo (builds in under a minute)")
+    p.add_argument("--variants", default="base,ptb,shakespeare,pycode", help="zoo variants to serve")
+    p.add_argument("--rates", default=None,
+                   help="comma-separated arrival rates λ (req/s); default 0.3,0.7,1.1 x the fastest system's service rate")
+    p.add_argument("-n", "--requests", type=int, default=16 if demo else 24, help="requests per λ")
+    p.add_argument("--share", type=float, default=0.5,
+                   help="expert sharing of ours' plan; ours' footprint is the budget partitioned splits")
+    p.add_argument("--systems", default="ours,partitioned,swap,resident")
+    p.add_argument("--mix", choices=["uniform", "skewed"], default="uniform", help="variant mix of the requests")
+    p.add_argument("--affinity", action="store_true", help="also run ours with the variant-affinity policy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multimoe-rt", description="Serve several fine-tuned variants of one MoE LLM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--heatmap", default=None, help="PNG of the layout (needs matplotlib)")
     pl.add_argument("--quiet", action="store_true", help="no progress bars")
     pl.set_defaults(func=cmd_plan)
+
+    # ---- eval: output quality vs sharing and vs merging baselines (bench/quality.py)
+    ev = sub.add_parser("eval", help="perplexity of consolidated variants vs originals and model-merging baselines")
+    ev.add_argument("--recipe", choices=["mixtral-tiny", "switch-tiny", "both"], default="mixtral-tiny",
+                    help="zoo recipe to evaluate (built first if not cached: minutes)")
+    ev.add_argument("--small", action="store_true", help="the small zoo (for a quick look)")
+    ev.add_argument("--variants", nargs="+", default=None, metavar="DIR",
+                    help="your own checkpoints instead of the zoo: HF directories, base first (names = dir names)")
+    ev.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
+    ev.add_argument("--stride", type=int, default=None, help="window stride (default: the window, no overlap)")
+    ev.add_argument("--max-windows", type=int, default=48, help="windows per evaluation set (same for every system)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--pairs", type=int, default=48, help="Switch: (input, target) pairs per evaluation set")
+    ev.add_argument("--seeds", type=int, default=3, help="seeds of the random ranking control")
+    ev.add_argument("--out", default="bench/results", help="directory for quality_<label>.json / .png")
+    ev.add_argument("--no-plot", action="store_true")
+    ev.add_argument("--cache", default=None, help="zoo cache root (default: $MULTIMOE_CACHE or ~/.cache/multimoe_rt/zoo)")
+    ev.add_argument("--quiet", action="store_true", help="no progress output")
+    ev.set_defaults(func=cmd_eval)
+
+
+    # ---- serving QoS benchmark and the demo (multimoe_rt/serve.py, baselines.py, bench/serve_qos.py)
+    q = sub.add_parser("bench-qos", help="QoS sweep over arrival rates: ours vs partitioned (MIG-like), swap, resident")
+    _serve_qos_args(q)
+    q.set_defaults(func=cmd_bench_qos)
+    d = sub.add_parser("demo", help="build/reuse the tiny zoo and run a short QoS comparison (about 2-3 minutes)")
+    _serve_qos_args(d, demo=True)
+    d.set_defaults(func=cmd_demo)
 
     return p
 

@@ -1,0 +1,323 @@
+"""QoS benchmark: the paper's serving workload against every system in one run.
+
+Poisson arrivals at rate λ (one fixed-seed trace per λ, replayed identically to every system), a uniformly
+random variant per request (or a skewed mix), 20-token prompts cut from ../shared/data text of the variant's
+domain (byte tokenizer), 25 output tokens (EOS ignored), batch 1. Per system and λ: TTFT mean/p50/p99,
+turnaround mean/p99, completed requests/s, switches, bytes copied, device memory footprint; ours vs each
+baseline as ratios. Table on stdout, JSON in bench/results/, PNG plots when matplotlib is installed.
+
+    python bench/serve_qos.py --small            # or: multimoe-rt bench-qos --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from multimoe_rt import data as data_mod
+from multimoe_rt.baselines import build_system
+from multimoe_rt.checkpoint import VariantSet
+from multimoe_rt.model import MultiVariantModel
+from multimoe_rt.plan import format_size
+from multimoe_rt.serve import Engine, Request, summarize
+from multimoe_rt.tokenizer import ByteTokenizer
+
+SYSTEMS = ("ours", "partitioned", "swap", "resident")
+RESULTS = Path(__file__).resolve().parent / "results"
+DOMAIN_OF = {"base": "wikitext2", "ptb": "ptb", "ptb-frozen": "ptb", "shakespeare": "shakespeare",
+             "pycode": "pycode"}
+
+
+# ---------------------------------------------------------------- workload
+
+def prompt_pool(names, length: int, per_variant: int, seed: int) -> dict[str, list[list[int]]]:
+    """``per_variant`` byte-token prompts of ``length`` for each variant, cut from its domain's test text."""
+    tok, rng = ByteTokenizer(), random.Random(seed)
+    pool = {}
+    for name in names:
+        domain = DOMAIN_OF.get(name, "wikitext2")
+        ids = tok.encode(data_mod.read_split(domain, "test"))
+        pool[name] = [ids[s:s + length] for s in (rng.randrange(0, len(ids) - length) for _ in range(per_variant))]
+    return pool
+
+
+def make_trace(names, rate: float, n: int, seed: int, mix: str = "uniform", prompt_len: int = 20,
+               pool=None) -> list[tuple[float, str, list[int]]]:
+    """``n`` requests: (arrival offset s, variant, prompt ids); exponential inter-arrivals of mean 1/rate.
+
+    mix "uniform": each variant equally likely; "skewed": weights 1/(i+1) (Zipf-like, base most popular).
+    """
+    if rate <= 0:
+        raise ValueError(f"arrival rate must be > 0, got {rate}")
+    rng = random.Random(seed)
+    weights = [1.0] * len(names) if mix == "uniform" else [1.0 / (i + 1) for i in range(len(names))]
+    pool = pool or prompt_pool(names, prompt_len, max(4, n), seed)
+    t, trace = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        v = rng.choices(names, weights)[0]
+        trace.append((t, v, rng.choice(pool[v])))
+    return trace
+
+
+def replay(engine: Engine, trace, max_new_tokens: int) -> tuple[list[Request], float]:
+    """Submit each request at its arrival offset from one client thread; wait for all; return them."""
+    futures, requests = [], []
+    t0 = time.perf_counter()
+    for at, variant, ids in trace:
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        r = Request(variant, list(ids), max_new_tokens=max_new_tokens, ignore_eos=True)
+        requests.append(r)
+        futures.append(engine.submit(r))
+    for f in futures:
+        f.exception()  # wait; failures are counted by summarize
+    return requests, time.perf_counter() - t0
+
+
+def warm_up(system, names, pool, max_new_tokens: int, rounds: int = 2) -> list[float]:
+    """Requests cycling through the variants (switches included) so allocation and first-call costs stay out
+    of the measurement; returns their service times (finish - start) in seconds."""
+    times = []
+    with Engine(system, lookahead=False) as engine:
+        for _ in range(rounds):
+            for v in names:
+                r = engine.submit(Request(v, pool[v][0], max_new_tokens=max_new_tokens, ignore_eos=True)).result()
+                times.append(r.finish - r.start)
+    return times
+
+
+# ---------------------------------------------------------------- systems
+
+def load_systems(dirs: dict, kinds, share: float, device="cpu", dtype=torch.float32, progress=None):
+    """``ours`` planned at ``share``; the partitioned baseline gets the same device budget ours uses."""
+    vs = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
+    mv = MultiVariantModel.from_pretrained(vs, share=share, device=device, dtype=dtype)
+    budget = mv.memory_footprint()["total_device_bytes"]
+    systems = {}
+    for kind in kinds:
+        if progress:
+            progress(f"loading {kind}")
+        systems[kind] = build_system(kind, vs, device=device, dtype=dtype, budget_bytes=budget, mv=mv)
+    return systems, mv, budget
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ---------------------------------------------------------------- the sweep
+
+def run(dirs: dict, rates=None, n: int = 20, share: float = 0.5, systems=SYSTEMS, mix: str = "uniform",
+        prompt_len: int = 20, max_new_tokens: int = 25, seed: int = 0, device="cpu", affinity: bool = False,
+        rate_factors=(0.3, 0.7, 1.1), progress: bool = True, out_dir=RESULTS, tag: str = "serve_qos") -> dict:
+    """Load the systems, sweep λ, write JSON/PNG; returns the result dict.
+
+    ``rates`` default: ``rate_factors`` x the idle service rate of the fastest system (1 / its median warm
+    single-request time), so the sweep reaches its saturation whatever the machine speed.
+    """
+    from tqdm.auto import tqdm
+
+    names = list(dirs)
+    log = (lambda m: tqdm.write(m)) if progress else (lambda m: None)
+    t_load = time.perf_counter()
+    loaded, mv, budget = load_systems(dirs, systems, share, device=device, progress=log)
+    if affinity and "ours" in loaded:
+        loaded["ours+affinity"] = loaded["ours"]
+    log(f"loaded {len(loaded)} systems in {time.perf_counter() - t_load:.1f} s; device budget (ours' footprint) "
+        f"{format_size(budget)}")
+    pool = prompt_pool(names, prompt_len, max(8, n), seed)
+    for s in loaded.values():  # first calls of every system before any timing (lazy init is shared)
+        warm_up(s, names, pool, max_new_tokens, rounds=1)
+    service = {k: statistics.median(warm_up(s, names, pool, max_new_tokens)) for k, s in loaded.items()}
+    if rates is None:  # the best system's idle service rate: the sweep crosses its saturation point
+        mu = 1.0 / min(service.values())
+        rates = [round(f * mu, 2) for f in rate_factors]
+    log("idle service time per request: " + ", ".join(f"{k} {1000 * t:.0f} ms" for k, t in service.items()))
+
+    results = []
+    total = len(rates) * len(loaded)
+    bar = tqdm(total=total, desc="QoS sweep", unit="run", disable=not progress)
+    for li, rate in enumerate(rates):
+        trace = make_trace(names, rate, n, seed=seed * 1000 + li, mix=mix, pool=pool)
+        for label, system in loaded.items():
+            bar.set_postfix_str(f"λ={rate}/s {label}")
+            before = system.stats()
+            engine = Engine(system, policy="affinity" if label == "ours+affinity" else "fcfs")
+            requests, wall = replay(engine, trace, max_new_tokens)
+            engine.shutdown()
+            after = system.stats()
+            m = summarize(requests)
+            m.update(system=label, rate=rate, wall_s=wall,
+                     switches=after["switches"] - before["switches"],
+                     bytes_copied=after["bytes_copied"] - before["bytes_copied"],
+                     memory=system.memory_footprint(), idle_service_s=service[label])
+            if "expert_fetches" in after:
+                m["expert_fetches"] = after["expert_fetches"] - before.get("expert_fetches", 0)
+            results.append(m)
+            bar.update(1)
+    bar.close()
+    out = {"machine": machine(), "variants": names, "share": share, "budget_bytes": budget, "mix": mix,
+           "requests_per_rate": n, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens, "seed": seed,
+           "rates": rates, "device": str(device), "results": results, "ratios": ratios(results),
+           "plan": {"device_slots": mv.plan.num_device_slots, "separate_slots": len(names) * mv.plan.num_layers
+                    * mv.plan.num_experts, "sharing_fraction": mv.plan.sharing_fraction()},
+           "partition_emulation": partition_note(loaded.get("partitioned"))}
+    out["files"] = write(out, out_dir, tag)
+    return out
+
+
+def partition_note(part) -> str | None:
+    if part is None:
+        return None
+    fp = part.memory_footprint()
+    compute = (f"each instance's worker thread runs with torch.set_num_threads({fp['threads_per_instance']}) "
+               f"(= max(1, {part.total_threads} // {part.lanes})) and the {part.lanes} instances run concurrently"
+               if fp["threads_per_instance"] is not None else
+               f"each instance computes on its own CUDA stream (time-sliced, no SM partitioning)")
+    return (f"{part.lanes} independent instances, one per variant, each with its own queue and worker thread. "
+            f"Memory: budget {format_size(part.budget_bytes)} / {part.lanes} = {format_size(part.instance_budget)} "
+            f"per instance: its non-expert weights plus an LRU device cache of {fp['cache_slots_per_instance'][0]} "
+            f"expert slots; {fp['offloaded_experts_per_instance'][0]} of its experts live in host memory and are "
+            f"copied in when routed to. Compute: {compute}.")
+
+
+def ratios(results) -> list[dict]:
+    """ours / baseline for each λ: turnaround and TTFT ratios (< 1: ours is faster) and the reduction."""
+    by = {(r["system"], r["rate"]): r for r in results}
+    out = []
+    for (system, rate), r in by.items():
+        ours = by.get(("ours", rate))
+        if system == "ours" or ours is None:
+            continue
+        tat = ours["turnaround_mean"] / r["turnaround_mean"] if r["turnaround_mean"] else float("nan")
+        out.append({"rate": rate, "baseline": system, "turnaround_ratio": tat,
+                    "turnaround_reduction": 1.0 - tat,
+                    "ttft_ratio": ours["ttft_mean"] / r["ttft_mean"] if r["ttft_mean"] else float("nan"),
+                    "throughput_ratio": ours["throughput_rps"] / r["throughput_rps"]
+                    if r["throughput_rps"] else float("nan")})
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+def table(out: dict) -> str:
+    head = (f"{'λ/s':>6} {'system':<14} {'done':>5} {'TTFT mean':>9} {'p50':>7} {'p99':>7} {'turn mean':>9} "
+            f"{'p99':>7} {'req/s':>6} {'switch':>6} {'copied':>9} {'memory':>9}")
+    lines = [head, "-" * len(head)]
+    for r in out["results"]:
+        ms = lambda x: f"{1000 * x:.0f}ms" if not math.isnan(x) else "-"  # noqa: E731
+        lines.append(f"{r['rate']:>6} {r['system']:<14} {r['completed']:>2}/{r['requests']:<2} {ms(r['ttft_mean']):>9} "
+                     f"{ms(r['ttft_p50']):>7} {ms(r['ttft_p99']):>7} {ms(r['turnaround_mean']):>9} "
+                     f"{ms(r['turnaround_p99']):>7} {r['throughput_rps']:>6.2f} {r['switches']:>6} "
+                     f"{format_size(r['bytes_copied']):>9} {format_size(r['memory']['total_device_bytes']):>9}")
+    lines.append("")
+    lines.append("ours vs baseline (mean turnaround ratio; < 1 = ours faster; reduction = 1 - ratio):")
+    for rate in out["rates"]:
+        cells = [f"{x['baseline']} {x['turnaround_ratio']:.2f} ({100 * x['turnaround_reduction']:+.0f}%)"
+                 for x in out["ratios"] if x["rate"] == rate]
+        lines.append(f"  λ={rate}/s: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def write(out: dict, out_dir, tag: str) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    files = {"json": str(out_dir / f"{tag}-{stamp}.json")}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        files["plots"] = "matplotlib is not installed: no plots (pip install matplotlib)"
+    else:
+        for key, what in (("turnaround_mean", "mean turnaround"), ("ttft_mean", "mean TTFT")):
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
+            for system in dict.fromkeys(r["system"] for r in out["results"]):
+                pts = [(r["rate"], r[key]) for r in out["results"] if r["system"] == system]
+                ax.plot([p[0] for p in pts], [1000 * p[1] for p in pts], marker="o", label=system)
+            ax.set_xlabel("arrival rate λ (requests/s)")
+            ax.set_ylabel(f"{what} (ms)")
+            ax.set_yscale("log")
+            ax.set_title(f"{what} vs λ, {len(out['variants'])} variants, batch 1")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            path = out_dir / f"{tag}-{stamp}-{key.split('_')[0]}.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            files[key.split("_")[0] + "_png"] = str(path)
+    with open(files["json"], "w") as f:
+        json.dump(dict(out, files=files), f, indent=2, default=str)
+    return files
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--small", action="store_true", help="the small mixtral-tiny zoo (quick)")
+    p.add_argument("--variants", default="base,ptb,shakespeare,pycode", help="zoo variants to serve")
+    p.add_argument("--rates", default=None, help="comma-separated λ values (req/s); default: 0.3,0.7,1.1 x "
+                                                 "the fastest system's idle service rate")
+    p.add_argument("-n", "--requests", type=int, default=20, help="requests per λ")
+    p.add_argument("--share", type=float, default=0.5, help="expert sharing of ours' plan (its footprint is "
+                                                             "the budget partitioned splits)")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--mix", choices=["uniform", "skewed"], default="uniform")
+    p.add_argument("--affinity", action="store_true", help="also run ours with the variant-affinity policy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def main_args(args, tag="serve_qos") -> dict:
+    from multimoe_rt import zoo
+
+    dirs = zoo.build("mixtral-tiny", small=args.small, progress=not args.quiet)
+    want = [v.strip() for v in args.variants.split(",") if v.strip()]
+    missing = [v for v in want if v not in dirs]
+    if missing:
+        raise SystemExit(f"variants {missing} are not in the zoo (has {list(dirs)})")
+    rates = [float(x) for x in args.rates.split(",")] if args.rates else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = run({v: dirs[v] for v in want}, rates=rates, n=args.requests, share=args.share,
+              systems=[s.strip() for s in args.systems.split(",")], mix=args.mix, seed=args.seed, device=device,
+              affinity=args.affinity, progress=not args.quiet, out_dir=args.out or RESULTS, tag=tag)
+    print(table(out))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    out = main_args(p.parse_args(argv))
+    print(f"\nJSON: {out['files']['json']}")
+    for k, v in out["files"].items():
+        if k != "json":
+            print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
