@@ -61,7 +61,8 @@ def cpu_model() -> str:
 def machine_info() -> dict:
     info = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None}
+            "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None,
+            "loadavg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     for mod in ("triton", "transformers"):
         try:
             info[mod] = __import__(mod).__version__
@@ -380,7 +381,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads or 1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmuls are not its fast path
     info = machine_info()
-    print(f"machine: {info['cpu']} x{info['cpu_count']} ({info['torch_threads']} torch threads), "
+    print(f"machine: {info['cpu']} x{info['cpu_count']} ({info['torch_threads']} torch threads, "
+          f"load {info['loadavg_1m_at_start']}), "
           f"gpu={info['gpu']}, torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}")
     ceilings = None
     if device.type == "cuda":
