@@ -56,7 +56,7 @@ HELD_OUT_FRACTION = 0.05
 # idle cores here (~2.4 Mixtral steps/s, ~8 Switch steps/s at these shapes).
 RECIPES = {
     "mixtral-tiny": {
-        "family": "mixtral", "seed": 1234, "lr": 1e-3, "seq": 256, "batch": 16, "eval_windows": 16,
+        "family": "mixtral", "seed": 1234, "lr": 1e-3, "threads": 2, "seq": 256, "batch": 16, "eval_windows": 32,
         "model": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2},
         "router_aux_loss_coef": 0.01,
@@ -69,7 +69,7 @@ RECIPES = {
         },
     },
     "switch-tiny": {
-        "family": "switch", "seed": 4321, "lr": 1e-3, "batch": 16, "eval_batches": 8,
+        "family": "switch", "seed": 4321, "lr": 1e-3, "threads": 2, "batch": 16, "eval_batches": 8,
         "input_len": 128, "noise_density": 0.15, "mean_span": 3.0, "target_len": 64,
         "model": {"d_model": 128, "d_ff": 256, "d_kv": 32, "num_heads": 4, "num_layers": 2,
                   "num_decoder_layers": 2, "num_experts": 8, "expert_capacity": 512},
@@ -83,15 +83,17 @@ RECIPES = {
     },
 }
 # --small: same structure, a fraction of the size, for tests (whole zoo well under a minute).
+# One thread there: at these sizes a second thread only adds synchronisation, and spinning OpenMP threads on
+# a shared, loaded machine made small steps ~50x slower than on one thread.
 SMALL = {
     "mixtral-tiny": {
-        "seq": 64, "batch": 8, "eval_windows": 4,
+        "threads": 1, "seq": 64, "batch": 8, "eval_windows": 4,
         "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                   "num_key_value_heads": 1, "num_local_experts": 4, "num_experts_per_tok": 2},
         "base": {"steps": 40, "warmup": 5}, "variant_steps": 15, "variant_warmup": 3,
     },
     "switch-tiny": {
-        "batch": 8, "eval_batches": 2, "input_len": 64, "target_len": 32,
+        "threads": 1, "batch": 8, "eval_batches": 2, "input_len": 64, "target_len": 32,
         "model": {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 1,
                   "num_decoder_layers": 1, "num_experts": 4, "expert_capacity": 512},
         "base": {"steps": 40, "warmup": 5}, "variant_steps": 15, "variant_warmup": 3,
@@ -457,7 +459,8 @@ def build(recipe: str, small: bool = False, data_dir=None, cache_dir=None, progr
             return lambda step: _windows(train, params["batch"], params["seq"], g)
         return lambda step: _seq2seq_batch(train, phase["task"], params, tok, g)
 
-    with _build_threads(2), torch.random.fork_rng(devices=[]):
+    # the thread count is part of the recipe: float reductions may split differently with another count
+    with _build_threads(params["threads"]), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i, (name, phase) in enumerate(phases.items()):
             if phase["parent"] is None:
