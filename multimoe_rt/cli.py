@@ -130,11 +130,11 @@ def cmd_demo(args) -> int:
         best.setdefault(x["baseline"], []).append(f"{x['turnaround_ratio']:.2f}")
     print(f"""
 What the table says
-  ours        : one process; experts of the {len(out['variants'])} variants ({names}) consolidated into one slab
-                ({out['plan']['device_slots']} expert slots instead of {out['plan']['separate_slots']}, sharing
-                {100 * out['plan']['sharing_fraction']:.0f}% of the non-anchor experts); a variant switch copies only
-                the non-expert weights (attention, norms, router, embeddings), prefetched while the previous request
-                runs. Its device footprint is the budget the partitioned baseline splits.
+  ours        : one process; the experts of {len(out['variants'])} variants ({names}) consolidated into one slab
+                of {out['plan']['device_slots']} expert slots instead of {out['plan']['separate_slots']} (sharing \
+{100 * out['plan']['sharing_fraction']:.0f}% of the non-anchor experts);
+                a variant switch copies only the non-expert weights (attention, norms, router, embeddings),
+                prefetched while the previous request runs. Its device footprint is the budget partitioned splits.
   partitioned : MIG-like. {part}
   swap        : one model slot; switching variant copies the whole model, experts included, from host memory.
   resident    : every variant fully loaded side by side: the memory-hungry upper bound.
@@ -155,7 +155,7 @@ def _serve_qos_args(p, demo: bool = False) -> None:
     p.add_argument("--variants", default="base,ptb,shakespeare,pycode", help="zoo variants to serve")
     p.add_argument("--rates", default=None,
                    help="comma-separated arrival rates λ (req/s); default 0.3,0.7,1.1 x the fastest system's service rate")
-    p.add_argument("-n", "--requests", type=int, default=16 if demo else 24, help="requests per λ")
+    p.add_argument("-n", "--requests", type=int, default=30 if demo else 40, help="requests per λ")
     p.add_argument("--share", type=float, default=0.5,
                    help="expert sharing of ours' plan; ours' footprint is the budget partitioned splits")
     p.add_argument("--systems", default="ours,partitioned,swap,resident")
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, default=3, help="seeds of the random ranking control")
     ev.add_argument("--out", default="bench/results", help="directory for quality_<label>.json / .png")
     ev.add_argument("--no-plot", action="store_true")
+    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ev.add_argument("--cache", default=None, help="zoo cache root (default: $MULTIMOE_CACHE or ~/.cache/multimoe_rt/zoo)")
     ev.add_argument("--quiet", action="store_true", help="no progress output")
     ev.set_defaults(func=cmd_eval)
