@@ -698,23 +698,25 @@ def plot_result(result, path) -> str | None:
     variants = [v for v in result["variants"] if result["own_set"][v]]
     if not variants:
         return None
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 4.2), squeeze=False)
     orig = _find(result, "original")
     for ax, v in zip(axes[0], variants):
         k = result["own_set"][v]
-        for pol, style in zip(result["protocol"]["policies"], ("o-", "s-", "^-", "x--")):
+        colours = ("tab:blue", "tab:orange", "tab:green", "tab:olive")
+        for pol, style, c in zip(result["protocol"]["policies"], ("o-", "s-", "^-", "x--"), colours):
             curve = ours_curve(result, pol)
             xs = sorted(curve)
             ys = [curve[s]["results"][v][k]["ppl"] for s in xs]
             if pol.startswith("random"):
                 err = [curve[s]["results"][v][k].get("ppl_std", 0.0) for s in xs]
-                ax.errorbar(xs, ys, yerr=err, fmt=style, label="random (mean +- std)", capsize=3, ms=4)
+                ax.errorbar(xs, ys, yerr=err, fmt=style, color=c, label="random (mean +- std)", capsize=3, ms=4)
             else:
-                ax.plot(xs, ys, style, label=pol, ms=4)
+                ax.plot(xs, ys, style, color=c, label=pol, ms=4)
         mean = ours_curve(result, result["protocol"]["policies"][0], "mean")
         if len(mean) > 2:
             xs = sorted(mean)
-            ax.plot(xs, [mean[s]["results"][v][k]["ppl"] for s in xs], "d:", label="l2/global mean-expert", ms=4)
+            ax.plot(xs, [mean[s]["results"][v][k]["ppl"] for s in xs], "d:", color="tab:cyan",
+                    label="l2/global mean-expert", ms=4)
         nr = sorted((s["share"], s["results"][v][k]["ppl"]) for s in result["systems"]
                     if s["kind"] == "no_reconfig" and s["representative"] == "anchor")
         if nr and v != result["variants"][0]:
@@ -725,11 +727,13 @@ def plot_result(result, path) -> str | None:
         ax.set_title(f"{v} on {k}", fontsize=9)
         ax.set_xlabel("sharing fraction")
         ax.set_xticks(result["protocol"]["levels"])
-        ax.set_yscale("log")
     axes[0][0].set_ylabel("perplexity" if result["family"] == "mixtral" else "target perplexity")
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-    fig.suptitle(f"{result['label']}: quality vs sharing (window {result['protocol']['window']})", fontsize=10)
+    pr = result["protocol"]
+    how = (f"window {pr['window']}, {pr['tokens_scored'][result['own_set'][variants[0]]]} tokens on own set"
+           if result["family"] == "mixtral" else f"{pr['n_pairs']} pairs per set")
+    fig.suptitle(f"{result['label']}: own-domain quality vs sharing ({how})", fontsize=10)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -745,6 +749,8 @@ def zoo_dirs(recipe: str, small: bool, cache_dir=None, progress=True) -> dict[st
 
 
 def run_from_args(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     jobs = []
     if args.variants:
