@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
@@ -27,6 +25,7 @@ import torch
 from multimoe_rt import data as data_mod
 from multimoe_rt.baselines import build_system
 from multimoe_rt.checkpoint import VariantSet
+from multimoe_rt.machine import machine_info
 from multimoe_rt.model import MultiVariantModel
 from multimoe_rt.plan import format_size
 from multimoe_rt.serve import Engine, Request, summarize
@@ -113,20 +112,6 @@ def load_systems(dirs: dict, kinds, share: float, device="cpu", dtype=torch.floa
     return systems, mv, budget
 
 
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 # ---------------------------------------------------------------- the sweep
 
 def run(dirs: dict, rates=None, n: int = 20, share: float = 0.5, systems=SYSTEMS, mix: str = "uniform",
@@ -178,7 +163,7 @@ def run(dirs: dict, rates=None, n: int = 20, share: float = 0.5, systems=SYSTEMS
             results.append(m)
             bar.update(1)
     bar.close()
-    out = {"machine": machine(), "variants": names, "share": share, "budget_bytes": budget, "mix": mix,
+    out = {"machine": machine_info(), "variants": names, "share": share, "budget_bytes": budget, "mix": mix,
            "requests_per_rate": n, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens, "seed": seed,
            "rates": rates, "device": str(device), "results": results, "ratios": ratios(results),
            "plan": {"device_slots": mv.plan.num_device_slots, "separate_slots": len(names) * mv.plan.num_layers
@@ -195,7 +180,7 @@ def partition_note(part) -> str | None:
     compute = (f"each instance's worker thread runs with torch.set_num_threads({fp['threads_per_instance']}) "
                f"(= max(1, {part.total_threads} // {part.lanes})) and the {part.lanes} instances run concurrently"
                if fp["threads_per_instance"] is not None else
-               f"each instance computes on its own CUDA stream (time-sliced, no SM partitioning)")
+               "each instance computes on its own CUDA stream (time-sliced, no SM partitioning)")
     return (f"{part.lanes} independent instances, one per variant, each with its own queue and worker thread. "
             f"Memory: budget {format_size(part.budget_bytes)} / {part.lanes} = {format_size(part.instance_budget)} "
             f"per instance: its non-expert weights plus an LRU device cache of {fp['cache_slots_per_instance'][0]} "

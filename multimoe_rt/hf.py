@@ -13,7 +13,6 @@ Two routes:
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from . import ops
