@@ -452,9 +452,12 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
                     mvm_runner(mvm, f"random-{seed}-{share}"), metric="random", scope="global",
                     representative="anchor", share=share, seed=seed, sharing_actual=sharing(p))
                 per_seed.append(systems[-1]["results"])
+            fracs = [s_["sharing_actual"] for s_ in systems[-seeds:]]
             systems.append({"name": f"ours random ({seeds} seeds) anchor @{share:.2f}", "kind": "ours_random",
                             "metric": "random", "scope": "global", "representative": "anchor", "share": share,
-                            "seeds": list(range(seeds)), "results": _aggregate(per_seed)})
+                            "seeds": list(range(seeds)), "results": _aggregate(per_seed),
+                            "sharing_actual": {v: None if fracs[0][v] is None else
+                                               statistics.fmean(f[v] for f in fracs) for v in vs.names}})
 
     # ---- 4. merging baselines: one model for all variants
     log(f"[{label}] merging baselines (scales chosen on validation text)")
@@ -555,6 +558,11 @@ def ours_curve(result, policy: str, representative: str = "anchor") -> dict[floa
     return out
 
 
+def achieved(system, v: str) -> float | None:
+    """The fraction of variant v's non-duplicate experts the system serves from the shared copy."""
+    return (system.get("sharing_actual") or {}).get(v)
+
+
 def within(result) -> dict:
     """Per variant and policy: the highest sharing level whose own-domain ppl is within 2% of the original
     (``highest``), and the highest level up to which every level is (``all_up_to``)."""
@@ -574,7 +582,8 @@ def within(result) -> dict:
                 if s not in ok:
                     break
                 upto = s
-            out[v][pol] = {"highest": max(ok) if ok else None, "all_up_to": upto}
+            out[v][pol] = {"highest": max(ok) if ok else None, "all_up_to": upto,
+                           "achieved_at_highest": achieved(curve[max(ok)], v) if ok else None}
     return out
 
 
@@ -628,6 +637,15 @@ def findings(result) -> list[str]:
                        + (f"; ... ({len(bad) - 12} more in the JSON)" if len(bad) > 12 else ""))
         elif total:
             out.append(f"{pol} beats the random control (mean over seeds) in all {total} compared cells.")
+    lv = [s for s in levels if s < 1.0]
+    if lv and len(result["variants"]) > 2:
+        c = ours_curve(result, main)
+        spread = "; ".join(f"@{s:.2f}: " + ", ".join(f"{v} {achieved(c[s], v):.2f}" for v in result["variants"][1:]
+                                                     if achieved(c[s], v) is not None) for s in lv if s in c)
+        out.append(f"the sharing level is a fraction over ALL non-anchor experts: {main} shares the variants closest "
+                   f"to the anchor more than the others (achieved per-variant fractions {spread}), so a variant's "
+                   f"row at a nominal level is not its own sharing level; the plot's x axis is the achieved "
+                   f"per-variant fraction.")
     nr = _find(result, "no_reconfig", 1.0, representative="anchor")
     o1 = _find(result, "ours", 1.0, representative="anchor")
     if nr and o1:
@@ -674,15 +692,32 @@ def format_table(result) -> str:
         lines.append("ROUGE-1 (words, greedy, first examples) on continuation sets:")
         for name, v, k, r in rouge:
             lines.append(f"  {name[:38]:<38} {v}/{k}: {r:.3f}")
+    lines.append("achieved per-variant sharing (fraction of the variant's non-duplicate experts served by the "
+                 "shared copy) at each nominal level:")
+    for pol in result["protocol"]["policies"]:
+        curve = ours_curve(result, pol)
+        cells = []
+        for lvl in sorted(curve):
+            if 0.0 < lvl < 1.0:
+                cells.append(f"@{lvl:.2f} " + " ".join(
+                    f"{achieved(curve[lvl], v):.2f}" for v in result["variants"] if achieved(curve[lvl], v) is not None))
+        lines.append(f"  {pol:<14} ({' '.join(result['variants'][1:])}): " + " | ".join(cells))
     lines.append(f"within {WITHIN:.0%} of the original on the own domain (highest sharing level; "
                  "'all up to' = every level up to it):")
     for v, d in result["within_2pct"].items():
-        parts = [f"{pol}: {x['highest']} (all up to {x['all_up_to']})" for pol, x in d.items()
-                 if isinstance(x, dict)]
+        parts = [f"{pol}: {x['highest']} (all up to {x['all_up_to']}"
+                 + (f"; achieved {x['achieved_at_highest']:.2f}" if x.get("achieved_at_highest") is not None else "")
+                 + ")" for pol, x in d.items() if isinstance(x, dict)]
         lines.append(f"  {v:<14} {d['set']:<16} " + "; ".join(parts))
     lines.append("findings:")
     lines += [f"  - {f}" for f in result["findings"]]
     return "\n".join(lines)
+
+
+def _x(system, v, nominal):
+    """Plot position: the variant's achieved sharing (the nominal level for the anchor, which has none)."""
+    a = achieved(system, v)
+    return nominal if a is None else a
 
 
 def plot_result(result, path) -> str | None:
@@ -705,19 +740,20 @@ def plot_result(result, path) -> str | None:
         colours = ("tab:blue", "tab:orange", "tab:green", "tab:olive")
         for pol, style, c in zip(result["protocol"]["policies"], ("o-", "s-", "^-", "x--"), colours):
             curve = ours_curve(result, pol)
-            xs = sorted(curve)
-            ys = [curve[s]["results"][v][k]["ppl"] for s in xs]
+            levels = sorted(curve)
+            xs = [_x(curve[s], v, s) for s in levels]
+            ys = [curve[s]["results"][v][k]["ppl"] for s in levels]
             if pol.startswith("random"):
-                err = [curve[s]["results"][v][k].get("ppl_std", 0.0) for s in xs]
+                err = [curve[s]["results"][v][k].get("ppl_std", 0.0) for s in levels]
                 ax.errorbar(xs, ys, yerr=err, fmt=style, color=c, label="random (mean +- std)", capsize=3, ms=4)
             else:
                 ax.plot(xs, ys, style, color=c, label=pol, ms=4)
         mean = ours_curve(result, result["protocol"]["policies"][0], "mean")
         if len(mean) > 2:
-            xs = sorted(mean)
-            ax.plot(xs, [mean[s]["results"][v][k]["ppl"] for s in xs], "d:", color="tab:cyan",
+            levels = sorted(mean)
+            ax.plot([_x(mean[s], v, s) for s in levels], [mean[s]["results"][v][k]["ppl"] for s in levels], "d:", color="tab:cyan",
                     label="l2/global mean-expert", ms=4)
-        nr = sorted((s["share"], s["results"][v][k]["ppl"]) for s in result["systems"]
+        nr = sorted((_x(s, v, s["share"]), s["results"][v][k]["ppl"]) for s in result["systems"]
                     if s["kind"] == "no_reconfig" and s["representative"] == "anchor")
         if nr and v != result["variants"][0]:
             ax.plot(*zip(*nr), "v:", color="grey", label="no-reconfig (base non-expert)", ms=4)
@@ -725,7 +761,7 @@ def plot_result(result, path) -> str | None:
         for s, c in zip([s for s in result["systems"] if s["kind"] == "merge"], ("tab:red", "tab:purple", "tab:brown")):
             ax.axhline(s["results"][v][k]["ppl"], color=c, ls="--", lw=1, label=s["name"])
         ax.set_title(f"{v} on {k}", fontsize=9)
-        ax.set_xlabel("sharing fraction")
+        ax.set_xlabel("achieved sharing of this variant" if v != result["variants"][0] else "nominal sharing level")
         ax.set_xticks(result["protocol"]["levels"])
     axes[0][0].set_ylabel("perplexity" if result["family"] == "mixtral" else "target perplexity")
     handles, labels = axes[0][-1].get_legend_handles_labels()
