@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["DataError", "Dataset", "DATASETS", "data_dir", "read_split", "split_rows", "eval_text",
-           "wikitext_rows", "verify_checksums"]
+           "wikitext_rows", "checksums", "verify_checksums"]
 
 ENV_VAR = "MULTIMOE_DATA"
 _MARKER = "SHA256SUMS"
@@ -61,9 +61,14 @@ def _candidates() -> list[Path]:
     return out
 
 
-def data_dir() -> Path:
-    """$MULTIMOE_DATA if set, else the first ``shared/data`` (or ``data``) holding SHA256SUMS found walking
-    up from the working directory, then from this package."""
+def data_dir(path: str | os.PathLike | None = None) -> Path:
+    """``path`` if given, else $MULTIMOE_DATA, else the first ``shared/data`` (or ``data``) holding SHA256SUMS
+    found walking up from the working directory, then from this package."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not (p / _MARKER).is_file():
+            raise DataError(f"data dir {p} has no {_MARKER} (expected a copy of shared/data)")
+        return p.resolve()
     env = os.environ.get(ENV_VAR)
     if env:
         p = Path(env).expanduser()
@@ -130,27 +135,35 @@ def eval_text(name: str, split: str = "test", root: str | os.PathLike | None = N
     return "\n\n".join(split_rows(name, text))
 
 
-def verify_checksums(root: str | os.PathLike | None = None) -> list[str]:
-    """Check every file listed in SHA256SUMS; returns the checked relative paths, raises DataError naming
-    the first missing or mismatching file."""
-    base = Path(root) if root is not None else data_dir()
-    sums = base / _MARKER
-    if not sums.is_file():
-        raise DataError(f"{sums}: missing")
-    checked = []
-    for line in sums.read_text().splitlines():
-        if not line.strip():
-            continue
-        want, rel = line.split(maxsplit=1)
-        rel = rel.lstrip("*")
+def checksums(files=None, root: str | os.PathLike | None = None) -> dict[str, str]:
+    """sha256 of each file (relative paths; default: every file listed), checked against SHA256SUMS.
+
+    Returns {relative path: sha256}; raises DataError naming the first missing or mismatching file.
+    """
+    base = data_dir(root)
+    sums_path = base / _MARKER
+    sums = {}
+    for line in sums_path.read_text().splitlines():
+        if line.strip():
+            want, rel = line.split(maxsplit=1)
+            sums[rel.lstrip("*").removeprefix("./")] = want
+    out = {}
+    for rel in sorted(set(files) if files is not None else sums):
+        if rel not in sums:
+            raise DataError(f"{sums_path}: no checksum for {rel}")
         path = base / rel
         if not path.is_file():
-            raise DataError(f"{path}: listed in {sums} but missing")
+            raise DataError(f"{path}: missing data file (listed in {_MARKER})")
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        if h.hexdigest() != want:
-            raise DataError(f"{path}: sha256 {h.hexdigest()} != expected {want}")
-        checked.append(os.path.normpath(rel))
-    return checked
+        if h.hexdigest() != sums[rel]:
+            raise DataError(f"{path}: sha256 {h.hexdigest()} does not match {_MARKER} ({sums[rel]})")
+        out[rel] = h.hexdigest()
+    return out
+
+
+def verify_checksums(root: str | os.PathLike | None = None) -> list[str]:
+    """Check every file listed in SHA256SUMS; returns the checked relative paths."""
+    return list(checksums(root=root))

@@ -33,6 +33,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import data as data_mod
 from .tokenizer import ByteTokenizer
 
 # Bump when the training code changes in a way that changes the weights: it is part of the cache hash.
@@ -125,48 +126,6 @@ def recipe_params(recipe: str, small: bool = False) -> dict:
     return p
 
 
-def find_data_dir(data_dir=None) -> Path:
-    """data_dir, else $MULTIMOE_DATA, else the first shared/data (with SHA256SUMS) above the cwd or this package."""
-    if data_dir is not None:
-        d = Path(data_dir)
-        if not (d / "SHA256SUMS").is_file():
-            raise ZooError(f"data dir {d} has no SHA256SUMS (expected a copy of shared/data)")
-        return d
-    env = os.environ.get("MULTIMOE_DATA")
-    if env:
-        return find_data_dir(env)
-    tried = []
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for d in [start, *start.parents]:
-            cand = d / "shared" / "data"
-            tried.append(str(cand))
-            if (cand / "SHA256SUMS").is_file():
-                return cand
-    raise ZooError("cannot find the data: pass --data DIR or set MULTIMOE_DATA to a copy of shared/data "
-                   f"(looked for shared/data/SHA256SUMS in {tried[:4]}... and above)")
-
-
-def verify_data(data_dir: Path, files) -> dict[str, str]:
-    """sha256 of each file, checked against data_dir/SHA256SUMS; returns {relative path: sha256}."""
-    sums = {}
-    for line in (data_dir / "SHA256SUMS").read_text().splitlines():
-        if line.strip():
-            digest, rel = line.split(maxsplit=1)
-            sums[rel.lstrip("*").removeprefix("./")] = digest
-    out = {}
-    for rel in sorted(set(files)):
-        path = data_dir / rel
-        if rel not in sums:
-            raise ZooError(f"{data_dir / 'SHA256SUMS'}: no checksum for {rel}")
-        if not path.is_file():
-            raise ZooError(f"{path}: missing data file (listed in SHA256SUMS)")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != sums[rel]:
-            raise ZooError(f"{path}: sha256 {digest} does not match SHA256SUMS ({sums[rel]})")
-        out[rel] = digest
-    return out
-
-
 def _used_files(params) -> list[str]:
     domains = {params["base"]["domain"]} | {v["domain"] for v in params["variants"].values()}
     return sorted(TRAIN_FILES[d] for d in domains)
@@ -196,7 +155,7 @@ def cache_root(cache_dir=None) -> Path:
 def entry_dir(recipe: str, small: bool = False, data_dir=None, cache_dir=None) -> Path:
     """Where build() puts (or finds) this recipe, without building anything."""
     params = recipe_params(recipe, small)
-    checksums = verify_data(find_data_dir(data_dir), _used_files(params))
+    checksums = data_mod.checksums(_used_files(params), data_dir)
     name = f"{recipe}{'-small' if small else ''}-{recipe_hash(recipe, small, checksums)}"
     return cache_root(cache_dir) / name
 
@@ -431,8 +390,8 @@ def build(recipe: str, small: bool = False, data_dir=None, cache_dir=None, progr
     import torch
 
     params = recipe_params(recipe, small)
-    data_dir = find_data_dir(data_dir)
-    checksums = verify_data(data_dir, _used_files(params))
+    data_dir = data_mod.data_dir(data_dir)
+    checksums = data_mod.checksums(_used_files(params), data_dir)
     h = recipe_hash(recipe, small, checksums)
     entry = cache_root(cache_dir) / f"{recipe}{'-small' if small else ''}-{h}"
     hit = _cached(entry, params)

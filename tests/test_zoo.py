@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from multimoe_rt import zoo
+from multimoe_rt import data, zoo
 from multimoe_rt.checkpoint import load_variant
 from multimoe_rt.cli import main as cli_main
 from multimoe_rt.tokenizer import TOKENIZER_FILE, ByteTokenizer
@@ -30,9 +30,9 @@ def test_small_zoo_layout(small_zoo):
 
 
 def test_hash_is_deterministic_and_names_the_entry(small_zoo):
-    data = zoo.find_data_dir()
+    root = data.data_dir()
     params = zoo.recipe_params("mixtral-tiny", small=True)
-    sums = zoo.verify_data(data, zoo._used_files(params))
+    sums = data.checksums(zoo._used_files(params), root)
     h = zoo.recipe_hash("mixtral-tiny", True, sums)
     assert h == zoo.recipe_hash("mixtral-tiny", True, dict(sums))
     assert small_zoo["mixtral"]["base"].parent.name == f"mixtral-tiny-small-{h}"
@@ -51,7 +51,7 @@ def test_manifest(small_zoo):
         params = zoo.recipe_params(recipe, small=True)
         assert m["recipe"] == recipe and m["small"] is True and m["params"] == params
         sums = {rel.removeprefix("./"): h for h, rel in
-                (line.split() for line in (zoo.find_data_dir() / "SHA256SUMS").read_text().splitlines())}
+                (line.split() for line in (data.data_dir() / "SHA256SUMS").read_text().splitlines())}
         assert m["data_sha256"] and all(sums[k] == v for k, v in m["data_sha256"].items())
         assert list(m["variants"]) == list(small_zoo[family])
         for name, info in m["variants"].items():
@@ -125,19 +125,19 @@ def test_cached_entry_is_reused_and_cli_prints_summary(small_zoo, capsys):
 
 
 def test_tampered_data_is_refused(tmp_path):
-    src = zoo.find_data_dir()
+    src = data.data_dir()
     dst = tmp_path / "data"
     dst.mkdir()
     shutil.copy(src / "SHA256SUMS", dst / "SHA256SUMS")
     (dst / "ptb").mkdir()
     text = (src / "ptb" / "validation.txt").read_bytes()
     (dst / "ptb" / "validation.txt").write_bytes(text[:-1] + b"X")
-    with pytest.raises(zoo.ZooError, match=r"ptb/validation.txt: sha256 [0-9a-f]+ does not match SHA256SUMS"):
-        zoo.verify_data(dst, ["ptb/validation.txt"])
-    with pytest.raises(zoo.ZooError, match=r"wikitext2/validation.txt: missing data file"):
-        zoo.verify_data(dst, ["wikitext2/validation.txt"])
-    with pytest.raises(zoo.ZooError, match=r"has no SHA256SUMS"):
-        zoo.find_data_dir(tmp_path)
+    with pytest.raises(data.DataError, match=r"ptb/validation.txt: sha256 [0-9a-f]+ does not match SHA256SUMS"):
+        data.checksums(["ptb/validation.txt"], dst)
+    with pytest.raises(data.DataError, match=r"wikitext2/validation.txt: missing data file"):
+        data.checksums(["wikitext2/validation.txt"], dst)
+    with pytest.raises(data.DataError, match=r"has no SHA256SUMS"):
+        data.data_dir(tmp_path)
     with pytest.raises(zoo.ZooError, match="unknown zoo recipe"):
         zoo.recipe_params("llama-tiny")
 
