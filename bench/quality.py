@@ -31,11 +31,8 @@ domain's training file, which no zoo model was trained on.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +46,7 @@ from multimoe_rt import zoo as zoo_mod
 from multimoe_rt.checkpoint import VariantSet
 from multimoe_rt.data import DATASETS, data_dir
 from multimoe_rt.evaluate import perplexity, rouge1, rouge_tokens, tokenize_dataset
+from multimoe_rt.machine import machine_info
 from multimoe_rt.model import MODEL_CLASSES, MultiVariantModel
 from multimoe_rt.tokenizer import ByteTokenizer
 
@@ -301,21 +299,6 @@ class Bench:
         return sum(vals) / len(vals)
 
 
-def _machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": "cpu"}
-
-
 def _calibration(vs: VariantSet, val_data: dict, own: dict, family: str, tokens: int = 512):
     """Recorded MoE inputs of the anchor on validation text of every domain present (equal shares)."""
     keys = sorted({k for k in own.values() if k} | set(val_data) & {_set_key(family, d, "span") for d in GENERAL_SETS})
@@ -488,7 +471,7 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
                      "calibration": calib_how, "policies": [f"{m}/{s}" for m, s in POLICIES] + ["random/global"],
                      "metric": "byte perplexity" if family == "mixtral" else "target perplexity (exp mean NLL)",
                      "tokens_scored": tokens},
-        "merge": merges, "machine": _machine(), "systems": systems, "evaluations": bench.evals,
+        "merge": merges, "machine": machine_info(), "systems": systems, "evaluations": bench.evals,
     }
     result["within_2pct"] = within(result)
     result["findings"] = findings(result)

@@ -8,16 +8,13 @@ that ends with `set_defaults(func=cmd_<name>)`. Import heavy modules inside the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def cmd_zoo_build(args) -> int:
-    import os
     import time
 
-    # Idle OpenMP threads yield instead of spinning: on a shared, loaded machine spinning made each training
-    # step ~5x slower with 2 threads. Only effective before torch starts its thread pool (the CLI imports late).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from . import zoo
 
     recipes = sorted(zoo.RECIPES) if args.recipe == "all" else [args.recipe]
@@ -74,38 +71,26 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    """Quality bench (bench/quality.py in the source tree): imported by path, it is not part of the package."""
+def _bench_module(name: str):
+    """bench/<name>.py from the source tree: the harnesses live with the other benchmarks, not in the package."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
     if not path.is_file():
-        print(f"multimoe-rt eval: {path} not found; this command runs from a source checkout "
-              f"(pip install -e .)", file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("multimoe_rt_bench_quality", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.run_from_args(args)
-
-
-def _serve_qos_module():
-    """bench/serve_qos.py from the source tree (the harness lives with the other benchmarks)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "serve_qos.py"
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: the QoS benchmark runs from a source checkout (pip install -e .)")
-    spec = importlib.util.spec_from_file_location("multimoe_serve_qos", path)
+        raise SystemExit(f"{path} not found: this command runs from a source checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location(f"multimoe_rt_bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+def cmd_eval(args) -> int:
+    return _bench_module("quality").run_from_args(args)
+
+
 def cmd_bench_qos(args) -> int:
-    qos = _serve_qos_module()
+    qos = _bench_module("serve_qos")
     out = qos.main_args(args)
     print(f"\nJSON: {out['files']['json']}")
     for k, v in out["files"].items():
@@ -117,7 +102,7 @@ def cmd_bench_qos(args) -> int:
 def cmd_demo(args) -> int:
     import time
 
-    qos = _serve_qos_module()
+    qos = _bench_module("serve_qos")
     t0 = time.perf_counter()
     print("multimoe-rt demo: 4 fine-tuned variants of one tiny Mixtral-style MoE (trained locally from "
           "shared/data)\nserved four ways under the paper's workload (Poisson arrivals, 20-token prompts, "
@@ -241,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # Idle OpenMP threads yield instead of spinning: on a shared, loaded machine spinning made each training
+    # step ~5x slower with 2 threads. Only effective before torch starts its thread pool (commands import late).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     return args.func(args)
 
