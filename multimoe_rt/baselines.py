@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from torch import nn
 from .checkpoint import VariantSet
 from .hf import ActiveVariant, SlabExperts, moe_layer_prefixes
 from .model import MODEL_CLASSES
-from .slab import ExpertSlab, SlotTable
+from .slab import ExpertSlab, HostTier, SlotTable
 
 
 def _module_bytes(model: nn.Module) -> int:
@@ -136,54 +135,6 @@ class SwapSystem(_Base):
         return {"total_device_bytes": _module_bytes(self.model)}
 
 
-class ExpertCache:
-    """LRU cache of one instance's experts in a small device slab; the table row says where each is."""
-
-    def __init__(self, host_experts, num_layers, num_experts, slots, hidden, intermediate, gated, dtype, device,
-                 stats):
-        self.host = host_experts  # (layer, expert) -> (w1, w2) host tensors
-        self.slab = ExpertSlab(slots, hidden, intermediate, gated, dtype=dtype, device=device)
-        self.table = SlotTable(1, num_layers, num_experts, device=device)
-        self.lru: OrderedDict[tuple, int] = OrderedDict()
-        self.free = list(range(slots))
-        self.stats = stats
-
-    def ensure(self, layer: int, experts) -> None:
-        need = [(layer, int(e)) for e in experts]
-        for key in need:
-            if key in self.lru:
-                self.lru.move_to_end(key)
-        for key in need:
-            if key in self.lru:
-                continue
-            if self.free:
-                slot = self.free.pop()
-            else:  # evict the least recently used; the current layer's hits were just moved to the end
-                old, slot = self.lru.popitem(last=False)
-                self.table.slots[0, old[0], old[1]] = -1
-            w1, w2 = self.host[key]
-            self.slab.write(slot, w1, w2)
-            self.table.slots[0, key[0], key[1]] = slot
-            self.lru[key] = slot
-            self.stats["bytes_copied"] += w1.numel() * w1.element_size() + w2.numel() * w2.element_size()
-            self.stats["expert_fetches"] += 1
-        if self.slab.device.type == "cuda":
-            torch.cuda.current_stream(self.slab.device).synchronize()
-
-
-class CachedExperts(SlabExperts):
-    """SlabExperts that first makes the router's picks resident in the instance's expert cache."""
-
-    def __init__(self, cache: ExpertCache, layer: int, num_experts: int, backend=None):
-        super().__init__(cache.slab, cache.table, layer, ActiveVariant(0), num_experts, backend)
-        self.cache = cache
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        ids = top_k_index.argmax(-1) if top_k_index.dim() == 3 else top_k_index
-        self.cache.ensure(self.layer, torch.unique(ids).tolist())  # a host sync: the price of offloading
-        return super().forward(hidden_states, top_k_index, top_k_weights)
-
-
 class PartitionedSystem(_Base):
     """MIG-like partition; ``budget_bytes`` is the whole device budget, split evenly across instances."""
 
@@ -199,34 +150,36 @@ class PartitionedSystem(_Base):
         self.total_threads = threads or torch.get_num_threads()
         self.instance_threads = max(1, self.total_threads // n)
         L, E = variant_set.num_layers, variant_set.num_experts
-        self.instances, self.caches, self.non_expert_bytes = [], [], []
-        self._stats["expert_fetches"] = 0
-        pin = self.device.type == "cuda"
+        self.instances, self.slabs, self.non_expert_bytes = [], [], []
         for v in variant_set:
             model = _load(v.path, self.family, "cpu", dtype)
             prefixes = moe_layer_prefixes(model)
             for i, name in enumerate(prefixes):
                 model.get_submodule(name).experts = nn.Module()  # drop the stacked experts (host copy below)
             model = model.to(self.device)
-            host = {}
-            for l in range(L):
-                for e in range(E):
-                    w1, w2 = v.expert(l, e)
-                    w1, w2 = w1.to(dtype).contiguous(), w2.to(dtype).contiguous()
-                    host[(l, e)] = (w1.pin_memory(), w2.pin_memory()) if pin else (w1, w2)
-            w1, w2 = host[(0, 0)]
-            slot_nbytes = w1.numel() * w1.element_size() + w2.numel() * w2.element_size()
+            host = [v.expert(l, e) for l in range(L) for e in range(E)]  # host id l*E + e
             ne = _module_bytes(model)
+            slot_nbytes = (host[0][0].numel() + host[0][1].numel()) * torch.empty((), dtype=dtype).element_size()
             slots = (self.instance_budget - ne) // slot_nbytes
             slots = int(min(L * E, max(E, slots)))  # at least one layer's experts: a prefill may route to all
-            cache = ExpertCache(host, L, E, slots, variant_set.hidden_size, variant_set.intermediate_size,
-                                variant_set.gated, dtype, self.device, self._stats)
+            slab = ExpertSlab(slots, variant_set.hidden_size, variant_set.intermediate_size, variant_set.gated,
+                              dtype=dtype, device=self.device)
+            # every expert lives in the host tier; the instance's whole slab is its cache
+            slab.attach_host_tier(HostTier(slab, [w1.to(dtype) for w1, _ in host], [w2.to(dtype) for _, w2 in host],
+                                           first_host_id=0, cache_slots=range(slots)))
+            table = SlotTable(1, L, E, device=self.device)
+            table.slots.copy_(torch.arange(L * E, dtype=torch.int32).view(1, L, E))
             for i, name in enumerate(prefixes):
-                model.get_submodule(name).experts = CachedExperts(cache, i, E, backend)
+                model.get_submodule(name).experts = SlabExperts(slab, table, i, ActiveVariant(0), E, backend)
             self.instances.append(model.eval())
-            self.caches.append(cache)
+            self.slabs.append(slab)
             self.non_expert_bytes.append(ne)
         self.streams = [torch.cuda.Stream(self.device) for _ in range(n)] if self.device.type == "cuda" else None
+
+    def stats(self) -> dict:
+        tiers = [slab.host_tier.stats for slab in self.slabs]
+        return {**self._stats, "bytes_copied": sum(t["bytes_copied"] for t in tiers),
+                "expert_fetches": sum(t["fetches"] for t in tiers)}
 
     def lane_of(self, variant) -> int:
         return self.index(variant)
@@ -245,8 +198,8 @@ class PartitionedSystem(_Base):
         return hf_generate(self.instances[self.index(variant)], self.family, input_ids, **kw)
 
     def memory_footprint(self) -> dict:
-        slots = [c.slab.num_slots for c in self.caches]
-        total = sum(self.non_expert_bytes) + sum(c.slab.nbytes for c in self.caches)
+        slots = [slab.num_slots for slab in self.slabs]
+        total = sum(self.non_expert_bytes) + sum(slab.nbytes for slab in self.slabs)
         L, E = self.variant_set.num_layers, self.variant_set.num_experts
         return {"total_device_bytes": total, "instance_budget_bytes": self.instance_budget,
                 "cache_slots_per_instance": slots, "offloaded_experts_per_instance": [L * E - s for s in slots],

@@ -58,6 +58,8 @@ class SlabExperts(nn.Module):
         if top_k_index.shape[-1] > self.num_experts:
             raise ValueError(f"top-k {top_k_index.shape[-1]} exceeds the {self.num_experts} experts of layer {self.layer}")
         slots = self.table.resolve(self.layer, top_k_index, self.active.value)
+        if self.slab.host_tier is not None:
+            slots = self.slab.host_tier.translate(slots)
         out = ops.fused_moe(hidden_states, slots, top_k_weights.to(hidden_states.dtype), self.slab.w1, self.slab.w2,
                             self.slab.gated, backend=self.backend, check_slots=False)
         return out

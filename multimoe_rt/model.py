@@ -67,10 +67,11 @@ class MultiVariantModel:
     @classmethod
     def from_pretrained(cls, dirs, names=None, budget=None, share=None, plan=None, metric="l2", scope="global",
                         representative="anchor", device="cpu", dtype=torch.float32, resident: int = 0,
-                        backend=None, seed: int = 0):
+                        backend=None, seed: int = 0, offload: bool = False):
         """Load variant directories, plan the slab (or take ``plan``: a Plan or a JSON path), build the model.
 
         Without ``budget``/``share``/``plan`` every variant keeps its own experts, except exact duplicates.
+        ``offload``: experts beyond the budget live in host memory and are paged in on use.
         """
         variant_set = dirs if isinstance(dirs, VariantSet) else VariantSet.from_dirs(dirs, names=names)
         if isinstance(plan, (str, bytes)) or hasattr(plan, "__fspath__"):
@@ -80,7 +81,7 @@ class MultiVariantModel:
                 share = 0.0
             plan = plan_mod.make_plan(variant_set, budget_bytes=budget,
                                       share=share, metric=metric, scope=scope, representative=representative,
-                                      seed=seed, dtype=dtype)
+                                      seed=seed, dtype=dtype, offload=offload)
         return cls(variant_set, plan, device=device, dtype=dtype, resident=resident, backend=backend)
 
     def _select_row(self, v: int) -> None:

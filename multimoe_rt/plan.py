@@ -384,9 +384,14 @@ class Plan:
         return sum(1 for loc in self.slot_location if loc == "host")
 
     @property
+    def cache_slots(self) -> int:
+        """Device slots reserved for paging in host-tier experts (0 without offload)."""
+        return int(self.policy.get("cache_slots", 0))
+
+    @property
     def expert_bytes(self) -> int:
-        """Device slab bytes."""
-        return self.num_device_slots * self.slot_nbytes
+        """Device slab bytes (resident slots plus the host tier's cache slots)."""
+        return (self.num_device_slots + self.cache_slots) * self.slot_nbytes
 
     @property
     def host_bytes(self) -> int:
@@ -670,7 +675,17 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
         sources.append({"layer": l, "expert": e, "kind": "variant", "variants": [members[0]]})
         for v in members:
             slots[v][l][e] = len(sources) - 1
-    n_dev = len(sources) if capacity is None else min(len(sources), max(0, capacity))
+    n_dev, cache_slots = len(sources), 0
+    if capacity is not None and len(sources) > capacity:
+        # Offload: host experts are paged into a cache of one layer's worth of slots (a prefill may route
+        # to every expert of a layer), reserved from the device capacity.
+        cache_slots = E
+        if capacity < cache_slots:
+            raise PlanError(f"budget {budget} B ({format_size(budget)}) leaves room for {max(0, capacity)} "
+                            f"expert slots; offloading needs at least {cache_slots} (one layer's experts) "
+                            f"as the device cache for host experts: needs "
+                            f"{cache_slots * slot_nbytes + non_expert} B")
+        n_dev = capacity - cache_slots
     location = ["device"] * n_dev + ["host"] * (len(sources) - n_dev)
 
     own_dist = [[[0.0 if status[v][l][e] in ("anchor", "duplicate") else float(values[v][l][e])
@@ -685,7 +700,8 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
         status=status, distance=own_dist, hashes=dist.hashes, metric=metric, scope=scope,
         representative=representative,
         policy={"budget_bytes": budget, "share": share, "threshold": threshold, "seed": seed,
-                "offload": offload, "non_expert_bytes": non_expert},
+                "offload": offload, "non_expert_bytes": non_expert,
+                "cache_slots": cache_slots},
         calibration=dist.calibration if metric == "output" else None,
         checkpoint_bytes=[_checkpoint_tensor_bytes(var.path) for var in variant_set],
     )
@@ -728,23 +744,27 @@ def load_slab(plan: Plan, variant_set, device="cpu", dtype=None, progress: bool 
     Validates the plan against the checkpoints first (fingerprints) and every expert read
     against its recorded hash. Reads each source expert once; host memory holds one expert
     (two float32 accumulators for a mean slot). ``dtype`` overrides the plan's slab dtype
-    (the plan's byte accounting then no longer applies).
+    (the plan's byte accounting then no longer applies). Host-tier slots (``offload``) go to a
+    ``HostTier`` attached to the slab, paged into its ``cache_slots`` on use.
     """
-    from .slab import ExpertSlab, SlotTable
+    from .slab import ExpertSlab, HostTier, SlotTable
 
     plan.validate(variant_set)
-    if plan.num_host_slots:
-        raise PlanError(f"plan places {plan.num_host_slots} slots in the host tier; load_slab fills "
-                        f"device slots only and there is no paging pool yet. Raise the budget or "
-                        f"make the plan without offload")
     slab_dtype = _dtype(dtype if dtype is not None else plan.dtype)
-    slab = ExpertSlab(plan.num_device_slots, plan.hidden_size, plan.intermediate_size, plan.gated,
+    n_dev = plan.num_device_slots
+    slab = ExpertSlab(n_dev + plan.cache_slots, plan.hidden_size, plan.intermediate_size, plan.gated,
                       dtype=slab_dtype, device=device)
-    bar = _progress(plan.num_device_slots, "loading experts", progress)
-    for s in range(plan.num_device_slots):
+    bar = _progress(len(plan.slot_location), "loading experts", progress)
+    for s in range(n_dev):
         w1, w2 = source_expert(plan, variant_set, s)
         slab.write(s, w1.to(slab_dtype), w2.to(slab_dtype))
         bar.update(1)
+    if plan.num_host_slots:
+        host = [source_expert(plan, variant_set, s) for s in range(n_dev, len(plan.slot_location))]
+        bar.update(len(host))
+        slab.attach_host_tier(HostTier(slab, [w1.to(slab_dtype) for w1, _ in host],
+                                       [w2.to(slab_dtype) for _, w2 in host], first_host_id=n_dev,
+                                       cache_slots=range(n_dev, n_dev + plan.cache_slots)))
     bar.close()
     if slab.device.type == "cuda":
         torch.cuda.synchronize(slab.device)  # slab.write copies non_blocking from pinned memory

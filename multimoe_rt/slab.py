@@ -7,6 +7,8 @@ variants share an expert.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,6 +34,15 @@ class ExpertSlab:
         self.w1 = torch.empty(num_slots, n1, hidden, dtype=dtype, device=self.device)
         self.w2 = torch.empty(num_slots, hidden, intermediate, dtype=dtype, device=self.device)
         self.written = torch.zeros(num_slots, dtype=torch.bool)  # host-side: checked before kernels run
+        self.host_tier: HostTier | None = None
+
+    def attach_host_tier(self, tier: "HostTier") -> None:
+        self.host_tier = tier
+
+    @property
+    def num_ids(self) -> int:
+        """Valid slot ids in a table: device slots, then host-tier ids."""
+        return self.num_slots if self.host_tier is None else self.host_tier.first_host_id + self.host_tier.num_host
 
     @property
     def slot_nbytes(self) -> int:
@@ -67,6 +78,56 @@ class ExpertSlab:
         self.written[slot] = True
 
 
+class HostTier:
+    """Experts that did not fit the device budget: kept in host memory (pinned where CUDA exists)
+    and paged on use into a few cache slots of the slab, least recently used out first.
+
+    Table entries ``>= first_host_id`` name host experts, so the table still says where every
+    expert lives; ``translate`` turns resolved slot ids into slab slots, paging in what is
+    missing. Knowing which experts a batch needs is a host sync: the price of offloading.
+    """
+
+    def __init__(self, slab: ExpertSlab, w1: list, w2: list, first_host_id: int, cache_slots):
+        self.slab, self.first_host_id = slab, first_host_id
+        pin = torch.cuda.is_available()
+        self.w1 = [t.contiguous().pin_memory() if pin else t.contiguous() for t in w1]
+        self.w2 = [t.contiguous().pin_memory() if pin else t.contiguous() for t in w2]
+        self.num_host = len(self.w1)
+        self.free = list(cache_slots)
+        self.capacity = len(self.free)
+        if self.capacity == 0:
+            raise ValueError("HostTier needs at least one cache slot in the slab")
+        self.lru: OrderedDict[int, int] = OrderedDict()  # host id -> cache slot
+        # id -> slab slot: identity for device slots; a host id's entry is valid while it is cached
+        self.remap = torch.arange(first_host_id + self.num_host, dtype=torch.int64, device=slab.device)
+        self.stats = {"fetches": 0, "hits": 0, "bytes_copied": 0}
+
+    def translate(self, slot_ids: torch.Tensor) -> torch.Tensor:
+        host = slot_ids[slot_ids >= self.first_host_id]
+        if host.numel() == 0:
+            return slot_ids
+        needed = torch.unique(host).tolist()
+        if len(needed) > self.capacity:
+            raise RuntimeError(f"one call needs {len(needed)} host-tier experts but the cache has "
+                               f"{self.capacity} slots")
+        for h in needed:
+            if h in self.lru:
+                self.lru.move_to_end(h)
+                self.stats["hits"] += 1
+        for h in needed:
+            if h in self.lru:
+                continue
+            # The needed ones were just moved to the back, so the front is never one of them.
+            slot = self.free.pop() if self.free else self.lru.popitem(last=False)[1]
+            i = h - self.first_host_id
+            self.slab.write(slot, self.w1[i], self.w2[i])
+            self.remap[h] = slot
+            self.lru[h] = slot
+            self.stats["fetches"] += 1
+            self.stats["bytes_copied"] += self.slab.slot_nbytes
+        return self.remap[slot_ids.long()]
+
+
 class SlotTable:
     """int32 ``[num_variants, num_layers, num_experts] -> slot`` on the device; -1 means unset."""
 
@@ -93,12 +154,16 @@ class SlotTable:
             v, l, e = unset[0].tolist()
             raise ValueError(f"SlotTable: entry (variant={v}, layer={l}, expert={e}) is unset "
                              f"({len(unset)} unset entries in all)")
-        bad = (flat >= slab.num_slots).nonzero()
+        bad = (flat >= slab.num_ids).nonzero()
         if len(bad):
             v, l, e = bad[0].tolist()
             raise ValueError(f"SlotTable: entry (variant={v}, layer={l}, expert={e}) points at slot "
-                             f"{int(flat[v, l, e])}, but the slab has {slab.num_slots} slots")
-        unwritten = ~slab.written[flat.long()]
+                             f"{int(flat[v, l, e])}, but the slab has {slab.num_ids} slots")
+        on_device = flat.long().clamp(max=slab.num_slots - 1)
+        if slab.host_tier is not None:  # host-tier ids are written on use, not up front
+            on_device = torch.where(flat < slab.host_tier.first_host_id, on_device, 0)
+        unwritten = ~slab.written[on_device] & (flat < (slab.num_slots if slab.host_tier is None
+                                                        else slab.host_tier.first_host_id))
         if unwritten.any():
             v, l, e = unwritten.nonzero()[0].tolist()
             raise ValueError(f"SlotTable: entry (variant={v}, layer={l}, expert={e}) points at slot "

@@ -268,15 +268,36 @@ def test_too_small_budget_refused_with_needed_bytes(vs, dist):
         make_plan(vs, share=0.0, budget_bytes=need, non_expert_bytes=5000, distances=dist)
 
 
-def test_offload_tier_counts_host_slots(vs, dist, tmp_path):
+def test_offload_tier_counts_host_slots_and_reserves_a_cache(vs, dist, tmp_path):
     slot = make_plan(vs, share=1.0, distances=dist).slot_nbytes
     plan = make_plan(vs, budget_bytes=(L * E - 3) * slot, offload=True, distances=dist)
-    assert plan.num_host_slots == 3 and plan.num_device_slots == L * E - 3
-    assert plan.host_bytes == 3 * slot and "host tier: 3 slots" in plan.summary()
+    # E device slots are kept back as the cache host experts are paged into
+    assert plan.cache_slots == E and plan.num_device_slots == L * E - 3 - E
+    assert plan.num_host_slots == 3 + E and plan.host_bytes == (3 + E) * slot
+    assert plan.expert_bytes == (L * E - 3) * slot and f"host tier: {3 + E} slots" in plan.summary()
     plan = make_plan(vs, share=0.0, budget_bytes=(L * E + 2) * slot, offload=True, distances=dist)
-    assert plan.num_host_slots == 5 and plan.expert_bytes == (L * E + 2) * slot
-    with pytest.raises(PlanError, match="host tier"):
-        load_slab(plan, vs)
+    assert plan.num_host_slots == 5 + E and plan.expert_bytes == (L * E + 2) * slot
+    slab, table = load_slab(plan, vs)
+    assert slab.num_slots == L * E + 2 and slab.host_tier.num_host == 5 + E
+    with pytest.raises(PlanError, match="at least 4"):
+        make_plan(vs, budget_bytes=(E - 1) * slot, offload=True, distances=dist)
+
+
+def test_offloaded_experts_page_in_and_compute_like_resident_ones(vs, dist):
+    """Sharing 0 under a budget that forces offload: every variant's experts still come out exactly."""
+    slot = make_plan(vs, share=1.0, distances=dist).slot_nbytes
+    plan = make_plan(vs, share=0.0, budget_bytes=(L * E + 2) * slot, offload=True, distances=dist)
+    slab, table = load_slab(plan, vs)
+    tier = slab.host_tier
+    for v in range(len(vs)):
+        for l in range(L):
+            ids = torch.arange(E).view(1, E)
+            slots = tier.translate(table.resolve(l, ids, v))
+            assert int(slots.max()) < slab.num_slots
+            for e in range(E):
+                w1, w2 = vs[v].expert(l, e)
+                assert torch.equal(slab.w1[int(slots[0, e])], w1) and torch.equal(slab.w2[int(slots[0, e])], w2)
+    assert tier.stats["fetches"] >= tier.num_host and tier.stats["bytes_copied"] == tier.stats["fetches"] * slot
 
 
 # ---------------------------------------------------------------- plan data
