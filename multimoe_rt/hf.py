@@ -60,9 +60,10 @@ class SlabExperts(nn.Module):
         slots = self.table.resolve(self.layer, top_k_index, self.active.value)
         if self.slab.host_tier is not None:
             slots = self.slab.host_tier.translate(slots)
-        out = ops.fused_moe(hidden_states, slots, top_k_weights.to(hidden_states.dtype), self.slab.w1, self.slab.w2,
-                            self.slab.gated, backend=self.backend, check_slots=False)
-        return out
+        backend = ops.choose_backend(hidden_states.device, self.backend)
+        workspace = self.slab.workspace(*slots.shape) if backend == "triton" else None
+        return ops.fused_moe(hidden_states, slots, top_k_weights.to(hidden_states.dtype), self.slab.w1, self.slab.w2,
+                             self.slab.gated, backend=backend, check_slots=False, workspace=workspace)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, slab_slots={self.slab.num_slots}, gated={self.slab.gated}"

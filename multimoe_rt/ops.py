@@ -120,10 +120,19 @@ def _(slot_ids, num_slots, block_m, backend):
 
 
 def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str | None = None,
-              check_slots: bool = True) -> torch.Tensor:
-    """Route each token's top-k (slot, weight) pairs through the slab experts; returns ``[T, H]``."""
+              check_slots: bool = True, workspace: dict | None = None) -> torch.Tensor:
+    """Route each token's top-k (slot, weight) pairs through the slab experts; returns ``[T, H]``.
+
+    ``workspace`` (triton backend only): preallocated work buffers (``ExpertSlab.workspace``) so the
+    expert path does not allocate per step; that eager path skips the custom op, which
+    ``torch.compile`` traces without it.
+    """
     check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated, check_slots)
     backend = choose_backend(hidden.device, backend)
+    if workspace is not None and backend == "triton" and not torch.compiler.is_compiling():
+        from .kernels.grouped_gemm import fused_moe_triton
+        return fused_moe_triton(hidden.contiguous(), slot_ids.contiguous(), topk_weights.contiguous(), w1, w2,
+                                gated, workspace=workspace)
     return torch.ops.multimoe_rt.fused_moe(hidden.contiguous(), slot_ids.contiguous(), topk_weights.contiguous(),
                                            w1, w2, gated, backend)
 

@@ -35,6 +35,21 @@ class ExpertSlab:
         self.w2 = torch.empty(num_slots, hidden, intermediate, dtype=dtype, device=self.device)
         self.written = torch.zeros(num_slots, dtype=torch.bool)  # host-side: checked before kernels run
         self.host_tier: HostTier | None = None
+        self._workspace, self._workspace_pairs = None, 0
+
+    def workspace(self, tokens: int, top_k: int) -> dict:
+        """Work buffers of the Triton MoE path for ``tokens`` tokens, allocated once and regrown only
+        when a larger batch arrives (so decode steps allocate nothing). The output stays a fresh
+        tensor: callers keep it past the next layer's call."""
+        if self._workspace is None or tokens * top_k > self._workspace_pairs:
+            from .kernels.grouped_gemm import allocate_workspace
+
+            pairs = max(tokens * top_k, 2 * self._workspace_pairs)
+            ws = allocate_workspace(-(-pairs // top_k), top_k, self.hidden, self.intermediate, self.num_slots,
+                                    self.dtype, self.device)
+            ws.pop("out")
+            self._workspace, self._workspace_pairs = ws, pairs
+        return self._workspace
 
     def attach_host_tier(self, tier: "HostTier") -> None:
         self.host_tier = tier

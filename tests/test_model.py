@@ -152,6 +152,11 @@ def test_triton_backend_inside_the_model(tmp_path):
     ids = torch.randint(2, 64, (1, 6))
     for name in ["mixtral-v1", "mixtral-v0"]:
         assert rel_err(mv.forward(name, ids), torch_mv.forward(name, ids)) <= FP32_TOL
+    buffers = mv.slab.workspace(ids.shape[1], 2)
+    # decode steps reuse the prefill's work buffers: nothing is allocated per step
+    assert mv.generate("mixtral-v1", ids, max_new_tokens=4).tolist() == \
+        torch_mv.generate("mixtral-v1", ids, max_new_tokens=4).tolist()
+    assert mv.slab.workspace(1, 2) is buffers
 
 
 def test_offloaded_experts_serve_the_same_logits(tmp_path):
