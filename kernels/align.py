@@ -24,6 +24,20 @@ def padded_size(num_pairs: int, num_slots: int, block_m: int) -> int:
 
 
 @triton.jit
+def _chunk_ranks(slot_ptr, counts_ptr, start, lane, earlier, num_pairs):
+    """For the chunk of pairs at ``start``: each pair's slot, its rank among the chunk's pairs of that
+    slot (earlier positions first), how many of the chunk's pairs share its slot, and the slot's counter."""
+    offs = start + lane
+    valid = offs < num_pairs
+    slot = tl.load(slot_ptr + offs, mask=valid, other=-1).to(tl.int32)
+    same = (slot[:, None] == slot[None, :]) & valid[None, :]
+    rank = tl.sum((same & earlier).to(tl.int32), axis=1)
+    total = tl.sum(same.to(tl.int32), axis=1)
+    base = tl.load(counts_ptr + slot, mask=valid, other=0)
+    return offs, valid, slot, rank, total, base
+
+
+@triton.jit
 def _align_kernel(slot_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_padded_ptr,
                   num_pairs, num_slots, p_max,
                   BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SLOT_TILE: tl.constexpr):
@@ -46,13 +60,7 @@ def _align_kernel(slot_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_padded_p
 
     # 1. Count pairs per slot. Within a chunk, the last occurrence of each slot writes the new count.
     for start in range(0, num_pairs, CHUNK):
-        offs = start + lane
-        valid = offs < num_pairs
-        slot = tl.load(slot_ptr + offs, mask=valid, other=-1).to(tl.int32)
-        same = (slot[:, None] == slot[None, :]) & valid[None, :]
-        rank = tl.sum((same & earlier).to(tl.int32), axis=1)
-        total = tl.sum(same.to(tl.int32), axis=1)
-        base = tl.load(counts_ptr + slot, mask=valid, other=0)
+        offs, valid, slot, rank, total, base = _chunk_ranks(slot_ptr, counts_ptr, start, lane, earlier, num_pairs)
         tl.debug_barrier()  # every lane has read its base before any lane updates it
         tl.store(counts_ptr + slot, base + total, mask=valid & (rank == total - 1))
         tl.debug_barrier()
@@ -73,13 +81,7 @@ def _align_kernel(slot_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_padded_p
 
     # 3. Stable scatter: destination = run start + number of earlier pairs with the same slot.
     for start in range(0, num_pairs, CHUNK):
-        offs = start + lane
-        valid = offs < num_pairs
-        slot = tl.load(slot_ptr + offs, mask=valid, other=-1).to(tl.int32)
-        same = (slot[:, None] == slot[None, :]) & valid[None, :]
-        rank = tl.sum((same & earlier).to(tl.int32), axis=1)
-        total = tl.sum(same.to(tl.int32), axis=1)
-        base = tl.load(counts_ptr + slot, mask=valid, other=0)
+        offs, valid, slot, rank, total, base = _chunk_ranks(slot_ptr, counts_ptr, start, lane, earlier, num_pairs)
         dest = base + rank
         tl.store(sorted_ptr + dest, offs.to(tl.int32), mask=valid)
         # Every block inside num_padded holds at least one real pair, so this covers all of them.

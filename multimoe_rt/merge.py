@@ -111,14 +111,20 @@ def average_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float] | 
     return acc.to(tensors[0].dtype)
 
 
+def _check_task_inputs(method: str, name: str, base, finetuned):
+    """Validate base + fine-tuned tensors of one name; returns the tensor to pass through unchanged
+    (non-float buffers) or None when the tensors are to be merged."""
+    if len(finetuned) == 0:
+        raise ValueError(f"{method}: no fine-tuned models")
+    allt = [base, *finetuned]
+    _check_same(name, allt, ["base"] + [f"fine-tuned model {i}" for i in range(len(finetuned))])
+    return _non_float_passthrough(name, allt)
+
+
 def task_arithmetic_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], scale: float,
                             name: str = "<tensor>") -> torch.Tensor:
     """base + scale * sum_t (ft_t - base)."""
-    if len(finetuned) == 0:
-        raise ValueError("task_arithmetic: no fine-tuned models")
-    allt = [base, *finetuned]
-    _check_same(name, allt, ["base"] + [f"fine-tuned model {i}" for i in range(len(finetuned))])
-    keep = _non_float_passthrough(name, allt)
+    keep = _check_task_inputs("task_arithmetic", name, base, finetuned)
     if keep is not None:
         return keep
     b = base.to(torch.float32)
@@ -143,13 +149,9 @@ def trim_topk(tau: torch.Tensor, density: float) -> torch.Tensor:
 def ties_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], density: float = 0.2,
                  scale: float = 1.0, name: str = "<tensor>") -> torch.Tensor:
     """TIES-merging of one tensor (trim, elect sign, disjoint mean); see the module doc."""
-    if len(finetuned) == 0:
-        raise ValueError("ties: no fine-tuned models")
     if not (0.0 < density <= 1.0):
         raise ValueError(f"ties: density must be in (0, 1], got {density}")
-    allt = [base, *finetuned]
-    _check_same(name, allt, ["base"] + [f"fine-tuned model {i}" for i in range(len(finetuned))])
-    keep = _non_float_passthrough(name, allt)
+    keep = _check_task_inputs("ties", name, base, finetuned)
     if keep is not None:
         return keep
     b = base.to(torch.float32)
