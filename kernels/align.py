@@ -16,11 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def padded_size(num_pairs: int, num_slots: int, block_m: int) -> int:
-    """P_max of the contract: worst-case padded length, a multiple of block_m."""
-    worst = num_pairs + min(num_pairs, num_slots) * (block_m - 1)
-    return triton.cdiv(worst, block_m) * block_m
+from ..torch_moe import padded_size
 
 
 @triton.jit

@@ -94,11 +94,6 @@ def _(hidden, slot_ids, topk_weights, w1, w2, gated, backend):
     return hidden.new_empty(hidden.shape[0], w2.shape[1])
 
 
-def _align_capacity(numel: int, num_slots: int, block_m: int) -> int:
-    p_max = numel + min(numel, num_slots) * (block_m - 1)
-    return -(-p_max // block_m) * block_m
-
-
 @torch.library.custom_op("multimoe_rt::align", mutates_args=())
 def _align_op(slot_ids: torch.Tensor, num_slots: int, block_m: int,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,7 +109,7 @@ def _align_op(slot_ids: torch.Tensor, num_slots: int, block_m: int,
 
 @_align_op.register_fake
 def _(slot_ids, num_slots, block_m, backend):
-    p_max = _align_capacity(slot_ids.numel(), num_slots, block_m)
+    p_max = torch_moe.padded_size(slot_ids.numel(), num_slots, block_m)
     return (slot_ids.new_empty(p_max, dtype=torch.int32), slot_ids.new_empty(p_max // block_m, dtype=torch.int32),
             slot_ids.new_empty(1, dtype=torch.int32))
 

@@ -20,6 +20,12 @@ def _activate(h: torch.Tensor, gated: bool) -> torch.Tensor:
     return F.relu(h)
 
 
+def padded_size(num_pairs: int, num_slots: int, block_m: int) -> int:
+    """Length of align's outputs: the worst-case padded length, a multiple of ``block_m``."""
+    worst = num_pairs + min(num_pairs, num_slots) * (block_m - 1)
+    return -(-worst // block_m) * block_m
+
+
 def align_torch(slot_ids: torch.Tensor, num_slots: int, block_m: int):
     """Sort token-expert pairs by slot and pad each slot's run to a multiple of ``block_m``.
 
@@ -30,8 +36,7 @@ def align_torch(slot_ids: torch.Tensor, num_slots: int, block_m: int):
     flat = slot_ids.reshape(-1).to(torch.int64)
     numel = flat.numel()
     device = slot_ids.device
-    p_max = numel + min(numel, num_slots) * (block_m - 1)
-    p_max = -(-p_max // block_m) * block_m
+    p_max = padded_size(numel, num_slots, block_m)
     sorted_ids = torch.full((p_max,), numel, dtype=torch.int32, device=device)
     block_slot = torch.full((p_max // block_m,), -1, dtype=torch.int32, device=device)
     if numel == 0:
