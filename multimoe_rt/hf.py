@@ -49,7 +49,8 @@ class SlabExperts(nn.Module):
     def __init__(self, slab, table, layer: int, active: ActiveVariant, num_experts: int, backend=None):
         super().__init__()
         self.slab, self.table, self.layer, self.active = slab, table, layer, active
-        self.num_experts, self.backend = num_experts, backend
+        # Resolved once: the slab's device fixes it, and the hot path need not re-check per call.
+        self.num_experts, self.backend = num_experts, ops.choose_backend(slab.device, backend)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if top_k_index.dim() == 3:  # Switch: one-hot dispatch mask, zero row = dropped by capacity
@@ -60,10 +61,9 @@ class SlabExperts(nn.Module):
         slots = self.table.resolve(self.layer, top_k_index, self.active.value)
         if self.slab.host_tier is not None:
             slots = self.slab.host_tier.translate(slots)
-        backend = ops.choose_backend(hidden_states.device, self.backend)
-        workspace = self.slab.workspace(*slots.shape) if backend == "triton" else None
+        workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
         return ops.fused_moe(hidden_states, slots, top_k_weights.to(hidden_states.dtype), self.slab.w1, self.slab.w2,
-                             self.slab.gated, backend=backend, check_slots=False, workspace=workspace)
+                             self.slab.gated, backend=self.backend, check_slots=False, workspace=workspace)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, slab_slots={self.slab.num_slots}, gated={self.slab.gated}"

@@ -11,6 +11,7 @@ and ``reference`` (float64). Default: triton on CUDA tensors, torch otherwise; t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,6 +23,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_BLOCK_M = 16
 
 
+@functools.cache  # whether triton imports and CUDA exists does not change within a process
 def triton_status() -> tuple[bool, str]:
     """Whether the Triton backend can run here, and why not."""
     try:
