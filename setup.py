@@ -90,7 +90,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["multimoe_rt", "multimoe_rt.kernels"],
+    packages=["multimoe_rt", "multimoe_rt.kernels", "multimoe_rt.integrations", "multimoe_rt.lab"],
     package_dir={"multimoe_rt": "multimoe_rt", "multimoe_rt.kernels": "kernels"},
     package_data={"multimoe_rt.kernels": ["configs/*.json"]},
     include_package_data=True,

@@ -17,11 +17,11 @@ Systems, each evaluated on every variant's evaluation sets in one run:
                        variant. At s = 1 with the anchor representative this is exactly the base model for everyone;
                        "no-reconfig mean @1.00" uses the mean-expert representative with the base's non-expert layers.
   merge average / task-arithmetic / ties
-                       one merged model (``multimoe_rt.merge.merge_variants``, base = the anchor) for all variants;
+                       one merged model (``multimoe_rt.lab.merge.merge_variants``, base = the anchor) for all variants;
                        the task-arithmetic and TIES scales are chosen on validation text (mean validation NLL of
                        every variant on its own domain), never on the test split.
 
-Data. Perplexity is byte-level (ByteTokenizer) with the windowed protocol of ``multimoe_rt.evaluate.perplexity``:
+Data. Perplexity is byte-level (ByteTokenizer) with the windowed protocol of ``multimoe_rt.lab.evaluate.perplexity``:
 window = the model's context, capped window count, identical windows and scored tokens for every system (checked).
 Mixtral-family sets: WikiText-2 test, PTB test, and the variant's own domain test split. Switch-family sets: the
 variant's task (span corruption, or prefix continuation) rebuilt with the zoo's own data construction on test text,
@@ -40,12 +40,12 @@ from pathlib import Path
 
 import torch
 
-from multimoe_rt import merge as merge_mod
+from multimoe_rt.lab import merge as merge_mod
 from multimoe_rt import plan as plan_mod
-from multimoe_rt import zoo as zoo_mod
+from multimoe_rt.lab import zoo as zoo_mod
 from multimoe_rt.checkpoint import VariantSet
-from multimoe_rt.data import DATASETS, data_dir
-from multimoe_rt.evaluate import perplexity, rouge1, rouge_tokens, tokenize_dataset
+from multimoe_rt.lab.data import DATASETS, data_dir
+from multimoe_rt.lab.evaluate import perplexity, rouge1, rouge_tokens, tokenize_dataset
 from multimoe_rt.machine import machine_info
 from multimoe_rt.model import MODEL_CLASSES, MultiVariantModel
 from multimoe_rt.tokenizer import ByteTokenizer
@@ -135,7 +135,7 @@ def make_pairs(ids: torch.Tensor, task: str, params: dict, n: int, seed: int, to
 def seq2seq_nll(model_fn, pairs, decoder_start_id: int, batch_size: int = 16) -> dict:
     """Teacher-forced target NLL, batching pairs of equal lengths (no padding, so nothing to mask wrongly).
 
-    Same quantity as ``multimoe_rt.evaluate.seq2seq_loss`` (tests check it), faster for many short pairs.
+    Same quantity as ``multimoe_rt.lab.evaluate.seq2seq_loss`` (tests check it), faster for many short pairs.
     """
     groups: dict[tuple, list] = {}
     for enc, tgt in pairs:

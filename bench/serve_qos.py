@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from multimoe_rt import data as data_mod
-from multimoe_rt.baselines import build_system
+from multimoe_rt.lab import data as data_mod
+from multimoe_rt.lab.baselines import build_system
 from multimoe_rt.checkpoint import VariantSet
 from multimoe_rt.machine import machine_info
 from multimoe_rt.model import MultiVariantModel
@@ -277,7 +277,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args, tag="serve_qos") -> dict:
-    from multimoe_rt import zoo
+    from multimoe_rt.lab import zoo
 
     dirs = zoo.build("mixtral-tiny", small=args.small, progress=not args.quiet)
     want = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from multimoe_rt import zoo
+from multimoe_rt.lab import zoo
 from multimoe_rt.machine import machine_info
 from multimoe_rt.model import MultiVariantModel
 

@@ -10,12 +10,12 @@ launches, which is what decode (tens of pairs) wants. Prefill (thousands of pair
 chunks of CHUNK; the per-chunk rank uses a CHUNK x CHUNK comparison, so cost is O(P * CHUNK + S).
 Stability comes from walking chunks in order and ranking within a chunk by position.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..config import settings
 from ..torch_moe import padded_size
 
 
@@ -100,11 +100,11 @@ def _buffer(workspace, name, numel, dtype, device):
 
 def interpreting(device: torch.device) -> bool:
     """True when kernels run under the Triton interpreter (CPU tensors need it)."""
-    return os.environ.get("TRITON_INTERPRET") == "1" or device.type == "cpu"
+    return settings().triton_interpret or device.type == "cpu"
 
 
 def check_launchable(device: torch.device, what: str) -> None:
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and not settings().triton_interpret:
         raise RuntimeError(f"{what}: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 "
                            "before triton is first imported, or use the torch backend")
 

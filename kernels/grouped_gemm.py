@@ -34,13 +34,13 @@ All block sizes must be powers of two and >= 16 (tl.dot's minimum).
 import copy
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+from ..config import settings
 from .align import align_triton, check_launchable, interpreting, padded_size
 
 _DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
@@ -172,7 +172,7 @@ def select_config(num_pairs: int, config: dict | None = None) -> dict:
     """Tile sizes for a call with num_pairs = T*K pairs: default.json, then $MULTIMOE_TRITON_CONFIG,
     then config (nested by class or flat for the chosen class). Returns a flat dict incl. "reduce"
     and "align" sub-dicts."""
-    cfg = _file_config(os.environ.get("MULTIMOE_TRITON_CONFIG") or None)
+    cfg = _file_config(settings().triton_config)
     config = config or {}
     nested = {k: v for k, v in config.items() if isinstance(v, dict) or k == "decode_max_pairs"}
     flat = {k: v for k, v in config.items() if k not in nested}

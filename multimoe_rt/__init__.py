@@ -8,12 +8,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Importing ops defines the torch.library custom ops torch.ops.multimoe_rt.{align, fused_moe} (and loads
+# the C++ extension's ops when it was built), so other runtimes can call them after `import multimoe_rt`.
+from . import ops  # noqa: E402,F401
+
 
 def runtime_info() -> dict:
     """Which backends are active here and why: the first thing to look at when something is slow."""
     import torch
 
-    from . import _ext, ops
+    from . import _ext
 
     triton_ok, triton_why = ops.triton_status()
     cuda = torch.cuda.is_available()
@@ -33,19 +37,22 @@ def runtime_info() -> dict:
 
 
 def from_pretrained(*args, **kwargs):
+    """A MultiVariantModel over variant directories (see ``MultiVariantModel.from_pretrained``); also
+    registers the ``multimoe`` experts implementation with transformers (idempotent)."""
     from .model import MultiVariantModel
 
+    register_experts_implementation()
     return MultiVariantModel.from_pretrained(*args, **kwargs)
 
 
 def register_experts_implementation() -> bool:
     """Make ``experts_implementation="multimoe"`` selectable in transformers models."""
-    from .hf import register
+    from .integrations.hf import register
 
     return register()
 
 
 def patch(*args, **kwargs):
-    from .hf import patch as _patch
+    from .integrations.hf import patch as _patch
 
     return _patch(*args, **kwargs)

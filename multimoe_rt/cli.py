@@ -15,7 +15,7 @@ import sys
 def cmd_zoo_build(args) -> int:
     import time
 
-    from . import zoo
+    from .lab import zoo
 
     recipes = sorted(zoo.RECIPES) if args.recipe == "all" else [args.recipe]
     # mixtral-tiny first: it is the one most other work depends on

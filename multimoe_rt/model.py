@@ -17,13 +17,33 @@ from torch import nn
 
 from . import plan as plan_mod
 from .checkpoint import VariantSet
-from .hf import ActiveVariant, SlabExperts, moe_layer_prefixes
+from .experts import ActiveVariant, SlabExperts, moe_layer_prefixes
 from .reconfig import NonExpertStore
 
 MODEL_CLASSES = {
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     "switch": (transformers.SwitchTransformersConfig, transformers.SwitchTransformersForConditionalGeneration),
 }
+
+
+def new_tokens(out: torch.Tensor, family: str, prompt_len: int) -> torch.Tensor:
+    """The generated ids of a transformers ``generate`` output: Switch returns the decoder sequence
+    (after its start token), Mixtral prompt + continuation."""
+    return out[:, 1:] if family == "switch" else out[:, prompt_len:]
+
+
+@torch.inference_mode()
+def hf_generate(model, family: str, input_ids, max_new_tokens=25, eos_token_id=None, do_sample=False,
+                temperature=1.0, top_p=1.0, **kwargs):
+    """transformers' generate with the settings every system here uses (greedy unless ``do_sample``;
+    pad = the config's pad id, else EOS, else 0); returns the new token ids only."""
+    input_ids = input_ids.to(next(model.parameters()).device)
+    pad = model.config.pad_token_id
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
+               pad_token_id=pad if pad is not None else (eos_token_id if eos_token_id is not None else 0), **kwargs)
+    if do_sample:
+        gen.update(temperature=temperature, top_p=top_p)
+    return new_tokens(model.generate(input_ids=input_ids, **gen), family, input_ids.shape[1])
 
 
 def build_skeleton(variant_set: VariantSet, slab, table, active: ActiveVariant, device, dtype, backend=None) -> nn.Module:
@@ -129,16 +149,10 @@ class MultiVariantModel:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         with self.lock:
             self.use(variant)
-            input_ids = input_ids.to(self.device)
-            gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
-                       pad_token_id=self.model.config.pad_token_id if self.model.config.pad_token_id is not None
-                       else (eos_token_id if eos_token_id is not None else 0),
-                       attention_mask=None if attention_mask is None else attention_mask.to(self.device), **kwargs)
-            if do_sample:
-                gen.update(temperature=temperature, top_p=top_p)
-            out = self.model.generate(input_ids=input_ids, **gen)
-            # Switch returns the decoder sequence (after its start token); Mixtral prompt + continuation.
-            return out[:, 1:] if self.family == "switch" else out[:, input_ids.shape[1]:]
+            mask = None if attention_mask is None else attention_mask.to(self.device)
+            return hf_generate(self.model, self.family, input_ids, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos_token_id, do_sample=do_sample, temperature=temperature,
+                               top_p=top_p, attention_mask=mask, **kwargs)
 
     def memory_footprint(self) -> dict:
         return {"slab_bytes": self.slab.nbytes, "non_expert_device_bytes": self.store.device_nbytes,

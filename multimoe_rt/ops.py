@@ -12,11 +12,11 @@ and ``reference`` (float64). Default: triton on CUDA tensors, torch otherwise; t
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from . import torch_moe
+from .config import settings
 
 BACKENDS = ("triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,13 +32,13 @@ def triton_status() -> tuple[bool, str]:
         return False, f"triton not importable: {e}"
     if torch.cuda.is_available():
         return True, "CUDA device"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if settings().triton_interpret:
         return True, "TRITON_INTERPRET=1 (CPU interpreter, slow: for tests)"
     return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run it on CPU)"
 
 
 def choose_backend(device: torch.device, backend: str | None = None) -> str:
-    backend = backend or os.environ.get("MULTIMOE_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    backend = backend or settings().backend or ("triton" if device.type == "cuda" else "torch")
     if backend not in BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r}; choose one of {BACKENDS}")
     if backend == "triton":

@@ -23,8 +23,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def small_zoo(tmp_path_factory):
     """{"mixtral": {name: Path}, "switch": {name: Path}} of the --small zoo (base first)."""
-    from multimoe_rt import zoo
+    from multimoe_rt.lab import zoo
 
     cache = os.environ.get("MULTIMOE_CACHE") or tmp_path_factory.mktemp("zoo_cache")
     return {"mixtral": zoo.build("mixtral-tiny", small=True, cache_dir=cache, progress=False),
             "switch": zoo.build("switch-tiny", small=True, cache_dir=cache, progress=False)}
+
+
+@pytest.fixture
+def reload_settings(monkeypatch):
+    """multimoe_rt.config reads the environment once: a test that changes it calls this to re-read, and
+    the cached settings are dropped afterwards (re-read lazily, after monkeypatch restores the env)."""
+    from multimoe_rt import config
+
+    config.settings()
+    yield config.reload
+    config.settings.cache_clear()

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from multimoe_rt import data
-from multimoe_rt.evaluate import (DATASETS, evaluate_perplexity, hf_logits_fn, perplexity, rouge1,
+from multimoe_rt.lab import data
+from multimoe_rt.lab.evaluate import (DATASETS, evaluate_perplexity, hf_logits_fn, perplexity, rouge1,
                                   rouge_tokens, seq2seq_loss, window_plan)
 
 FP32 = 1e-5

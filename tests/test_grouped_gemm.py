@@ -109,13 +109,14 @@ def test_int32_slot_ids_and_empty_batch():
     assert empty.shape == (0, 32)
 
 
-def test_config_override_by_dict_and_env(tmp_path, monkeypatch):
+def test_config_override_by_dict_and_env(tmp_path, monkeypatch, reload_settings):
     cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
     assert select_config(4, cfg)["BLOCK_M"] == 32
     run_and_check(13, 2, S=3, H=40, I=24, gated=True, dtype=torch.float32, seed=9, config=cfg)
     path = tmp_path / "tiles.json"
     path.write_text(json.dumps({"decode_max_pairs": 1, "prefill": {"BLOCK_N": 32}}))
     monkeypatch.setenv("MULTIMOE_TRITON_CONFIG", str(path))
+    reload_settings()
     chosen = select_config(4)
     assert chosen["class"] == "prefill" and chosen["BLOCK_N"] == 32
     with pytest.raises(ValueError, match="power of two"):

@@ -48,3 +48,12 @@ def test_multimoe_experts_implementation_matches_eager(tmp_path):
     ids = torch.randint(2, 64, (3, 11))
     with torch.no_grad():
         assert rel_err(ours(ids).logits, eager(ids).logits) <= 1e-5
+
+
+def test_register_is_explicit_and_idempotent():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from multimoe_rt.integrations import hf
+
+    assert hf.register() and hf.register()  # a second call is a no-op
+    assert "multimoe" in ALL_EXPERTS_FUNCTIONS

@@ -6,8 +6,8 @@ merges compared against a float64 recomputation use fp32 rel err <= 1e-5 (bf16 <
 import pytest
 import torch
 
-from multimoe_rt import merge
-from multimoe_rt.merge import (LazyStateDict, average, merge_variants, task_arithmetic, ties,
+from multimoe_rt.lab import merge
+from multimoe_rt.lab.merge import (LazyStateDict, average, merge_variants, task_arithmetic, ties,
                                ties_tensors, trim_topk)
 
 
@@ -305,7 +305,7 @@ def test_checkpoints_merge_save_and_reload(tmp_path, family):
     """Real checkpoint directories -> VariantSet -> merge -> save_merged -> from_pretrained and load_variant."""
     ckpt = pytest.importorskip("multimoe_rt.checkpoint")
     from transformers import MixtralForCausalLM, SwitchTransformersForConditionalGeneration
-    from multimoe_rt.merge import save_merged
+    from multimoe_rt.lab.merge import save_merged
     cls = MixtralForCausalLM if family == "mixtral" else SwitchTransformersForConditionalGeneration
     dirs = []
     for s in range(3):

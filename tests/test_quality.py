@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from multimoe_rt.cli import build_parser
-from multimoe_rt.evaluate import seq2seq_loss
+from multimoe_rt.lab.evaluate import seq2seq_loss
 from tiny_models import MIXTRAL, save_variants
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from concurrent.futures import CancelledError
 import pytest
 import torch
 
-from multimoe_rt.baselines import PartitionedSystem, ResidentSystem, SwapSystem
+from multimoe_rt.lab.baselines import PartitionedSystem, ResidentSystem, SwapSystem
 from multimoe_rt.checkpoint import VariantSet
 from multimoe_rt.model import MultiVariantModel
 from multimoe_rt.serve import Engine, EngineClosed, OursSystem, Request, RequestError, summarize

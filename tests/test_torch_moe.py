@@ -93,10 +93,14 @@ def test_ops_fused_moe_dispatch_and_compile():
     assert rel_err(compiled(x), ref) <= 1e-5
 
 
-def test_backend_env_override(monkeypatch):
+def test_backend_env_override(monkeypatch, reload_settings):
+    before = ops.choose_backend(torch.device("cpu"))
     monkeypatch.setenv("MULTIMOE_BACKEND", "reference")
+    assert ops.choose_backend(torch.device("cpu")) == before  # read once: a later change is not seen
+    reload_settings()
     assert ops.choose_backend(torch.device("cpu")) == "reference"
     monkeypatch.setenv("MULTIMOE_BACKEND", "nope")
+    reload_settings()
     with pytest.raises(ValueError, match="unknown MoE backend"):
         ops.choose_backend(torch.device("cpu"))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from multimoe_rt import data, zoo
+from multimoe_rt.lab import data, zoo
 from multimoe_rt.checkpoint import load_variant
 from multimoe_rt.cli import main as cli_main
 from multimoe_rt.tokenizer import TOKENIZER_FILE, ByteTokenizer

@@ -101,7 +101,7 @@ def tokenize_dataset(name: str, split: str = "test", tokenizer=None, root=None) 
     over a whole split changes nothing measurable).
     """
     if tokenizer is None:
-        from .tokenizer import ByteTokenizer
+        from ..tokenizer import ByteTokenizer
         tokenizer = ByteTokenizer()
     return torch.tensor(tokenizer.encode(eval_text(name, split, root)), dtype=torch.long)
 

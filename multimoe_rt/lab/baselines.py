@@ -22,10 +22,10 @@ import contextlib
 import torch
 from torch import nn
 
-from .checkpoint import VariantSet
-from .hf import ActiveVariant, SlabExperts, moe_layer_prefixes
-from .model import MODEL_CLASSES
-from .slab import ExpertSlab, HostTier, SlotTable
+from ..checkpoint import VariantSet
+from ..experts import ActiveVariant, SlabExperts, moe_layer_prefixes
+from ..model import MODEL_CLASSES, hf_generate
+from ..slab import ExpertSlab, HostTier, SlotTable
 
 
 def _module_bytes(model: nn.Module) -> int:
@@ -41,22 +41,6 @@ def _module_bytes(model: nn.Module) -> int:
 def _load(path, family: str, device, dtype) -> nn.Module:
     model = MODEL_CLASSES[family][1].from_pretrained(path, dtype=dtype)
     return model.to(device).eval()
-
-
-@torch.inference_mode()
-def hf_generate(model, family: str, input_ids, max_new_tokens=25, eos_token_id=None, do_sample=False,
-                temperature=1.0, top_p=1.0, streamer=None, **kwargs):
-    """transformers' generate with the same settings MultiVariantModel.generate uses; new token ids."""
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    pad = model.config.pad_token_id
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
-               pad_token_id=pad if pad is not None else (eos_token_id if eos_token_id is not None else 0),
-               streamer=streamer, **kwargs)
-    if do_sample:
-        gen.update(temperature=temperature, top_p=top_p)
-    out = model.generate(input_ids=input_ids, **gen)
-    return out[:, 1:] if family == "switch" else out[:, input_ids.shape[1]:]
 
 
 class _Base:
@@ -209,7 +193,7 @@ class PartitionedSystem(_Base):
 def build_system(kind: str, variant_set: VariantSet, device="cpu", dtype=torch.float32, budget_bytes=None,
                  mv=None, **kw):
     """``kind`` in ours / resident / swap / partitioned. ``ours`` needs ``mv`` (a MultiVariantModel)."""
-    from .serve import OursSystem
+    from ..serve import OursSystem
 
     if kind == "ours":
         if mv is None:

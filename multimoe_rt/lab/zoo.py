@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from . import data as data_mod
-from .tokenizer import ByteTokenizer
+from ..tokenizer import ByteTokenizer
 
 # Bump when the training code changes in a way that changes the weights: it is part of the cache hash.
 ZOO_CODE_VERSION = "1"
@@ -133,7 +133,7 @@ def _used_files(params) -> list[str]:
 
 def _package_version() -> str:
     # the package's own attribute, not installed metadata: a checkout and an install must hash alike
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -365,7 +365,7 @@ def expert_distances(base_dir: Path, variant_dir: Path) -> dict:
     """Relative L2 distance ||v - b|| / ||b|| per (layer, expert) over (w1, w2), summarised."""
     import torch
 
-    from .checkpoint import load_variant
+    from ..checkpoint import load_variant
 
     b, v = load_variant(base_dir), load_variant(variant_dir)
     per_layer = []

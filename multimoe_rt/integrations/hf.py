@@ -1,0 +1,66 @@
+"""Drop-in integration with transformers: slab-backed experts modules and the ``multimoe`` experts
+implementation.
+
+Two routes:
+
+* ``patch(model, slab, table, variant)`` replaces every experts module of a loaded Mixtral or
+  SwitchTransformers model with a ``SlabExperts`` that reads the slab through the table (the
+  original expert weights are freed); the rest of the model and ``generate()`` are untouched.
+* ``register()`` adds ``"multimoe"`` to transformers' ``ExpertsInterface``, so
+  ``from_pretrained(..., experts_implementation="multimoe")`` runs our fused MoE op on the
+  model's own stacked expert weights (the table is the identity there).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import ops
+from ..experts import ActiveVariant, SlabExperts, moe_layer_prefixes
+
+
+def patch(model: nn.Module, slab, table, variant=0, backend=None, active: ActiveVariant | None = None) -> ActiveVariant:
+    """Replace the experts of ``model`` with slab-backed modules reading ``table[variant]``.
+
+    Returns the ActiveVariant holder: set ``.value`` to serve another table row.
+    """
+    layers = moe_layer_prefixes(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Mixtral or SwitchTransformers MoE blocks to patch")
+    if len(layers) != table.shape[1]:
+        raise ValueError(f"the model has {len(layers)} MoE layers but the slot table has {table.shape[1]}")
+    table.validate(slab)
+    active = active or ActiveVariant(variant)
+    for layer, name in enumerate(layers):
+        block = model.get_submodule(name)
+        num_experts = table.shape[2]
+        block.experts = SlabExperts(slab, table, layer, active, num_experts, backend)
+    return active
+
+
+def multimoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """``ExpertsInterface`` entry: our fused op on the module's own ``gate_up_proj``/``down_proj``."""
+    if self.has_bias or self.is_transposed or not self.is_concatenated:
+        raise NotImplementedError(f"experts_implementation='multimoe' supports concatenated [gate; up] experts "
+                                  f"without bias or transposition; {type(self).__name__} differs")
+    return ops.fused_moe(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
+                         self.gate_up_proj, self.down_proj, gated=self.has_gate, check_slots=False)
+
+
+_registered = False
+
+
+def register() -> bool:
+    """Register ``multimoe`` in transformers' ExpertsInterface (idempotent); False where this
+    transformers has none. Called explicitly (``multimoe_rt.register_experts_implementation``)
+    and by ``MultiVariantModel.from_pretrained``; importing this module registers nothing."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return False
+    ALL_EXPERTS_FUNCTIONS.register("multimoe", multimoe_experts_forward)
+    _registered = True
+    return True
