@@ -8,6 +8,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from multimoe_rt._triton_compat import apply_interpreter_shim
+
+    apply_interpreter_shim()  # triton < 3.8 with numpy >= 2.4 (the GPU image's triton 3.6)
 
 
 def pytest_collection_modifyitems(config, items):
