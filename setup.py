@@ -9,17 +9,42 @@ install still succeeds with a warning and the package falls back to PyTorch/Trit
 (multimoe_rt._ext.reason says why). Set MULTIMOE_NO_EXT=1 to skip the extension altogether.
 """
 import glob
+import importlib.util
+import json
 import os
 import sys
+import tempfile
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# What the last extension build did and, if it failed, the compiler's own output: multimoe_rt._ext reads it,
+# so runtime_info() says why _C is missing even when pip ran with -q.
+BUILD_LOG = os.path.join(ROOT, "build", "multimoe_rt_ext_build.json")
+
+
+def _write_build_log(**info):
+    try:
+        os.makedirs(os.path.dirname(BUILD_LOG), exist_ok=True)
+        with open(BUILD_LOG, "w") as f:
+            json.dump(info, f, indent=1)
+    except OSError:
+        pass
+
+
+def _cuda_home():
+    """CUDA_HOME from the real nvcc (multimoe_rt/_cuda_home.py, loaded by path): torch's own guess from a
+    wrapper script on PATH is wrong. Must run before torch.utils.cpp_extension is imported."""
+    spec = importlib.util.spec_from_file_location("_multimoe_cuda_home", os.path.join(ROOT, "multimoe_rt", "_cuda_home.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.ensure_cuda_home()
 
 
 def _extensions():
     if os.environ.get("MULTIMOE_NO_EXT") == "1":
         return [], {}
+    cuda_home, cuda_home_how = _cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -41,11 +66,37 @@ def _extensions():
                 self._warn(e)
 
         def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as e:  # noqa: BLE001
-                self.failed.add(ext.name)
-                self._warn(e)
+            # The compiler writes to fds 1/2 (torch runs ninja verbosely), not into the exception: capture
+            # them to a file, replay them, and keep their tail in BUILD_LOG.
+            with tempfile.TemporaryFile() as cap:
+                sys.stdout.flush(); sys.stderr.flush()
+                saved = os.dup(1), os.dup(2)
+                os.dup2(cap.fileno(), 1); os.dup2(cap.fileno(), 2)
+                error = None
+                try:
+                    super().build_extension(ext)
+                except Exception as e:  # noqa: BLE001
+                    error = e
+                finally:
+                    sys.stdout.flush(); sys.stderr.flush()
+                    os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+                    os.close(saved[0]); os.close(saved[1])
+                cap.seek(0)
+                log = cap.read().decode(errors="replace")
+            sys.stdout.write(log)
+            sys.stdout.flush()
+            info = dict(ext=ext.name, with_cuda=with_cuda, cuda_home=cuda_home, cuda_home_how=cuda_home_how,
+                        torch=torch.__version__, torch_cuda=torch.version.cuda,
+                        arch=os.environ.get("TORCH_CUDA_ARCH_LIST"))
+            if error is None:
+                _write_build_log(status="ok", **info)
+                return
+            lines = [l for l in log.splitlines() if l.strip()]
+            errs = [l for l in lines if "error" in l.lower() or "fatal" in l.lower()]
+            _write_build_log(status="failed", error=f"{type(error).__name__}: {error}"[:2000],
+                             compiler_errors=errs[:20], log_tail=lines[-60:], **info)
+            self.failed.add(ext.name)
+            self._warn(error)
 
         def _drop_failed(self):
             self.extensions = [e for e in self.extensions if e.name not in self.failed]
@@ -73,6 +124,10 @@ def _extensions():
     cxx = ["-O3"]
     sources = ["csrc/align_cpu.cpp", "csrc/bindings.cpp"]
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and os.environ.get("MULTIMOE_NO_CUDA") != "1"
+    if torch.version.cuda and not with_cuda:
+        print(f"multimoe_rt setup: WARNING: torch has CUDA {torch.version.cuda} but the CUDA ops are not built: "
+              + ("MULTIMOE_NO_CUDA=1" if os.environ.get("MULTIMOE_NO_CUDA") == "1" else cuda_home_how),
+              file=sys.stderr)
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # -> -gencode=arch=compute_90,code=sm_90
@@ -90,7 +145,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["multimoe_rt", "multimoe_rt.kernels", "multimoe_rt.integrations", "multimoe_rt.lab"],
+    packages=["multimoe_rt", "multimoe_rt.kernels", "multimoe_rt.integrations", "multimoe_rt.lab",
+              "multimoe_rt.plan"],
     package_dir={"multimoe_rt": "multimoe_rt", "multimoe_rt.kernels": "kernels"},
     package_data={"multimoe_rt.kernels": ["configs/*.json"]},
     include_package_data=True,

@@ -19,6 +19,7 @@ Non-expert tensors are always named as transformers 5 names them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -54,21 +55,47 @@ class _Entry:
     shape: tuple
 
 
+def raw_safetensors_header(f, path: Path, size: int) -> bytes:
+    """The JSON header bytes of an open safetensors file (positioned at 0), its length checked against ``size``."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file: {size} bytes, no 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+        raise CheckpointError(
+            f"{path}: corrupt or truncated safetensors header: header length field says {n} bytes, "
+            f"file has {size} bytes")
+    return f.read(n)
+
+
+def safetensors_data_bytes(path: Path) -> int:
+    """Bytes of the tensor data in one safetensors file: the file minus its header."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        return size - 8 - len(raw_safetensors_header(f, path, size))
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """blake2b of the tensors' raw bytes, each with its dtype and shape (equal bytes of another layout differ).
+
+    The one tensor hash of the package: expert hashes in plans, identical non-expert tensors in the store."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        # a uint8 view works for bfloat16 too, which numpy cannot represent directly
+        h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def read_safetensors_header(path: Path) -> dict[str, _Entry]:
     """Parse and check one safetensors header: JSON, dtypes, byte lengths, and that the data fits in the file."""
     path = Path(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file: {size} bytes, no 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors header: header length field says {n} bytes, "
-                    f"file has {size} bytes")
-            raw = f.read(n)
+            raw = raw_safetensors_header(f, path, size)
+            n = len(raw)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
     try:

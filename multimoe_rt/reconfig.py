@@ -14,7 +14,6 @@ variants that froze their attention share it for free. A failed copy leaves the 
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import defaultdict
@@ -23,14 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from .checkpoint import tensor_digest
+
 
 class SwitchError(RuntimeError):
     """A variant switch failed; the previously active variant is still active."""
-
-
-def tensor_digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy(),
-                           digest_size=16).digest()
 
 
 def tied_aliases(model: nn.Module) -> dict[str, list[str]]:

@@ -20,6 +20,11 @@ def _activate(h: torch.Tensor, gated: bool) -> torch.Tensor:
     return F.relu(h)
 
 
+def expert_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gated: bool) -> torch.Tensor:
+    """One expert on rows of ``x`` (the contract's function for one slot, routing weight 1)."""
+    return _activate(x @ w1.T, gated) @ w2.T
+
+
 def padded_size(num_pairs: int, num_slots: int, block_m: int) -> int:
     """Length of align's outputs: the worst-case padded length, a multiple of ``block_m``."""
     worst = num_pairs + min(num_pairs, num_slots) * (block_m - 1)

@@ -363,18 +363,15 @@ def _build_threads(n: int):
 
 def expert_distances(base_dir: Path, variant_dir: Path) -> dict:
     """Relative L2 distance ||v - b|| / ||b|| per (layer, expert) over (w1, w2), summarised."""
-    import torch
-
     from ..checkpoint import load_variant
+    from ..plan import relative_l2
 
     b, v = load_variant(base_dir), load_variant(variant_dir)
     per_layer = []
     for layer in range(len(b.moe_layers)):
         row = []
         for e in range(b.num_experts):
-            bw = torch.cat([t.double().flatten() for t in b.expert(layer, e)])
-            vw = torch.cat([t.double().flatten() for t in v.expert(layer, e)])
-            row.append((vw - bw).norm().item() / bw.norm().item())
+            row.append(relative_l2([t.double() for t in v.expert(layer, e)], [t.double() for t in b.expert(layer, e)]))
         per_layer.append(row)
     flat = sorted(d for row in per_layer for d in row)
     return {

@@ -1,0 +1,62 @@
+"""What every part of the plan package shares: PlanError, byte sizes, slab dtypes, a progress bar."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PlanError(ValueError):
+    """A plan cannot be made, loaded or applied; the message says what was expected."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+               "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
+               "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """'40GiB' / '512MiB' / '1.5GB' / '123456' -> bytes (int)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot parse size {text!r}: expected a number with an optional unit "
+                         f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '40GiB'")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def format_size(n: int | float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def to_dtype(name_or_dtype) -> torch.dtype:
+    if isinstance(name_or_dtype, torch.dtype):
+        return name_or_dtype
+    name = str(name_or_dtype).replace("torch.", "")
+    if name not in DTYPE_NAMES:
+        raise PlanError(f"unsupported slab dtype {name_or_dtype!r}; expected one of {list(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, desc=desc)
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+    return _Null()

@@ -1,0 +1,71 @@
+"""Slab loading: fill an ExpertSlab and SlotTable from the checkpoints as a plan says, re-hashing every
+expert read against the plan."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import PlanError, progress_bar, to_dtype
+from .fingerprint import expert_hash
+from .format import Plan
+
+
+def _read_expert(plan: Plan, variant_set, v: int, l: int, e: int):
+    w1, w2 = variant_set[v].expert(l, e)
+    if expert_hash(w1, w2) != plan.hashes[v][l][e]:
+        raise PlanError(f"stale plan: variant {plan.variant_names[v]!r} layer {l} expert {e} "
+                        f"differs from when the plan was made; re-run `multimoe-rt plan`")
+    return w1, w2
+
+
+def source_expert(plan: Plan, variant_set, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights a slot holds, read from the checkpoints (mean in float32, one member at a time)."""
+    src = plan.slot_sources[slot]
+    l, e, members = src["layer"], src["expert"], src["variants"]
+    if src["kind"] == "variant":
+        return _read_expert(plan, variant_set, members[0], l, e)
+    acc1 = acc2 = None
+    for v in members:
+        w1, w2 = _read_expert(plan, variant_set, v, l, e)
+        if acc1 is None:
+            acc1, acc2 = w1.to(torch.float32).clone(), w2.to(torch.float32).clone()
+        else:
+            acc1 += w1.to(torch.float32)
+            acc2 += w2.to(torch.float32)
+    return acc1 / len(members), acc2 / len(members)
+
+
+def load_slab(plan: Plan, variant_set, device="cpu", dtype=None, progress: bool = False):
+    """Fill an ExpertSlab and SlotTable from the checkpoints as the plan says.
+
+    Validates the plan against the checkpoints first (fingerprints) and every expert read
+    against its recorded hash. Reads each source expert once; host memory holds one expert
+    (two float32 accumulators for a mean slot). ``dtype`` overrides the plan's slab dtype
+    (the plan's byte accounting then no longer applies). Host-tier slots (``offload``) go to a
+    ``HostTier`` attached to the slab, paged into its ``cache_slots`` on use.
+    """
+    from ..slab import ExpertSlab, HostTier, SlotTable
+
+    plan.validate(variant_set)
+    slab_dtype = to_dtype(dtype if dtype is not None else plan.dtype)
+    n_dev = plan.num_device_slots
+    slab = ExpertSlab(n_dev + plan.cache_slots, plan.hidden_size, plan.intermediate_size, plan.gated,
+                      dtype=slab_dtype, device=device)
+    bar = progress_bar(len(plan.slot_location), "loading experts", progress)
+    for s in range(n_dev):
+        w1, w2 = source_expert(plan, variant_set, s)
+        slab.write(s, w1.to(slab_dtype), w2.to(slab_dtype))
+        bar.update(1)
+    if plan.num_host_slots:
+        host = [source_expert(plan, variant_set, s) for s in range(n_dev, len(plan.slot_location))]
+        bar.update(len(host))
+        slab.attach_host_tier(HostTier(slab, [w1.to(slab_dtype) for w1, _ in host],
+                                       [w2.to(slab_dtype) for _, w2 in host], first_host_id=n_dev,
+                                       cache_slots=range(n_dev, n_dev + plan.cache_slots)))
+    bar.close()
+    if slab.device.type == "cuda":
+        torch.cuda.synchronize(slab.device)  # slab.write copies non_blocking from pinned memory
+    table = SlotTable(plan.num_variants, plan.num_layers, plan.num_experts, device=device)
+    table.slots.copy_(torch.tensor(plan.slots, dtype=torch.int32))
+    table.validate(slab)
+    return slab, table

@@ -1,0 +1,196 @@
+"""The sharing policy (the paper's Algorithm 1): one shared copy per (layer, expert), then own copies for
+the most different experts, by share, threshold or byte budget; optional host-tier offload."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from .common import PlanError, format_size, parse_size, to_dtype
+from .distance import Distances, compute_distances
+from .fingerprint import checkpoint_fingerprint, checkpoint_tensor_bytes
+from .format import Plan
+
+METRICS = ("l2", "cosine", "output", "random")
+SCOPES = ("global", "per_layer")
+REPRESENTATIVES = ("anchor", "mean")
+
+
+def non_expert_nbytes(variant, dtype=None) -> int:
+    """Bytes of one variant's non-expert tensors (numel from the file headers) in ``dtype``
+    (default: the variant's expert dtype): the size of one resident non-expert set."""
+    itemsize = torch.empty((), dtype=dtype or variant.dtype).element_size()
+    return sum(math.prod(variant.tensor_shape(n)) for n in variant.non_expert_names()) * itemsize
+
+
+def _ranked_units(dist: Distances, values, scope: str):
+    """Candidates for an own copy, most different first.
+
+    A unit is the set of non-anchor variants whose expert (layer, e) is byte-identical to each
+    other but not to the anchor: they can share one own copy, so they are chosen together.
+    """
+    V, L, E = len(dist.hashes), len(dist.hashes[0]), len(dist.hashes[0][0])
+    per_layer: list[list] = [[] for _ in range(L)]
+    for l in range(L):
+        for e in range(E):
+            groups: dict[str, list[int]] = {}
+            for v in range(V):
+                if v == dist.anchor or dist.duplicate[v][l][e]:
+                    continue
+                groups.setdefault(dist.hashes[v][l][e], []).append(v)
+            for members in groups.values():
+                d = max(values[v][l][e] for v in members)
+                per_layer[l].append((d, l, e, tuple(members)))
+    key = lambda u: (-u[0], u[1], u[2], u[3])  # deterministic on ties
+    if scope == "global":
+        return sorted((u for units in per_layer for u in units), key=key)
+    # per_layer: round-robin over layers, so every prefix spreads own copies evenly
+    ranked = [sorted(units, key=key) for units in per_layer]
+    order = []
+    for i in range(max((len(r) for r in ranked), default=0)):
+        order.extend(sorted((r[i] for r in ranked if i < len(r)), key=key))
+    return order
+
+
+def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: float | None = None,
+              threshold: float | None = None, metric: str = "l2", scope: str = "global",
+              representative: str = "anchor", anchor: int = 0, non_expert_bytes: int | str = 0,
+              offload: bool = False, seed: int = 0, dtype=None,
+              calib: dict[int, torch.Tensor] | None = None, distances: Distances | None = None,
+              progress: bool = False) -> Plan:
+    """Algorithm 1: one shared copy per (layer, expert), then own copies, most different first.
+
+    Policy (how many own copies): ``share`` (target fraction of non-duplicate non-anchor entries
+    served by the shared copy; a lower bound when byte-identical non-anchor experts travel
+    together), ``threshold`` (own copy when distance > threshold), or else ``budget_bytes``
+    (as many as fit). ``budget_bytes`` is also the device capacity under the first two.
+    The budget covers ``slots x slot bytes + non_expert_bytes``, slot bytes from the expert
+    tensors' shapes in the slab ``dtype`` (default: checkpoint dtype).
+    Too little room for one copy per (layer, expert) raises PlanError, unless ``offload``: then
+    slots past the capacity are placed in a host tier (shared copies first on device).
+    """
+    if metric not in METRICS:
+        raise PlanError(f"metric must be one of {METRICS}, got {metric!r}")
+    if scope not in SCOPES:
+        raise PlanError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if representative not in REPRESENTATIVES:
+        raise PlanError(f"representative must be one of {REPRESENTATIVES}, got {representative!r}")
+    if share is not None and threshold is not None:
+        raise PlanError("give at most one of share / threshold (budget_bytes may accompany either)")
+    if share is None and threshold is None and budget_bytes is None:
+        raise PlanError("give a policy: budget_bytes, share or threshold")
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise PlanError(f"share must be in [0, 1], got {share}")
+    budget = None if budget_bytes is None else parse_size(budget_bytes)
+    non_expert = parse_size(non_expert_bytes)
+
+    V, L, E = len(variant_set), variant_set.num_layers, variant_set.num_experts
+    if distances is None:
+        distances = compute_distances(variant_set, anchor=anchor, output=metric == "output",
+                                      calib=calib, seed=seed, progress=progress)
+    dist = distances
+    if dist.anchor != anchor:
+        raise PlanError(f"distances were computed against anchor {dist.anchor}, plan asks for {anchor}")
+    if metric == "random":
+        rng = random.Random(seed)
+        values = [[[0.0 if dist.duplicate[v][l][e] else rng.random() for e in range(E)]
+                   for l in range(L)] for v in range(V)]
+    else:
+        values = getattr(dist, metric)
+        if values is None:
+            raise PlanError(f"distances have no {metric!r} values; compute them with output=True")
+
+    slab_dtype = to_dtype(dtype if dtype is not None else dist.checkpoint_dtype)
+    itemsize = torch.empty((), dtype=slab_dtype).element_size()
+    slot_nbytes = (math.prod(dist.w1_shape) + math.prod(dist.w2_shape)) * itemsize
+    base_slots = L * E
+    capacity = None if budget is None else (budget - non_expert) // slot_nbytes
+    if capacity is not None and capacity < base_slots and not offload:
+        need = base_slots * slot_nbytes + non_expert
+        fit = max(0, budget - non_expert)
+        raise PlanError(
+            f"budget {budget} B ({format_size(budget)}) cannot hold one copy of each of the "
+            f"{L}x{E} experts ({base_slots} x {slot_nbytes} B in {slab_dtype}) plus the non-expert "
+            f"working set {non_expert} B: needs {need} B ({format_size(need)}). What fits: "
+            f"{max(0, capacity)} expert slots ({fit} B after the working set); use a smaller dtype "
+            f"(half the bytes per slot from float32), fewer layers/variants resident, or offload=True")
+
+    units = _ranked_units(dist, values, scope)
+    n_entries = sum(len(u[3]) for u in units)
+    chosen = []
+    if share is not None:
+        target_own = n_entries - round(share * n_entries)
+        own = 0
+        for u in units:
+            if own + len(u[3]) <= target_own:
+                chosen.append(u)
+                own += len(u[3])
+    elif threshold is not None:
+        chosen = [u for u in units if u[0] > threshold]
+    else:
+        # budget only: a prefix of the fixed ranking, so a bigger budget never shares more
+        chosen = units[:max(0, capacity - base_slots)]
+    total_slots = base_slots + len(chosen)
+    if capacity is not None and total_slots > capacity and not offload:
+        need = total_slots * slot_nbytes + non_expert
+        raise PlanError(f"the {'share' if share is not None else 'threshold'} policy asks for "
+                        f"{total_slots} slots = {need} B ({format_size(need)}) with the working set, "
+                        f"over the budget {budget} B; {capacity} slots fit. Raise the budget, lower "
+                        f"the own copies, or pass offload=True")
+
+    # --- assignment: shared slots first (they serve the most entries), then own copies by rank
+    status = [[["anchor" if v == anchor else ("duplicate" if dist.duplicate[v][l][e] else "shared")
+                for e in range(E)] for l in range(L)] for v in range(V)]
+    for _, l, e, members in chosen:
+        for v in members:
+            status[v][l][e] = "own"
+    slots = [[[-1] * E for _ in range(L)] for _ in range(V)]
+    sources = []
+    for l in range(L):
+        for e in range(E):
+            group = [v for v in range(V) if status[v][l][e] != "own"]
+            distinct = {dist.hashes[v][l][e] for v in group}
+            if representative == "mean" and len(distinct) > 1:
+                sources.append({"layer": l, "expert": e, "kind": "mean", "variants": group})
+            else:
+                sources.append({"layer": l, "expert": e, "kind": "variant", "variants": [anchor]})
+            for v in group:
+                slots[v][l][e] = len(sources) - 1
+    for _, l, e, members in chosen:
+        sources.append({"layer": l, "expert": e, "kind": "variant", "variants": [members[0]]})
+        for v in members:
+            slots[v][l][e] = len(sources) - 1
+    n_dev, cache_slots = len(sources), 0
+    if capacity is not None and len(sources) > capacity:
+        # Offload: host experts are paged into a cache of one layer's worth of slots (a prefill may route
+        # to every expert of a layer), reserved from the device capacity.
+        cache_slots = E
+        if capacity < cache_slots:
+            raise PlanError(f"budget {budget} B ({format_size(budget)}) leaves room for {max(0, capacity)} "
+                            f"expert slots; offloading needs at least {cache_slots} (one layer's experts) "
+                            f"as the device cache for host experts: needs "
+                            f"{cache_slots * slot_nbytes + non_expert} B")
+        n_dev = capacity - cache_slots
+    location = ["device"] * n_dev + ["host"] * (len(sources) - n_dev)
+
+    own_dist = [[[0.0 if status[v][l][e] in ("anchor", "duplicate") else float(values[v][l][e])
+                  for e in range(E)] for l in range(L)] for v in range(V)]
+    plan = Plan(
+        variant_names=list(variant_set.names),
+        fingerprints=[checkpoint_fingerprint(var.path) for var in variant_set],
+        family=variant_set.family, num_layers=L, num_experts=E,
+        hidden_size=variant_set.hidden_size, intermediate_size=variant_set.intermediate_size,
+        gated=bool(variant_set.gated), anchor=anchor, dtype=str(slab_dtype).replace("torch.", ""),
+        slot_nbytes=slot_nbytes, slots=slots, slot_sources=sources, slot_location=location,
+        status=status, distance=own_dist, hashes=dist.hashes, metric=metric, scope=scope,
+        representative=representative,
+        policy={"budget_bytes": budget, "share": share, "threshold": threshold, "seed": seed,
+                "offload": offload, "non_expert_bytes": non_expert,
+                "cache_slots": cache_slots},
+        calibration=dist.calibration if metric == "output" else None,
+        checkpoint_bytes=[checkpoint_tensor_bytes(var.path) for var in variant_set],
+    )
+    plan.check_consistent()
+    return plan
