@@ -1,0 +1,185 @@
+"""One batched Mixtral forward whose sequences may belong to different variants.
+
+The variant is an explicit input: every sequence of a ``Batch`` names its variant (the row of the
+slot table its experts come from) and the device set holding that variant's non-expert weights
+(``VariantWeights``). Tokens are laid out flat and sorted by set, so each set's tokens form one
+segment and every non-expert linear is one matmul per segment, the way Punica's SGMV runs many
+adapters in one batch. The experts run once per layer for the whole batch: slot ids come from
+``table[variant of token, layer, expert]`` and one ``fused_moe`` call reads the shared slab.
+
+Attention runs over a padded per-sequence view of the queries (``[B, Q]``, Q = the most new tokens
+any sequence brings this step: 1 in a pure decode step), reading keys from the ``KVCache`` slots.
+So one step mixes prefill chunks and decodes. ``make_batch`` builds every index on the host; the
+forward itself never syncs with the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+from . import ops
+
+
+@dataclass
+class BatchEntry:
+    """One sequence's part of a step: ``tokens`` continue its cache at ``start``."""
+    set: int          # device set of the variant's non-expert weights
+    variant: int      # row of the slot table
+    slot: int         # KV-cache slot
+    tokens: list      # token ids fed this step (a prompt chunk, or the last sampled token)
+    start: int        # position of tokens[0]
+    logits: bool = True  # return the logits after the last token
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor      # [T] token ids, sorted by set
+    positions: torch.Tensor   # [T]
+    sets: torch.Tensor        # [T] weight set per token
+    variants: torch.Tensor    # [T] slot-table row per token
+    token_slots: torch.Tensor  # [T] KV slot per token
+    seq_slots: torch.Tensor   # [B] KV slot per sequence
+    q_index: torch.Tensor     # [B, Q] token index of each padded query (T = padding)
+    token_row: torch.Tensor   # [T] row of each token in the flattened [B * Q] queries
+    mask: torch.Tensor        # [B, Q, ctx] bool: which cached keys each query sees
+    logit_rows: torch.Tensor  # [N] tokens whose logits are returned, in entry order
+    segments: list            # [(set, start, end)] over tokens
+    logit_segments: list      # [(set, start, end)] over logit_rows
+
+
+def _segments(sets: list[int]) -> list[tuple[int, int, int]]:
+    out = []
+    for i, s in enumerate(sets):
+        if out and out[-1][0] == s:
+            out[-1] = (s, out[-1][1], i + 1)
+        else:
+            out.append((s, i, i + 1))
+    return out
+
+
+def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = None) -> Batch:
+    """Host-side indices of one step. ``entries`` must be sorted by ``set``."""
+    if not entries:
+        raise ValueError("make_batch: a batch needs at least one sequence")
+    if any(a.set > b.set for a, b in zip(entries, entries[1:])):
+        raise ValueError("make_batch: entries must be sorted by weight set")
+    if any(not e.tokens for e in entries):
+        raise ValueError("make_batch: every entry needs at least one token")
+    B, Q = len(entries), max(len(e.tokens) for e in entries)
+    tokens, positions, sets, variants, token_slots, token_row, logit_rows = [], [], [], [], [], [], []
+    q_index = torch.full((B, Q), sum(len(e.tokens) for e in entries), dtype=torch.long)
+    q_pos = torch.full((B, Q), -1, dtype=torch.long)
+    for b, e in enumerate(entries):
+        n = len(e.tokens)
+        q_index[b, :n] = torch.arange(len(tokens), len(tokens) + n)
+        q_pos[b, :n] = torch.arange(e.start, e.start + n)
+        token_row += range(b * Q, b * Q + n)
+        tokens += e.tokens
+        positions += range(e.start, e.start + n)
+        sets += [e.set] * n
+        variants += [e.variant] * n
+        token_slots += [e.slot] * n
+        if e.logits:
+            logit_rows.append(len(tokens) - 1)
+    ctx = int(q_pos.max()) + 1
+    key = torch.arange(ctx)
+    mask = key[None, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        mask &= (q_pos[:, :, None] - key[None, None, :]) < sliding_window
+    mask[:, :, 0] |= q_pos < 0  # a padded query sees one key, so its softmax stays finite; its row is dropped
+
+    def dev(x):
+        return torch.as_tensor(x, dtype=torch.long).to(device, non_blocking=True)
+
+    return Batch(tokens=dev(tokens), positions=dev(positions), sets=dev(sets), variants=dev(variants),
+                 token_slots=dev(token_slots), seq_slots=dev([e.slot for e in entries]), q_index=dev(q_index),
+                 token_row=dev(token_row), mask=mask.to(device, non_blocking=True), logit_rows=dev(logit_rows),
+                 segments=_segments(sets), logit_segments=_segments([sets[r] for r in logit_rows]))
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, segments) -> torch.Tensor:
+    """``x[a:b] @ w[s].T`` for every segment ``(s, a, b)``; ``w`` is ``[sets, out, in]``."""
+    if len(segments) == 1:
+        return x @ w[segments[0][0]].t()
+    y = x.new_empty(x.shape[0], w.shape[1])
+    for s, a, b in segments:
+        torch.mm(x[a:b], w[s].t(), out=y[a:b])
+    return y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' MixtralRMSNorm: normalise in fp32, scale in the model dtype (``w`` per token)."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class BatchedMixtral:
+    """The Mixtral forward over ``weights`` (non-expert sets), ``slab``/``table`` (experts) and ``kv``."""
+
+    def __init__(self, config: dict, weights, slab, table, kv, backend: str | None = None):
+        cfg = transformers.MixtralConfig.from_dict(dict(config))
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"the batched forward runs SwiGLU (silu) experts; the config says {cfg.hidden_act!r}")
+        self.cfg, self.weights, self.slab, self.table, self.kv = cfg, weights, slab, table, kv
+        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
+        self.scaling = self.head_dim ** -0.5
+        self.top_k, self.eps, self.window = cfg.num_experts_per_tok, cfg.rms_norm_eps, cfg.sliding_window
+        self.rotary = MixtralRotaryEmbedding(cfg).to(slab.device)
+        self.backend = ops.choose_backend(slab.device, backend)
+
+    def batch(self, entries: list[BatchEntry]) -> Batch:
+        return make_batch(entries, self.slab.device, self.window)
+
+    @torch.inference_mode()
+    def forward(self, b: Batch) -> torch.Tensor:
+        """Logits ``[len(b.logit_rows), vocab]`` (model dtype); writes this step's keys into the cache."""
+        W, segs = self.weights, b.segments
+        V = W.embed.shape[1]
+        x = W.embed.view(-1, W.embed.shape[-1])[b.sets * V + b.tokens]
+        cos, sin = self.rotary(x, b.positions[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]
+        for layer, L in enumerate(W.layers):
+            x = x + self._attention(layer, L, rms_norm(x, L["ln1"][b.sets], self.eps), b, cos, sin)
+            x = x + self._moe(layer, L, rms_norm(x, L["ln2"][b.sets], self.eps), b)
+        x = rms_norm(x[b.logit_rows], W.norm[b.sets[b.logit_rows]], self.eps)
+        return grouped_linear(x, W.lm_head, b.logit_segments)
+
+    def _attention(self, layer, L, h, b: Batch, cos, sin):
+        T, d = h.shape[0], self.head_dim
+        q, k, v = grouped_linear(h, L["qkv"], b.segments).split([self.nh * d, self.nkv * d, self.nkv * d], -1)
+        q = rotate(q.view(T, self.nh, d), cos, sin)
+        k = rotate(k.view(T, self.nkv, d), cos, sin)
+        ck, cv = self.kv.k[layer], self.kv.v[layer]
+        ck[b.token_slots, b.positions] = k
+        cv[b.token_slots, b.positions] = v.view(T, self.nkv, d)
+        ctx = b.mask.shape[-1]
+        keys = ck[b.seq_slots, :ctx].transpose(1, 2)    # [B, kv_heads, ctx, d]
+        values = cv[b.seq_slots, :ctx].transpose(1, 2)
+        queries = torch.cat([q, q.new_zeros(1, self.nh, d)])[b.q_index].transpose(1, 2)  # [B, heads, Q, d]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=b.mask[:, None], scale=self.scaling,
+                                             enable_gqa=self.nh != self.nkv)
+        out = out.transpose(1, 2).reshape(-1, self.nh * d)[b.token_row]
+        return grouped_linear(out, L["o"], b.segments)
+
+    def _moe(self, layer, L, h, b: Batch):
+        probs = torch.softmax(grouped_linear(h, L["router"], b.segments).float(), dim=-1)
+        top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)
+        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(h.dtype)
+        slots = self.table.resolve(layer, top_ids, b.variants)
+        if self.slab.host_tier is not None:
+            slots = self.slab.host_tier.translate(slots)
+        workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
+        return ops.fused_moe(h, slots, top_w, self.slab.w1, self.slab.w2, True, backend=self.backend,
+                             check_slots=False, workspace=workspace)

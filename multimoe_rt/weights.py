@@ -1,0 +1,206 @@
+"""Per-variant non-expert weights for the batched forward: R resident sets stacked on the device.
+
+Every variant's non-expert tensors (embeddings, attention, norms, routers, final norm, LM head) stay
+in host memory (pinned where CUDA exists). R sets are resident on the device at once, stacked so
+that row r of every tensor belongs to set r: ``layers[l]["qkv"][r]`` is set r's fused q/k/v
+projection. A forward mixes variants by giving each token its set index.
+
+Loading a variant that is not resident is the paper's partial reconfiguration, here the miss path
+of an LRU cache: its tensors are copied into a free set (side CUDA stream on GPU, a copy thread on
+CPU) while batches keep running on the other sets. The caller says which sets are busy (running
+sequences read them); only an idle set is evicted, so no forward ever reads a set being written.
+
+Thread safety: every method takes one internal lock; the copy itself runs outside it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .checkpoint import CheckpointError
+
+
+class WeightLoadError(RuntimeError):
+    """Copying a variant's non-expert set to the device failed; only requests for it are affected."""
+
+
+def mixtral_tensor_names(num_layers: int, tied: bool) -> dict[str, list[str]]:
+    """Stacked tensor key -> checkpoint tensor names concatenated (along dim 0) to build it."""
+    names = {"embed": ["model.embed_tokens.weight"], "norm": ["model.norm.weight"]}
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        names[f"{i}.ln1"] = [f"{p}.input_layernorm.weight"]
+        names[f"{i}.qkv"] = [f"{p}.self_attn.{x}_proj.weight" for x in "qkv"]
+        names[f"{i}.o"] = [f"{p}.self_attn.o_proj.weight"]
+        names[f"{i}.ln2"] = [f"{p}.post_attention_layernorm.weight"]
+        names[f"{i}.router"] = [f"{p}.mlp.gate.weight"]
+    if not tied:
+        names["lm_head"] = ["lm_head.weight"]
+    return names
+
+
+class VariantWeights:
+    """Host copies of every variant's non-expert set and ``num_sets`` device sets, LRU-managed."""
+
+    def __init__(self, variant_set, num_sets: int, device="cpu", dtype=torch.float32):
+        if variant_set.family != "mixtral":
+            raise CheckpointError(f"the batched forward serves the mixtral family; got {variant_set.family!r}")
+        if num_sets < 1:
+            raise ValueError(f"num_sets must be >= 1, got {num_sets}")
+        self.names = list(variant_set.names)
+        self.num_sets = min(num_sets, len(self.names))
+        self.device, self.dtype = torch.device(device), dtype
+        cfg = variant_set[0].config
+        self.tied = bool(cfg.get("tie_word_embeddings", False))
+        self.num_layers = variant_set.num_layers
+        sources = mixtral_tensor_names(self.num_layers, self.tied)
+        pin = torch.cuda.is_available()
+
+        self.host: list[dict[str, torch.Tensor]] = []
+        for v in variant_set:
+            available = set(v.non_expert_names())
+            needed = {n for parts in sources.values() for n in parts}
+            unused = sorted(available - needed - {"lm_head.weight"})
+            if unused:  # e.g. attention biases: silently ignoring them would serve the wrong function
+                raise CheckpointError(f"{v.path}: non-expert tensor {unused[0]!r} is not used by the batched "
+                                      f"mixtral forward ({len(unused)} such tensors)")
+            host = {}
+            for key, parts in sources.items():
+                missing = [n for n in parts if n not in available]
+                if missing:
+                    raise CheckpointError(f"{v.path}: missing non-expert tensor {missing[0]!r} of variant {v.name!r}")
+                t = torch.cat([v.tensor(n) for n in parts]).to(dtype).contiguous()
+                if not torch.isfinite(t).all():
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise CheckpointError(f"{v.path}: tensor(s) {parts} hold {bad} NaN/Inf values")
+                host[key] = t.pin_memory() if pin else t
+            self.host.append(host)
+
+        self.stacked = {k: torch.zeros((self.num_sets, *t.shape), dtype=dtype, device=self.device)
+                        for k, t in self.host[0].items()}
+        self.layers = [{part: self.stacked[f"{i}.{part}"] for part in ("ln1", "qkv", "o", "ln2", "router")}
+                       for i in range(self.num_layers)]
+        self.embed, self.norm = self.stacked["embed"], self.stacked["norm"]
+        self.lm_head = self.embed if self.tied else self.stacked["lm_head"]
+
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[int, int] = OrderedDict()   # variant -> set, least recently used first
+        self._free = list(range(self.num_sets))[::-1]
+        self._loading: dict[int, tuple[int, Future]] = {}  # variant -> (set, copy future)
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="multimoe-weights-copy")
+        self.copy_hook = None  # tests inject delays or faults here: called as hook(variant)
+        self.stats = {"loads": 0, "evictions": 0, "hits": 0, "load_failures": 0, "bytes_copied": 0}
+
+    @property
+    def set_nbytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.stacked.values())
+
+    @property
+    def device_nbytes(self) -> int:
+        return self.set_nbytes * self.num_sets
+
+    def index(self, variant) -> int:
+        if isinstance(variant, int) and 0 <= variant < len(self.names):
+            return variant
+        if isinstance(variant, str) and variant in self.names:
+            return self.names.index(variant)
+        raise KeyError(f"unknown variant {variant!r}; known: {self.names}")
+
+    def resident(self) -> dict[int, int]:
+        """Variant -> set of every fully loaded variant."""
+        with self._lock:
+            return dict(self._lru)
+
+    def lookup(self, v: int) -> int | None:
+        """The set holding variant ``v``, marked recently used; None if it is not (yet) resident."""
+        with self._lock:
+            s = self._lru.get(v)
+            if s is not None:
+                self._lru.move_to_end(v)
+                self.stats["hits"] += 1
+            return s
+
+    def is_loading(self, v: int) -> bool:
+        with self._lock:
+            return v in self._loading
+
+    def least_recent_set(self) -> int | None:
+        """The resident set used longest ago: the one to drain when every set is busy."""
+        with self._lock:
+            return next(iter(self._lru.values()), None)
+
+    def start_load(self, v: int, busy: set[int]) -> bool:
+        """Begin copying variant ``v`` into a free or idle set (one not in ``busy``); False if none is."""
+        with self._lock:
+            if v in self._lru or v in self._loading:
+                return True
+            if self._free:
+                s = self._free.pop()
+            else:
+                old = next((u for u, s in self._lru.items() if s not in busy), None)
+                if old is None:
+                    return False
+                s = self._lru.pop(old)
+                self.stats["evictions"] += 1
+            fut = self._copier.submit(self._copy, v, s)
+            self._loading[v] = (s, fut)
+            return True
+
+    def _copy(self, v: int, s: int):
+        if self.copy_hook is not None:
+            self.copy_hook(v)
+        if self._side_stream is None:
+            for k, t in self.host[v].items():
+                self.stacked[k][s].copy_(t)
+            return None
+        # The compute stream may still read set s (queued kernels of the last step that used it).
+        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side_stream):
+            for k, t in self.host[v].items():
+                self.stacked[k][s].copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._side_stream)
+        return done
+
+    def poll(self) -> list[tuple[int, BaseException | None]]:
+        """Finish the loads whose copy has landed: ``[(variant, error or None)]``."""
+        finished = []
+        with self._lock:
+            for v, (s, fut) in list(self._loading.items()):
+                if not fut.done():
+                    continue
+                error = fut.exception()
+                if error is None and fut.result() is not None:
+                    event = fut.result()
+                    if not event.query():
+                        continue
+                    torch.cuda.current_stream(self.device).wait_event(event)
+                del self._loading[v]
+                if error is None:
+                    self._lru[v] = s
+                    self.stats["loads"] += 1
+                    self.stats["bytes_copied"] += self.set_nbytes
+                else:
+                    self._free.append(s)  # the set holds a partial copy: nobody may read it as v
+                    self.stats["load_failures"] += 1
+                    error = WeightLoadError(f"loading variant {self.names[v]!r} failed: {error}")
+                finished.append((v, error))
+        return finished
+
+    def wait_loads(self, timeout: float | None = None) -> None:
+        """Block until every copy in flight has run (its result still comes from ``poll``)."""
+        with self._lock:
+            futures = [f for _, f in self._loading.values()]
+        for f in futures:
+            try:
+                f.result(timeout)
+            except Exception:  # reported by poll()
+                pass
+
+    def close(self) -> None:
+        self._copier.shutdown(wait=True)
