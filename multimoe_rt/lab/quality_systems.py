@@ -1,0 +1,282 @@
+"""The quality study's systems and scoring (used by ``bench/quality.py``, which runs and reports).
+
+Variants and their evaluation sets, seq2seq scoring, the systems under test as ``Runner``s (transformers
+models, merged models, MultiVariantModel with or without reconfiguration), the calibration inputs, and
+``Bench``: scores a system on every variant's sets with a cache keyed by what the system computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .. import plan as plan_mod
+from ..checkpoint import VariantSet
+from ..model import MODEL_CLASSES, MultiVariantModel, hf_generate
+from ..reconfig import tied_aliases
+from ..tokenizer import ByteTokenizer
+from . import zoo as zoo_mod
+from .data import DATASETS, data_dir
+from .evaluate import perplexity, rouge1, rouge_tokens
+
+LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# (metric, scope): the first is the main policy (it also gets the mean representative and no-reconfig curves)
+POLICIES = (("l2", "global"), ("l2", "per_layer"), ("output", "global"))
+TA_GRID = (0.2, 0.3, 0.5, 0.7, 1.0)
+TIES_GRID = (0.3, 0.5, 0.7, 1.0, 1.5)
+GENERAL_SETS = ("wikitext2", "ptb")
+WITHIN = 0.02
+SCHEMA_VERSION = 1
+
+
+class QualityError(RuntimeError):
+    """The bench cannot run as asked; the message says what is missing."""
+
+
+
+# ---------------------------------------------------------------- variants, domains, data
+
+
+def variant_info(dirs: dict[str, Path], family: str) -> dict[str, dict]:
+    """Domain and task of each variant: from the zoo manifest next to the directory, else from its name.
+
+    A directory named like a data set (ptb, shakespeare, ...) gets that domain; otherwise it has none and is
+    evaluated on the general sets only.
+    """
+    out = {}
+    for name, path in dirs.items():
+        meta = None
+        manifest = Path(path).parent / "manifest.json"
+        if manifest.is_file():
+            meta = json.loads(manifest.read_text()).get("variants", {}).get(Path(path).name)
+        if meta is not None:
+            domain, task = meta.get("domain"), meta.get("task", "lm")
+        else:
+            domain = name if name in DATASETS else None
+            task = "lm" if family == "mixtral" else "span"
+        out[name] = {"domain": domain, "task": task if family == "switch" else "lm"}
+    return out
+
+
+def zoo_params(dirs: dict[str, Path], family: str) -> dict:
+    """The recipe parameters the variants were built with (manifest), else the full-size recipe's."""
+    manifest = Path(next(iter(dirs.values()))).parent / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["params"]
+    return zoo_mod.recipe_params("mixtral-tiny" if family == "mixtral" else "switch-tiny")
+
+
+def validation_tokens(domain: str) -> torch.Tensor:
+    """The zoo's held-out tail of a domain's training file (bytes; never trained on by the zoo)."""
+    raw = (data_dir() / zoo_mod.TRAIN_FILES[domain]).read_bytes()
+    ids = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    return ids[int(len(ids) * (1 - zoo_mod.HELD_OUT_FRACTION)):]
+
+
+def _set_key(family: str, domain: str, task: str) -> str:
+    return domain if family == "mixtral" else f"{task}/{domain}"
+
+
+def eval_plan(info: dict[str, dict], family: str) -> tuple[dict[str, list[str]], dict[str, str | None]]:
+    """Per variant: its evaluation set keys (general sets first) and its own-domain key (or None)."""
+    sets, own = {}, {}
+    for name, meta in info.items():
+        general = [_set_key(family, d, "span") for d in GENERAL_SETS]
+        own_key = _set_key(family, meta["domain"], meta["task"]) if meta["domain"] else None
+        sets[name] = general + ([own_key] if own_key and own_key not in general else [])
+        own[name] = own_key
+    return sets, own
+
+
+def make_pairs(ids: torch.Tensor, task: str, params: dict, n: int, seed: int, tok: ByteTokenizer) -> list:
+    """``n`` (encoder ids, target ids) pairs built exactly as the zoo builds its training batches."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    while len(pairs) < n:
+        src, tgt = zoo_mod._seq2seq_batch(ids, task, params, tok, g)
+        pairs.extend(zip(src.tolist(), tgt.tolist()))
+    return pairs[:n]
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def seq2seq_nll(model_fn, pairs, decoder_start_id: int, batch_size: int = 16) -> dict:
+    """Teacher-forced target NLL, batching pairs of equal lengths (no padding, so nothing to mask wrongly).
+
+    Same quantity as ``multimoe_rt.lab.evaluate.seq2seq_loss`` (tests check it), faster for many short pairs.
+    """
+    groups: dict[tuple, list] = {}
+    for enc, tgt in pairs:
+        groups.setdefault((len(enc), len(tgt)), []).append((enc, tgt))
+    total, scored = 0.0, 0
+    for group in groups.values():
+        for b0 in range(0, len(group), batch_size):
+            chunk = group[b0:b0 + batch_size]
+            enc = torch.tensor([p[0] for p in chunk], dtype=torch.long)
+            tgt = torch.tensor([p[1] for p in chunk], dtype=torch.long)
+            dec = torch.cat([torch.full((len(chunk), 1), decoder_start_id, dtype=torch.long), tgt[:, :-1]], 1)
+            logits = model_fn(enc, dec)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total += -logp.gather(-1, tgt[..., None].to(logp.device)).sum(dtype=torch.float64).item()
+            scored += tgt.numel()
+    if not scored:
+        raise QualityError("seq2seq_nll: no pairs")
+    mean = total / scored
+    return {"ppl": math.exp(mean), "nll": mean, "tokens_scored": scored, "pairs": len(pairs)}
+
+
+class Runner:
+    """One system: how to get logits (and greedy outputs) for a variant."""
+
+    def __init__(self, lm, s2s, gen, key):
+        self.lm, self.s2s, self.gen, self.key = lm, s2s, gen, key
+
+
+def hf_runner(models: dict, family: str, key_prefix: str) -> Runner:
+    """transformers models: ``models[variant]`` (or one shared model under key None)."""
+    def get(v):
+        return models[v] if v in models else models[None]
+
+    def lm(v, ids):
+        return get(v)(input_ids=ids, use_cache=False).logits
+
+    def s2s(v, enc, dec):
+        return get(v)(input_ids=enc, decoder_input_ids=dec, use_cache=False).logits
+
+    def gen(v, enc, n, eos):
+        return hf_generate(get(v), family, enc, max_new_tokens=n, eos_token_id=eos)
+
+    # a shared model gives the same numbers for every variant: cache by model, not by variant
+    return Runner(lm, s2s, gen, lambda v: (key_prefix, v if v in models else None))
+
+
+def mvm_runner(mvm: MultiVariantModel, key_prefix: str, non_expert_of: str | None = None) -> Runner:
+    """Ours. With ``non_expert_of`` every variant uses that variant's non-expert layers and its own table row
+    (the no-reconfiguration system)."""
+    names = mvm.names
+
+    def call(v, fn):
+        if non_expert_of is None:
+            mvm.use(v)
+        else:
+            mvm.use(non_expert_of)
+            mvm.active.value = names.index(v)  # the row of v, read by every SlabExperts
+        return fn()
+
+    def lm(v, ids):
+        with mvm.lock, torch.inference_mode():
+            return call(v, lambda: mvm.model(input_ids=ids, use_cache=False).logits)
+
+    def s2s(v, enc, dec):
+        with mvm.lock, torch.inference_mode():
+            return call(v, lambda: mvm.model(input_ids=enc, decoder_input_ids=dec, use_cache=False).logits)
+
+    def gen(v, enc, n, eos):
+        with mvm.lock, torch.inference_mode():
+            return call(v, lambda: hf_generate(mvm.model, mvm.family, enc, max_new_tokens=n, eos_token_id=eos))
+
+    def key(v):
+        # two variants with the same slots and the same non-expert layers are the same model
+        row = tuple(torch.as_tensor(mvm.plan.slots[names.index(v)]).flatten().tolist())
+        return (key_prefix, row, non_expert_of or v)
+
+    return Runner(lm, s2s, gen, key)
+
+
+def load_hf(path, family: str):
+    cls = MODEL_CLASSES[family][1]
+    return cls.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).eval()
+
+
+def load_merged(state_dict: dict, like_config: dict, family: str):
+    """A transformers model holding a merged state dict (every tensor must be there: strict load)."""
+    config_cls, model_cls = MODEL_CLASSES[family]
+    model = model_cls(config_cls.from_dict(dict(like_config)))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # tied aliases (lm head / decoder embeddings) are absent from a checkpoint's non-expert names
+    tied = {n for names in tied_aliases(model).values() for n in names[1:]}
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise QualityError(f"merged state dict does not fit {model_cls.__name__}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.eval()
+
+
+# ---------------------------------------------------------------- the bench
+
+
+class Bench:
+    def __init__(self, vs: VariantSet, info, sets, own, test_data, val_data, family, window, stride, max_windows,
+                 val_windows, batch_size, n_rouge, decoder_start, eos, progress):
+        self.vs, self.info, self.sets, self.own = vs, info, sets, own
+        self.test_data, self.val_data = test_data, val_data
+        self.family, self.window, self.stride = family, window, stride
+        self.max_windows, self.val_windows, self.batch_size = max_windows, val_windows, batch_size
+        self.n_rouge, self.decoder_start, self.eos = n_rouge, decoder_start, eos
+        self.progress = progress
+        self.cache: dict = {}
+        self.evals = 0
+
+    def score(self, runner: Runner, v: str, key: str, split: str = "test") -> dict:
+        ck = (runner.key(v), key, split)
+        if ck in self.cache:
+            return self.cache[ck]
+        data = (self.test_data if split == "test" else self.val_data)[key]
+        if self.family == "mixtral":
+            mw = self.max_windows if split == "test" else self.val_windows
+            r = perplexity(lambda ids: runner.lm(v, ids), data, self.window, self.stride, mw, self.batch_size)
+            r = {"ppl": r["ppl"], "nll": r["nll"], "tokens_scored": r["tokens_scored"], "windows": r["windows"]}
+        else:
+            r = seq2seq_nll(lambda e, d: runner.s2s(v, e, d), data, self.decoder_start, self.batch_size)
+            if split == "test" and key.startswith("continue/") and self.n_rouge:
+                r["rouge1"] = self.rouge(runner, v, data[:self.n_rouge])
+        self.cache[ck] = r
+        self.evals += 1
+        return r
+
+    def rouge(self, runner, v, pairs) -> float:
+        """Mean ROUGE-1 F1 (words) of greedy outputs against the reference continuations."""
+        tok = ByteTokenizer()
+        enc = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+        n = max(len(p[1]) for p in pairs)
+        out = runner.gen(v, enc, n, self.eos)
+        scores = [rouge1(rouge_tokens(tok.decode(o.tolist())), rouge_tokens(tok.decode(p[1])))
+                  for o, p in zip(out, pairs)]
+        return sum(scores) / len(scores)
+
+    def run_system(self, runner: Runner) -> dict:
+        return {v: {k: self.score(runner, v, k) for k in self.sets[v]} for v in self.vs.names}
+
+    def val_objective(self, runner: Runner) -> float:
+        """Mean validation NLL of every variant with a domain, on its own domain."""
+        vals = [self.score(runner, v, self.own[v], "val")["nll"] for v in self.vs.names if self.own[v]]
+        if not vals:
+            raise QualityError("no variant has a known domain: cannot choose merge scales on validation text")
+        return sum(vals) / len(vals)
+
+
+def _calibration(vs: VariantSet, val_data: dict, own: dict, family: str, tokens: int = 512):
+    """Recorded MoE inputs of the anchor on validation text of every domain present (equal shares)."""
+    keys = sorted({k for k in own.values() if k} | set(val_data) & {_set_key(family, d, "span") for d in GENERAL_SETS})
+    per = max(1, tokens // max(1, len(keys)))
+    anchor = vs[0]
+    if family == "mixtral":
+        ids = [val_data[k][:per].tolist() for k in keys]
+    else:
+        ids = [sum((p[0] for p in val_data[k]), [])[:per] for k in keys]
+    ids = [i for chunk in ids for i in chunk]
+    from ..tokenizer import TOKENIZER_FILE
+    if (Path(anchor.path) / TOKENIZER_FILE).exists() and max(ids) < 256:
+        text = bytes(ids).decode("utf-8", errors="replace")
+        return plan_mod.calibration_from_text(anchor, text, max_tokens=tokens), "calibration_from_text"
+    # no byte tokenizer (user checkpoints, test models): record on the validation ids directly
+    model = load_hf(anchor.path, family)
+    batches = [torch.tensor([ids[i:i + 128]]) for i in range(0, len(ids), 128)]
+    inputs = [{"input_ids": b} if family == "mixtral" else {"input_ids": b, "decoder_input_ids": b} for b in batches]
+    return plan_mod.record_calibration(model, anchor.moe_layers, inputs, max_tokens=tokens), "record_calibration"
