@@ -596,6 +596,19 @@ def idle_rate(system: str, hw, model, variants) -> float:
     return 1.0 / simulate_system(system, [Req(0.0, 0)], hw, model, variants)["idle_service_s"]
 
 
+_HW = {h.name: h for h in HARDWARE.values()}
+_MODEL = {m.name: m for m in MODELS.values()}
+
+
+def _rates(mu: float, mu_mig: float, factors=(0.3, 0.6, 0.9)) -> list[float]:
+    """λ values: ``factors`` x ours' idle service rate, plus half the MIG instances' total idle capacity when
+    that is lower (so one λ leaves every system unsaturated)."""
+    rates = {float(f"{f * mu:.3g}") for f in factors}
+    if 0.5 * mu_mig < min(rates):
+        rates.add(float(f"{0.5 * mu_mig:.3g}"))
+    return sorted(rates)
+
+
 def paper_scale(n: int = 400, progress: bool = True) -> dict:
     """The paper's workload at scale: 2 and 4 Mixtral-8x7B variants on an A100-80GB PCIe, the same on an
     H200, and 8 variants with continuous batching (Mixtral-8x7B and Qwen3-30B-A3B on an H200)."""
@@ -603,19 +616,23 @@ def paper_scale(n: int = 400, progress: bool = True) -> dict:
     cases = []
     for hw in (a100, h200):
         for V in (2, 4):
-            mu = idle_rate("ours", hw, mix, V)
-            rates = [round(f * mu, 4) for f in (0.3, 0.6, 0.9)]
+            mu, mu_mig = idle_rate("ours", hw, mix, V), V * idle_rate("partitioned", hw, mix, V)
+            rates = _rates(mu, mu_mig)
             cases.append({"name": f"{hw.name}, {V} x {mix.name}, batch 1", "hardware": hw.name, "model": mix.name,
                           "variants": V, "rates": rates, "rows": sweep(hw, mix, V, rates, n=n, progress=progress)})
     for model in (mix, MODELS["qwen3-30b-a3b"]):
         V = 8
-        mu = idle_rate("ours", h200, model, V)
-        rates = [round(f * mu, 4) for f in (0.5, 2.0, 8.0)]
+        mu, mu_mig = idle_rate("ours", h200, model, V), V * idle_rate("partitioned", h200, model, V)
+        rates = _rates(mu, mu_mig, (0.5, 2.0, 8.0))
         cases.append({"name": f"{h200.name}, {V} x {model.name}, continuous batching vs batch 1",
                       "hardware": h200.name, "model": model.name, "variants": V, "rates": rates,
                       "rows": sweep(h200, model, V, rates, systems=("batching",) + SCALE_SYSTEMS, n=n,
                                     progress=progress, resident_sets=4)})
     for c in cases:
+        idle = {s: simulate_system(s, [Req(0.0, 0)], _HW[c["hardware"]], _MODEL[c["model"]], c["variants"])
+                for s in ("ours", "partitioned")}
+        c["idle_service_s"] = {s: x["idle_service_s"] for s, x in idle.items()}
+        c["idle_turnaround_reduction"] = 1 - idle["ours"]["idle_service_s"] / idle["partitioned"]["idle_service_s"]
         c["ours_vs_partitioned"] = [
             {"rate": rt, "turnaround_reduction": 1 - by["ours"]["turnaround_mean"] / by["partitioned"]["turnaround_mean"]}
             for rt in c["rates"] for by in [{r["system"]: r for r in c["rows"] if r["rate"] == rt}]]
@@ -641,47 +658,57 @@ def _load_serve_qos():
 def calibrate(loaded: dict, names, pool, out_tokens: int = 25, reps: int = 8) -> dict:
     """Idle service times of each system on the real engine -> ``Calibrated`` parameters per system.
 
-    same-variant requests one at a time (prefill = start->first token, decode per token); variant-cycling
-    one at a time without look-ahead (blocking switch); for ours, variant-cycling requests queued back to back
-    with look-ahead (prefetched switch); for partitioned, k requests on k lanes at once (lane slow-down).
+    Same-variant requests one at a time (prefill = start->first token, decode per token); variant-cycling
+    requests one at a time without look-ahead (blocking switch); for ours, variant-cycling requests queued back
+    to back with look-ahead (prefetched switch); for partitioned, k requests on k lanes at once (lane slow-down).
+    Prompts vary (as in a sweep: the partitioned instances' expert caches miss), and the systems are measured
+    round-robin, one request each per round, so a load spike from elsewhere spreads over all of them.
     """
     from multimoe_rt.serve import Engine, Request
 
-    def one_by_one(system, seq, lookahead=False):
-        with Engine(system, lookahead=lookahead) as eng:
-            return [eng.submit(Request(v, pool[v][0], max_new_tokens=out_tokens, ignore_eos=True)).result()
-                    for v in seq]
+    def req(v, i):
+        return Request(v, pool[v][i % len(pool[v])], max_new_tokens=out_tokens, ignore_eos=True)
 
     med = statistics.median
+    labels = [x for x in loaded if x != "ours+affinity"]
+    engines = {x: Engine(loaded[x], lookahead=False) for x in labels}
+    same = {x: [] for x in labels}
+    cyc = {x: [] for x in labels}
+    b2b, conc = [], {k: [] for k in range(2, len(names) + 1)}
+    try:
+        for i in range(reps + 1):
+            for x in labels:
+                eng = engines[x]
+                eng.submit(req(names[0], i)).result()                 # make names[0] active
+                r = eng.submit(req(names[0], i + 1)).result()         # same variant: no switch
+                if i:
+                    same[x].append((r.first_token - r.start, r.finish - r.start))
+                if x in ("ours", "swap"):
+                    r = eng.submit(req(names[1 + i % (len(names) - 1)], i)).result()   # blocking switch
+                    cyc[x].append(r.finish - r.start)
+                if x == "partitioned":
+                    for k in conc:
+                        futs = [eng.submit(req(v, i)) for v in names[:k]]
+                        conc[k].extend(f.result().finish - f.result().start for f in futs)
+            if "ours" in loaded:
+                with Engine(loaded["ours"], lookahead=True) as eng:   # queued back to back: look-ahead prefetch
+                    futs = [eng.submit(req(names[j % len(names)], i + j)) for j in range(len(names) + 1)]
+                    b2b.extend(f.result().finish - f.result().start for f in futs[1:])
+    finally:
+        for eng in engines.values():
+            eng.shutdown()
     cal = {}
-    for label, system in loaded.items():
-        if label == "ours+affinity":
-            continue
-        same = one_by_one(system, [names[0]] * (reps + 1))[1:]
-        pre = med(r.first_token - r.start for r in same)
-        svc = med(r.finish - r.start for r in same)
-        c = {"prefill_s": pre, "decode_s": (svc - pre) / (out_tokens - 1), "system": label}
-        if label in ("ours", "swap"):
-            cyc = one_by_one(system, [names[i % len(names)] for i in range(reps + 1)])[1:]
-            c["switch_block_s"] = max(0.0, med(r.finish - r.start for r in cyc) - svc)
-        if label == "ours":
-            with Engine(system, lookahead=True) as eng:
-                futs = [eng.submit(Request(names[i % len(names)], pool[names[i % len(names)]][0],
-                                           max_new_tokens=out_tokens, ignore_eos=True)) for i in range(reps + 1)]
-                b2b = [f.result() for f in futs][1:]
-            c["switch_prefetched_s"] = max(0.0, med(r.finish - r.start for r in b2b) - svc)
-        if label == "partitioned":
-            slow = [1.0]
-            with Engine(system) as eng:
-                for k in range(2, len(names) + 1):
-                    ts = []
-                    for _ in range(max(2, reps // 2)):
-                        futs = [eng.submit(Request(v, pool[v][0], max_new_tokens=out_tokens, ignore_eos=True))
-                                for v in names[:k]]
-                        ts.extend(f.result().finish - f.result().start for f in futs)
-                    slow.append(med(ts) / svc)
-            c["lane_slowdown"] = tuple(slow)
-        cal[label] = c
+    for x in labels:
+        pre = med(a for a, _ in same[x])
+        svc = med(b for _, b in same[x])
+        c = {"prefill_s": pre, "decode_s": (svc - pre) / (out_tokens - 1), "system": x}
+        if cyc[x]:
+            c["switch_block_s"] = max(0.0, med(cyc[x]) - svc)
+        if x == "ours" and b2b:
+            c["switch_prefetched_s"] = max(0.0, med(b2b) - svc)
+        if x == "partitioned":
+            c["lane_slowdown"] = tuple([1.0] + [med(conc[k]) / svc for k in sorted(conc)])
+        cal[x] = c
     return cal
 
 
@@ -699,44 +726,57 @@ def validate(small: bool = True, rates=None, n: int = 40, reps: int = 8, systems
     """Calibrate on the real engine (idle service times only), run the real QoS sweep, simulate the same
     traces, and report simulated vs measured mean / p99 turnaround per system and λ."""
     import torch
-    from tqdm.auto import tqdm
 
     from multimoe_rt.lab import zoo
     from multimoe_rt.machine import machine_info
-    from multimoe_rt.serve import Engine, summarize
 
     torch.set_num_threads(threads)
-    sq = _load_serve_qos()
     dirs = zoo.build("mixtral-tiny", small=small, progress=progress)
     names = [v for v in ("base", "ptb", "shakespeare", "pycode") if v in dirs]
+    out = measure_and_simulate({v: dirs[v] for v in names}, rates=rates, n=n, reps=reps, systems=systems,
+                               seed=seed, progress=progress)
+    return {"machine": machine_info(), "zoo": "mixtral-tiny" + (" --small" if small else ""), "threads": threads,
+            **out}
+
+
+def measure_and_simulate(dirs: dict, rates=None, n: int = 40, reps: int = 8, systems=None, seed: int = 0,
+                         progress: bool = False, out_tokens: int = 25) -> dict:
+    """The core of ``validate`` on any variant directories: load, calibrate, replay each λ's trace on the real
+    engine, simulate the same trace with the calibration, compare."""
+    from tqdm.auto import tqdm
+
+    from multimoe_rt.serve import Engine, summarize
+
+    sq = _load_serve_qos()
+    names = list(dirs)
     systems = systems or ["ours", "partitioned", "swap", "resident"]
-    loaded, mv, budget = sq.load_systems({v: dirs[v] for v in names}, systems, 0.5)
+    loaded, mv, budget = sq.load_systems(dirs, systems, 0.5)
     if "ours" in loaded:
         loaded["ours+affinity"] = loaded["ours"]
-    pool = sq.prompt_pool(names, 20, max(8, n), seed)
+    pool = sq.prompt_pool(names, 20, max(8, n), seed) if set(names) <= set(sq.DOMAIN_OF) else \
+        {v: [[(7 * i + j) % 50 + 3 for j in range(20)] for i in range(max(8, n))] for v in names}
     for s in loaded.values():
-        sq.warm_up(s, names, pool, 25, rounds=1)
+        sq.warm_up(s, names, pool, out_tokens, rounds=1)
     t0 = time.perf_counter()
-    cal = calibrate(loaded, names, pool, reps=reps)
+    cal = calibrate(loaded, names, pool, out_tokens=out_tokens, reps=reps)
     calib_s = time.perf_counter() - t0
-    mu = 1.0 / min(Calibrated(**c).service(Req(0, 0))[1] for c in cal.values())
+    mu = 1.0 / min(Calibrated(**c).service(Req(0, 0, 20, out_tokens))[1] for c in cal.values())
     rates = rates or [round(f * mu, 2) for f in (0.3, 0.6, 0.9)]
     rows = []
     bar = tqdm(total=len(rates) * len(loaded), desc="validation sweep", disable=not progress)
     for li, rate in enumerate(rates):
         trace = sq.make_trace(names, rate, n, seed=seed * 1000 + li, pool=pool)
-        sim_trace = [Req(at, names.index(v), len(ids), 25) for at, v, ids in trace]
+        sim_trace = [Req(at, names.index(v), len(ids), out_tokens) for at, v, ids in trace]
         for label, system in loaded.items():
             eng = Engine(system, policy="affinity" if label == "ours+affinity" else "fcfs")
-            reqs, _ = sq.replay(eng, trace, 25)
+            reqs, _ = sq.replay(eng, trace, out_tokens)
             eng.shutdown()
             meas = summarize(reqs)
             sim = simulate_calibrated(label, sim_trace, cal, len(names))
             rows.append(_compare(label, rate, meas, sim))
             bar.update(1)
     bar.close()
-    return {"machine": machine_info(), "zoo": "mixtral-tiny" + (" --small" if small else ""), "variants": names,
-            "threads": threads, "requests_per_rate": n, "calibration": cal, "calibration_s": calib_s,
+    return {"variants": names, "requests_per_rate": n, "calibration": cal, "calibration_s": calib_s,
             "rates": rates, "rows": rows}
 
 
@@ -850,6 +890,10 @@ def scale_table(case: dict) -> str:
                      f"{fmt_ms(r['turnaround_mean']):>10} {fmt_ms(r['turnaround_p99']):>10} "
                      f"{r['throughput_rps']:>7.3f} {r['tokens_per_s']:>7.1f} {r['share']:>5.2f} "
                      f"{100 * r['offloaded_fraction']:>6.0f}% {r['switches']:>6}")
+    if "idle_turnaround_reduction" in case:
+        lines.append(f"idle service (no queueing): ours {fmt_ms(case['idle_service_s']['ours'])}, partitioned "
+                     f"{fmt_ms(case['idle_service_s']['partitioned'])}: "
+                     f"{100 * case['idle_turnaround_reduction']:.0f}% lower")
     lines.append("ours vs partitioned (MIG), mean turnaround: " + ", ".join(
         f"λ={x['rate']:.3g}: {100 * x['turnaround_reduction']:.0f}% lower" for x in case["ours_vs_partitioned"]))
     return "\n".join(lines)
@@ -875,6 +919,7 @@ def plot_cases(cases, path, key="turnaround_mean") -> str | None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
@@ -902,6 +947,7 @@ def plot_validation(rows, path) -> str | None:
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
