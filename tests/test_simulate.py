@@ -1,0 +1,143 @@
+"""bench/simulate.py: cost model (roofline, copy time, memory fit), the simulators, and a small validation run."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location("multimoe_bench_simulate",
+                                               Path(__file__).resolve().parents[1] / "bench" / "simulate.py")
+sim = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(sim)
+
+A100, H200 = sim.HARDWARE["a100-80gb-pcie"], sim.HARDWARE["h200"]
+MIX, QWEN = sim.MODELS["mixtral-8x7b"], sim.MODELS["qwen3-30b-a3b"]
+
+
+def test_model_sizes_match_published_parameter_counts():
+    total = lambda m: m.non_expert_params + m.total_slots * m.expert_params  # noqa: E731
+    assert total(MIX) == pytest.approx(46.7e9, rel=0.01)      # Mixtral-8x7B: 46.7 B
+    assert total(QWEN) == pytest.approx(30.5e9, rel=0.01)     # Qwen3-30B-A3B: 30.5 B
+    assert MIX.active_params == pytest.approx(12.9e9, rel=0.02)   # 12.9 B active
+    assert MIX.non_expert_bytes == pytest.approx(3.2e9, rel=0.05)  # the issue's "about 3 GB"
+
+
+def test_roofline_decode_is_bandwidth_bound_and_prefill_sees_more_experts():
+    cost = sim.Roofline(H200, MIX, "resident", 1)
+    bytes_ = MIX.non_expert_bytes + MIX.layers * sim.distinct_touched(8, 2, 1) * MIX.expert_bytes \
+        + 21 * MIX.kv_bytes_per_token
+    expect = bytes_ / (H200.bandwidth * H200.bw_eff) + H200.step_overhead
+    assert cost.step({0: 1}, [21]) == pytest.approx(expect, rel=1e-9)
+    assert sim.distinct_touched(8, 2, 1) == pytest.approx(2.0)
+    assert sim.distinct_touched(8, 2, 20) == pytest.approx(8 * (1 - 0.75 ** 20))
+    assert cost.step({0: 20}, [20]) > 2 * cost.step({0: 1}, [21])    # a prompt touches ~all experts
+    # compute-bound at a large batch: time grows with tokens
+    assert cost.step({0: 4096}, [1] * 4096) > cost.step({0: 2048}, [1] * 2048) * 1.5
+
+
+def test_copy_time_and_switch_bytes():
+    ours = sim.Roofline(A100, MIX, "ours", 2)
+    assert ours.copy_time(25e9) == pytest.approx(1.0)
+    assert ours.switch_blocking() == pytest.approx(MIX.non_expert_bytes / A100.link)
+    assert ours.switch_after_prefetch(10.0) == 0.0
+    assert ours.switch_after_prefetch(0.05) == pytest.approx(ours.switch_blocking() - 0.05)
+    swap = sim.Roofline(A100, MIX, "swap", 2)
+    assert swap.switch_blocking() > 10 * ours.switch_blocking()      # whole model vs non-expert set
+
+
+def test_memory_fit():
+    # one bf16 Mixtral (93 GB) does not fit an 80 GB A100; ours shares everything and still offloads
+    m = sim.plan_memory("ours", MIX, A100.mem_bytes, 2, reserve=4e9, kv=0)
+    assert m.share == 1.0 and not m.fits and 0.1 < m.miss < 0.4
+    # on an H200 ours fits 2 variants by keeping some private experts (Algorithm 1: share only what is needed)
+    m = sim.plan_memory("ours", MIX, H200.mem_bytes, 2, reserve=4e9, kv=0)
+    assert m.fits and 0.0 < m.share < 1.0 and m.miss == 0.0
+    # MIG: half of an H200 holds ~70% of one Mixtral
+    part = sim.Roofline(H200, MIX, "partitioned", 2, fraction=0.5)
+    assert 0.2 < part.mem.miss < 0.4
+    # tiny model: everything fits everywhere
+    assert sim.plan_memory("resident", sim.MODELS["mixtral-tiny"], 1e9, 4, reserve=0, kv=0).miss == 0.0
+    with pytest.raises(ValueError):
+        sim.plan_memory("nope", MIX, 1e9, 2, reserve=0, kv=0)
+
+
+def _cal(p=0.01, d=0.001, **kw):
+    return sim.Calibrated(prefill_s=p, decode_s=d, **kw)
+
+
+def test_serial_queueing_by_hand():
+    cost = _cal()   # service = 0.01 + 24 * 0.001 = 0.034 s
+    trace = [sim.Req(0.0, 0), sim.Req(0.01, 0), sim.Req(1.0, 0)]
+    out = sim.simulate_serial(trace, cost, switching=False, prefetch=False)
+    # turnarounds: 0.034, (0.068 - 0.01) = 0.058, 0.034
+    assert out["turnaround_mean"] == pytest.approx((0.034 + 0.058 + 0.034) / 3)
+    assert out["ttft_mean"] == pytest.approx((0.01 + (0.034 + 0.01 - 0.01) + 0.01) / 3)
+
+
+def test_prefetch_hides_switch_and_affinity_reorders():
+    gpu = sim.Roofline(A100, MIX, "ours", 2)
+    trace = [sim.Req(0.0, 0), sim.Req(0.1, 1)]
+    pre = sim.simulate_serial(trace, gpu, switching=True, prefetch=True)
+    block = sim.simulate_serial(trace, gpu, switching=True, prefetch=False)
+    assert pre["switches"] == block["switches"] == 1
+    assert block["turnaround_mean"] - pre["turnaround_mean"] == pytest.approx(gpu.switch_blocking() / 2, rel=1e-6)
+    # affinity serves the queued request of the active variant first
+    cost = _cal(switch_block_s=0.5, switch_prefetched_s=0.5)
+    trace = [sim.Req(0.0, 0), sim.Req(0.001, 1), sim.Req(0.002, 0)]
+    fcfs = sim.simulate_serial(trace, cost, switching=True, prefetch=False)
+    aff = sim.simulate_serial(trace, cost, switching=True, prefetch=False, policy="affinity", max_wait=10)
+    assert fcfs["switches"] == 2 and aff["switches"] == 1
+    assert aff["turnaround_mean"] < fcfs["turnaround_mean"]
+
+
+def test_lanes_processor_sharing():
+    cost = _cal(lane_slowdown=(1.0, 2.0))
+    both = sim.simulate_lanes([sim.Req(0.0, 0), sim.Req(0.0, 1)], lambda lane: cost, 2)
+    assert both["turnaround_mean"] == pytest.approx(0.068)       # two at half speed
+    alone = sim.simulate_lanes([sim.Req(0.0, 0), sim.Req(5.0, 1)], lambda lane: cost, 2)
+    assert alone["turnaround_mean"] == pytest.approx(0.034)
+    same_lane = sim.simulate_lanes([sim.Req(0.0, 0), sim.Req(0.0, 0)], lambda lane: cost, 2)
+    assert same_lane["turnaround_mean"] == pytest.approx((0.034 + 0.068) / 2)
+
+
+def test_batching_beats_batch1_at_load_and_counts_copies():
+    trace = sim.poisson_trace(8.0, 120, 8, seed=1)
+    b = sim.simulate_system("batching", trace, H200, QWEN, 8, resident_sets=4)
+    o = sim.simulate_system("ours", trace, H200, QWEN, 8)
+    assert b["completed"] == o["completed"] == 120
+    assert b["turnaround_mean"] < o["turnaround_mean"]
+    assert b["switches"] >= 4                               # cold start + LRU misses of 8 variants over 4 sets
+    all_res = sim.simulate_system("batching", trace, H200, QWEN, 8, resident_sets=8)
+    assert all_res["switches"] == 8 and all_res["turnaround_mean"] <= b["turnaround_mean"] * 1.01
+
+
+def test_paper_headline_direction():
+    """2 x Mixtral-8x7B on an A100, λ well below every system's capacity: ours beats MIG by a wide margin."""
+    trace = sim.poisson_trace(0.02, 60, 2, seed=0)
+    ours = sim.simulate_system("ours", trace, A100, MIX, 2)
+    mig = sim.simulate_system("partitioned", trace, A100, MIX, 2)
+    assert 0.6 < 1 - ours["turnaround_mean"] / mig["turnaround_mean"] < 0.99
+
+
+def test_serve_qos_trace_is_replayed_exactly():
+    a = sim.serve_qos_trace(5.0, 10, 4, 0, 10)
+    b = sim.serve_qos_trace(5.0, 10, 4, 0, 10)
+    assert [(r.arrival, r.variant) for r in a] == [(r.arrival, r.variant) for r in b]
+    assert all(0 <= r.variant < 4 for r in a) and a[-1].arrival > a[0].arrival
+    with pytest.raises(ValueError):
+        sim.poisson_trace(0.0, 3, 2)
+
+
+def test_small_validation_run(tmp_path):
+    """Calibrate on the real engine (tiny random variants), replay one trace, simulate it: within a factor 2.5
+    (a loose bound: CI machines are shared; the issue's 15% goal is checked by the bench, not here)."""
+    pytest.importorskip("transformers")
+    from tiny_models import save_variants
+
+    dirs = {f"v{i}": p for i, p in enumerate(save_variants(tmp_path, "mixtral", n=2))}
+    out = sim.measure_and_simulate(dirs, rates=[5.0], n=12, reps=3, systems=["ours", "resident"], out_tokens=8)
+    assert {r["system"] for r in out["rows"]} == {"ours", "ours+affinity", "resident"}
+    for r in out["rows"]:
+        assert not math.isnan(r["err_mean"])
+        assert 1 / 2.5 < r["simulated"]["turnaround_mean"] / r["measured"]["turnaround_mean"] < 2.5, r
