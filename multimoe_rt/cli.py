@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_qos_args(d, demo=True)
     d.set_defaults(func=cmd_demo)
 
+    # ---- simulate: discrete-event QoS simulator at the paper's scale (bench/simulate.py)
+    sm = sub.add_parser("simulate", add_help=False, help="QoS simulator: paper | validate | validate-batching | run "
+                                                         "(bench/simulate.py; its own --help)")
+    sm.add_argument("sim_args", nargs=argparse.REMAINDER)
+    sm.set_defaults(func=lambda a: _bench_module("simulate").main(a.sim_args))
+
     return p
 
 
