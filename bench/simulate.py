@@ -27,7 +27,6 @@ Systems (the serving systems of ``bench/serve_qos.py`` plus continuous batching)
     python bench/simulate.py validate-batching   # against bench/results/batching*.json when it exists
 """
 
-from __future__ import annotations
 
 import argparse
 import bisect
