@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..config import settings
-from ..torch_moe import padded_size
+from ..torch_moe import check_align_inputs, padded_size
 
 
 @triton.jit
@@ -120,10 +120,7 @@ def align_triton(slot_ids: torch.Tensor, num_slots: int, block_m: int, workspace
     """
     if slot_ids.dim() != 2:
         raise ValueError(f"align_triton: slot_ids must be [T, K], got shape {tuple(slot_ids.shape)}")
-    if slot_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"align_triton: slot_ids must be int32 or int64, got {slot_ids.dtype}")
-    if num_slots < 1 or block_m < 1:
-        raise ValueError(f"align_triton: num_slots ({num_slots}) and block_m ({block_m}) must be >= 1")
+    check_align_inputs(slot_ids, num_slots, block_m)
     device = slot_ids.device
     check_launchable(device, "align_triton")
     num_pairs = slot_ids.numel()

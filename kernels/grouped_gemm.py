@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..config import settings
+from ..torch_moe import check_moe_inputs
 from .align import align_triton, check_launchable, interpreting, padded_size
 
 _DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
@@ -237,28 +238,12 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
     (float32, T*K*H), "out" (hidden.dtype, T*H) and the align buffers "sorted_ids", "block_slot",
     "num_padded", "align_counts" (int32). The returned tensor is then a view of workspace["out"].
     """
-    if hidden.dim() != 2 or slot_ids.dim() != 2 or topk_weights.shape != slot_ids.shape:
-        raise ValueError(f"fused_moe_triton: need hidden [T,H], slot_ids [T,K], topk_weights [T,K]; got "
-                         f"{tuple(hidden.shape)}, {tuple(slot_ids.shape)}, {tuple(topk_weights.shape)}")
+    check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated, check_slots=False)
     T, H = hidden.shape
     K = slot_ids.shape[1]
-    if slot_ids.shape[0] != T:
-        raise ValueError(f"fused_moe_triton: slot_ids has {slot_ids.shape[0]} rows, hidden has {T}")
-    if w1.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"fused_moe_triton: w1 must be [S,N1,H] and w2 [S,H,I], got {tuple(w1.shape)}, "
-                         f"{tuple(w2.shape)}")
-    S, N1, H1 = w1.shape
+    S = w1.shape[0]
     I = w2.shape[2]
-    if H1 != H or w2.shape[0] != S or w2.shape[1] != H or N1 != (2 * I if gated else I):
-        raise ValueError(f"fused_moe_triton: shapes disagree: hidden {tuple(hidden.shape)}, w1 {tuple(w1.shape)}, "
-                         f"w2 {tuple(w2.shape)}, gated={gated} (w1 must be [S, {'2I' if gated else 'I'}, H])")
-    if not (hidden.dtype == w1.dtype == w2.dtype):
-        raise ValueError(f"fused_moe_triton: hidden, w1, w2 must share a dtype, got "
-                         f"{hidden.dtype}, {w1.dtype}, {w2.dtype}")
     device = hidden.device
-    for name, t in (("slot_ids", slot_ids), ("topk_weights", topk_weights), ("w1", w1), ("w2", w2)):
-        if t.device != device:
-            raise ValueError(f"fused_moe_triton: {name} is on {t.device}, hidden on {device}")
     check_launchable(device, "fused_moe_triton")
     upcast = interpreting(device)
     # "ieee" keeps fp32 inputs out of tf32; for 16-bit inputs (and the interpreter's fp32 upcast of

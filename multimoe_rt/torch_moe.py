@@ -13,6 +13,55 @@ import torch
 import torch.nn.functional as F
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class MoEInputTypeError(TypeError, ValueError):
+    """An input of the wrong dtype. A TypeError, and a ValueError for callers of the kernel entry points,
+    which raised ValueError before the checks were shared."""
+
+
+def check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated: bool, check_slots: bool = True) -> None:
+    """Validate at the boundary so bad input raises here, never inside a kernel: the one check of the
+    fused-MoE contract, used by ``ops.fused_moe`` and by the Triton kernel's entry point."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [T, H], got shape {tuple(hidden.shape)}")
+    T, H = hidden.shape
+    if w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w1/w2 must be [S, N, H]/[S, H, I], got {tuple(w1.shape)} and {tuple(w2.shape)}")
+    S, n1, h1 = w1.shape
+    I = w2.shape[2]
+    expected_n1 = 2 * I if gated else I
+    if h1 != H or w2.shape[1] != H or w2.shape[0] != S or n1 != expected_n1:
+        raise ValueError(f"expert shapes do not match: hidden H={H}, w1 {tuple(w1.shape)} (expected "
+                         f"[{S}, {expected_n1}, {H}] for gated={gated}), w2 {tuple(w2.shape)} (expected [{S}, {H}, {I}])")
+    if slot_ids.dim() != 2 or slot_ids.shape[0] != T or tuple(topk_weights.shape) != tuple(slot_ids.shape):
+        raise ValueError(f"slot_ids and topk_weights must both be [T={T}, K], got {tuple(slot_ids.shape)} "
+                         f"and {tuple(topk_weights.shape)}")
+    if slot_ids.dtype not in (torch.int32, torch.int64):
+        raise MoEInputTypeError(f"slot_ids must be int32 or int64, got {slot_ids.dtype}")
+    for name, t in (("hidden", hidden), ("w1", w1), ("w2", w2), ("topk_weights", topk_weights)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise MoEInputTypeError(f"{name} must be one of {FLOAT_DTYPES}, got {t.dtype}")
+    if not (hidden.dtype == w1.dtype == w2.dtype):
+        raise MoEInputTypeError(f"hidden, w1, w2 must share a dtype, got {hidden.dtype}, {w1.dtype}, {w2.dtype}")
+    devices = {t.device for t in (hidden, slot_ids, topk_weights, w1, w2)}
+    if len(devices) != 1:
+        raise ValueError(f"all MoE inputs must be on one device, got {sorted(map(str, devices))}")
+    if check_slots and slot_ids.numel():
+        lo, hi = int(slot_ids.min()), int(slot_ids.max())  # a host sync: callers with a validated table skip it
+        if lo < 0 or hi >= S:
+            raise IndexError(f"slot id out of range: slot_ids span [{lo}, {hi}] but the slab has {S} slots")
+
+
+def check_align_inputs(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> None:
+    """The one check of align's contract (``ops.align`` and the Triton align)."""
+    if slot_ids.dtype not in (torch.int32, torch.int64):
+        raise MoEInputTypeError(f"slot_ids must be int32 or int64, got {slot_ids.dtype}")
+    if block_m <= 0 or num_slots <= 0:
+        raise ValueError(f"block_m and num_slots must be positive, got {block_m}, {num_slots}")
+
+
 def _activate(h: torch.Tensor, gated: bool) -> torch.Tensor:
     if gated:
         gate, up = h.chunk(2, dim=-1)
