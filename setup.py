@@ -43,6 +43,7 @@ def _cuda_home():
 
 def _extensions():
     if os.environ.get("MULTIMOE_NO_EXT") == "1":
+        _write_build_log(status="skipped", error="MULTIMOE_NO_EXT=1")
         return [], {}
     cuda_home, cuda_home_how = _cuda_home()
     try:
@@ -51,6 +52,7 @@ def _extensions():
     except Exception as e:  # noqa: BLE001 - any import failure just means no extension
         print(f"multimoe_rt setup: WARNING: torch not importable ({e}); building without multimoe_rt._C",
               file=sys.stderr)
+        _write_build_log(status="skipped", error=f"torch not importable at build time: {e}")
         return [], {}
 
     class SoftBuildExt(BuildExtension):
@@ -63,6 +65,8 @@ def _extensions():
             try:
                 super().run()
             except Exception as e:  # noqa: BLE001
+                _write_build_log(status="failed", error=f"{type(e).__name__}: {e}"[:2000], cuda_home=cuda_home,
+                                 cuda_home_how=cuda_home_how)
                 self._warn(e)
 
         def build_extension(self, ext):
@@ -148,7 +152,7 @@ setup(
     packages=["multimoe_rt", "multimoe_rt.kernels", "multimoe_rt.integrations", "multimoe_rt.lab",
               "multimoe_rt.plan"],
     package_dir={"multimoe_rt": "multimoe_rt", "multimoe_rt.kernels": "kernels"},
-    package_data={"multimoe_rt.kernels": ["configs/*.json"]},
+    package_data={"multimoe_rt.kernels": ["configs/*.json"], "multimoe_rt.lab": ["recipes/*.json"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

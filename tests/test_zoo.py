@@ -167,3 +167,16 @@ def test_rebuild_is_bit_identical(small_zoo, tmp_path):
     again = zoo.build("mixtral-tiny", small=True, cache_dir=tmp_path, progress=False)
     for name, d in small_zoo["mixtral"].items():
         assert _sha(again[name] / "model.safetensors") == _sha(d / "model.safetensors"), name
+
+
+def test_recipes_are_data_and_the_cache_key_ignores_the_package_version(monkeypatch):
+    import multimoe_rt
+
+    assert sorted(zoo.RECIPES) == sorted(p.stem for p in zoo.RECIPE_DIR.glob("*.json"))
+    sums = {"wikitext2/validation.txt": "0" * 64}
+    key = zoo.recipe_hash("mixtral-tiny", True, sums)
+    monkeypatch.setattr(multimoe_rt, "__version__", "99.0")
+    assert zoo.recipe_hash("mixtral-tiny", True, sums) == key
+    monkeypatch.setattr(zoo, "ZOO_CODE_VERSION", zoo.ZOO_CODE_VERSION + "x")
+    assert zoo.recipe_hash("mixtral-tiny", True, sums) != key
+    assert zoo.recipe_hash("mixtral-tiny", True, {**sums, "ptb/validation.txt": "1" * 64}) != key

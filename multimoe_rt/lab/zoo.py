@@ -53,53 +53,21 @@ TEST_FILES = {
 }
 HELD_OUT_FRACTION = 0.05
 
-# Step counts were sized for the whole zoo (both families, full size) to build in about 8-9 minutes on two
-# idle cores here (~2.4 Mixtral steps/s, ~8 Switch steps/s at these shapes).
-RECIPES = {
-    "mixtral-tiny": {
-        "family": "mixtral", "seed": 1234, "lr": 1e-3, "threads": 2, "seq": 256, "batch": 16, "eval_windows": 32,
-        "model": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2},
-        "router_aux_loss_coef": 0.01,
-        "base": {"domain": "wikitext2", "steps": 450, "warmup": 30},
-        "variants": {
-            "ptb": {"domain": "ptb", "steps": 100, "warmup": 10},
-            "shakespeare": {"domain": "shakespeare", "steps": 100, "warmup": 10},
-            "pycode": {"domain": "pycode", "steps": 100, "warmup": 10},
-            "ptb-frozen": {"domain": "ptb", "steps": 100, "warmup": 10, "freeze_experts": "first_half"},
-        },
-    },
-    "switch-tiny": {
-        "family": "switch", "seed": 4321, "lr": 1e-3, "threads": 2, "batch": 16, "eval_batches": 8,
-        "input_len": 128, "noise_density": 0.15, "mean_span": 3.0, "target_len": 64,
-        "model": {"d_model": 128, "d_ff": 256, "d_kv": 32, "num_heads": 4, "num_layers": 2,
-                  "num_decoder_layers": 2, "num_experts": 8, "expert_capacity": 512},
-        "base": {"domain": "wikitext2", "task": "span", "steps": 600, "warmup": 30},
-        "variants": {
-            "ptb": {"domain": "ptb", "task": "span", "steps": 120, "warmup": 10},
-            "shakespeare": {"domain": "shakespeare", "task": "span", "steps": 120, "warmup": 10},
-            "pycode": {"domain": "pycode", "task": "span", "steps": 120, "warmup": 10},
-            "wiki-continue": {"domain": "wikitext2", "task": "continue", "steps": 120, "warmup": 10},
-        },
-    },
-}
-# --small: same structure, a fraction of the size, for tests (whole zoo well under a minute).
-# One thread there: at these sizes a second thread only adds synchronisation, and spinning OpenMP threads on
-# a shared, loaded machine made small steps ~50x slower than on one thread.
-SMALL = {
-    "mixtral-tiny": {
-        "threads": 1, "seq": 64, "batch": 8, "eval_windows": 4,
-        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "num_key_value_heads": 1, "num_local_experts": 4, "num_experts_per_tok": 2},
-        "base": {"steps": 40, "warmup": 5}, "variant_steps": 15, "variant_warmup": 3,
-    },
-    "switch-tiny": {
-        "threads": 1, "batch": 8, "eval_batches": 2, "input_len": 64, "target_len": 32,
-        "model": {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 1,
-                  "num_decoder_layers": 1, "num_experts": 4, "expert_capacity": 512},
-        "base": {"steps": 40, "warmup": 5}, "variant_steps": 15, "variant_warmup": 3,
-    },
-}
+from .. import __version__ as _package_version  # noqa: E402  (recorded in manifests, not hashed)
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def _load_recipes() -> tuple[dict, dict]:
+    """recipes/<name>.json: {"description", "sizing", "params": full-size recipe, "small": --small overrides}."""
+    full, small = {}, {}
+    for f in sorted(RECIPE_DIR.glob("*.json")):
+        doc = json.loads(f.read_text())
+        full[f.stem], small[f.stem] = doc["params"], doc["small"]
+    return full, small
+
+
+RECIPES, SMALL = _load_recipes()
 
 
 class ZooError(RuntimeError):
@@ -131,17 +99,11 @@ def _used_files(params) -> list[str]:
     return sorted(TRAIN_FILES[d] for d in domains)
 
 
-def _package_version() -> str:
-    # the package's own attribute, not installed metadata: a checkout and an install must hash alike
-    from .. import __version__
-
-    return __version__
-
-
 def recipe_hash(recipe: str, small: bool, checksums: dict) -> str:
+    """The cache key: the recipe (its parameters), the data checksums and the training-code version. Not the
+    package version: a release that leaves training alone keeps its built zoos."""
     blob = json.dumps({"recipe": recipe, "small": small, "params": recipe_params(recipe, small),
-                       "data": checksums, "zoo_code": ZOO_CODE_VERSION, "package": _package_version()},
-                      sort_keys=True)
+                       "data": checksums, "zoo_code": ZOO_CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -455,7 +417,7 @@ def build(recipe: str, small: bool = False, data_dir=None, cache_dir=None, progr
         summary[name] = row
     manifest = {
         "recipe": recipe, "small": small, "hash": h, "params": params, "zoo_code_version": ZOO_CODE_VERSION,
-        "package_version": _package_version(), "torch": torch.__version__,
+        "package_version": _package_version, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "data_dir": str(data_dir), "data_sha256": checksums, "held_out_fraction": HELD_OUT_FRACTION,
         "tokenizer": tok.to_dict(), "build_seconds": round(build_s, 1),
