@@ -6,19 +6,51 @@ was built with the CUDA sources. Importing _C registers the ops torch.ops.multim
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+# Written by setup.py at every build (in the source tree: an editable install finds it): status, the CUDA
+# toolkit it used and how it found it, and on failure the compiler's own error lines.
+BUILD_LOG = Path(__file__).resolve().parent.parent / "build" / "multimoe_rt_ext_build.json"
+
+
+def build_info() -> dict | None:
+    """The last build's record (see setup.py), or None where there is none (a wheel install)."""
+    try:
+        return json.loads(BUILD_LOG.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _build_reason(info: dict | None) -> str:
+    if not info or info.get("status") == "ok":
+        return ""
+    why = [f"last build {info.get('status')}: {info.get('error', '?')}"]
+    errs = info.get("compiler_errors") or info.get("log_tail", [])[-5:]
+    if errs:
+        why.append("compiler: " + " | ".join(errs[:5]))
+    return "; ".join(why)
+
 
 try:
     from . import _C  # noqa: F401  (registers the torch.library ops)
 
     available = True
-    reason = "loaded multimoe_rt._C"
     has_cuda_ops = bool(getattr(_C, "has_cuda_ops", False))
+    _info = build_info()
+    reason = "loaded multimoe_rt._C" + (" (CPU ops only)" if not has_cuda_ops else " (CPU and CUDA ops)")
+    if torch.version.cuda and not has_cuda_ops and _info and not _info.get("with_cuda", True):
+        reason += f"; CUDA sources not built: CUDA toolkit: {_info.get('cuda_home_how')}"
+    if _build_reason(_info):
+        reason += f"; an older build is loaded, the {_build_reason(_info)}"
 except ImportError as e:  # not built (failed or skipped build), or built against another torch
     available = False
-    reason = (f"multimoe_rt._C not loadable ({e}); build it with `pip install --no-build-isolation -e .` "
-              "(the PyTorch/Triton paths work without it)")
     has_cuda_ops = False
+    _why = _build_reason(build_info())
+    reason = (f"multimoe_rt._C not loadable ({e})" + (f"; {_why}" if _why else "")
+              + "; build it with `pip install --no-build-isolation -e .` (the PyTorch/Triton paths work without it)")
 
 
 def align_cpu(slot_ids: torch.Tensor, num_slots: int, block_m: int):
