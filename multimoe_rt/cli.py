@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multimoe-rt", description="Serve several fine-tuned variants of one MoE LLM.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    # ---- zoo: tiny trained variants (multimoe_rt/zoo.py)
+    # ---- zoo: tiny trained variants (multimoe_rt/lab/zoo.py, recipes in lab/recipes/*.json)
     zoo_p = sub.add_parser("zoo", help="tiny trained MoE variants built locally")
     zoo_sub = zoo_p.add_subparsers(dest="zoo_command", required=True)
     b = zoo_sub.add_parser("build", help="train (or reuse from the cache) a zoo recipe and print its summary")
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_zoo_build)
 
-    # ---- plan: expert consolidation (multimoe_rt/plan.py)
+    # ---- plan: expert consolidation (multimoe_rt/plan/)
     pl = sub.add_parser("plan", help="decide which experts the variants share (Algorithm 1); write plan JSON")
     pl.add_argument("variant_dirs", nargs="+", metavar="VARIANT_DIR", help="HF directories, anchor (base) first")
     pl.add_argument("--names", default=None, help="comma-separated variant names (default: directory names)")
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
 
-    # ---- serving QoS benchmark and the demo (multimoe_rt/serve.py, baselines.py, bench/serve_qos.py)
+    # ---- serving QoS benchmark and the demo (multimoe_rt/serve.py, lab/baselines.py, bench/serve_qos.py)
     q = sub.add_parser("bench-qos", help="QoS sweep over arrival rates: ours vs partitioned (MIG-like), swap, resident")
     _serve_qos_args(q)
     q.set_defaults(func=cmd_bench_qos)
