@@ -356,12 +356,14 @@ class Engine:
             for s in list(self.running):
                 self._retire(s, "error", RuntimeError(f"forward failed: {e}"))
             return True
+        greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row of the step
         row = 0
         for e, s in zip(entries, fed):
             s.cached += len(e.tokens)
             if not e.logits:
                 continue
-            token = sample(logits[row], s.h.temperature, s.h.top_p, s.generator)
+            token = greedy[row] if s.h.temperature == 0 else \
+                sample(logits[row], s.h.temperature, s.h.top_p, s.generator)
             row += 1
             s.h._emit(token)
             self.stats["tokens"] += 1

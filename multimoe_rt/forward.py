@@ -62,8 +62,11 @@ def _segments(sets: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = None) -> Batch:
-    """Host-side indices of one step. ``entries`` must be sorted by ``set``."""
+CTX_BUCKET = 16  # key lengths are rounded up to a multiple of this: fewer distinct shapes per step
+
+
+def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = None, max_len: int | None = None) -> Batch:
+    """Host-side indices of one step. ``entries`` must be sorted by ``set``; ``max_len`` caps the key length."""
     if not entries:
         raise ValueError("make_batch: a batch needs at least one sequence")
     if any(a.set > b.set for a, b in zip(entries, entries[1:])):
@@ -86,7 +89,8 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
         token_slots += [e.slot] * n
         if e.logits:
             logit_rows.append(len(tokens) - 1)
-    ctx = int(q_pos.max()) + 1
+    ctx = -(-(int(q_pos.max()) + 1) // CTX_BUCKET) * CTX_BUCKET
+    ctx = ctx if max_len is None else min(ctx, max_len)
     key = torch.arange(ctx)
     mask = key[None, None, :] <= q_pos[:, :, None]
     if sliding_window is not None:
@@ -140,7 +144,7 @@ class BatchedMixtral:
         self.backend = ops.choose_backend(slab.device, backend)
 
     def batch(self, entries: list[BatchEntry]) -> Batch:
-        return make_batch(entries, self.slab.device, self.window)
+        return make_batch(entries, self.slab.device, self.window, self.kv.max_len)
 
     @torch.inference_mode()
     def forward(self, b: Batch) -> torch.Tensor:
