@@ -5,6 +5,12 @@ experts modules are ``SlabExperts`` reading the shared slab through the slot tab
 parameters (all non-expert) are the active set of the ``NonExpertStore``. So ``forward`` and
 ``generate`` are transformers' own (KV cache, EOS, sampling), and switching variant is a store
 switch plus a table-row change.
+
+Threads: every method may be called from any thread. A request (``forward``/``generate``) holds the
+store's request lock from start to end, and a flip needs it too, so a request sees one variant's weights,
+whole; ``prefetch`` from another thread only copies into the staging set, which no request reads (see
+``reconfig`` for the ownership rule). The variant is an argument of every request: what is "active" is
+a cache, never an input.
 """
 
 from __future__ import annotations
@@ -113,16 +119,20 @@ class MultiVariantModel:
         return self.names[self.store.active_variant]
 
     def prefetch(self, variant) -> None:
-        """Start copying ``variant``'s non-expert weights while the current request still runs."""
+        """Start copying ``variant``'s non-expert weights while the current request still runs; safe from any
+        thread (it never changes what a running request reads). Kept until used or replaced."""
         self.store.switch_to(variant)
 
     def switch_to(self, variant) -> None:
+        """Same as ``prefetch``."""
         self.store.switch_to(variant)
 
     def activate(self) -> float:
+        """Flip to the pending copy, if any (after the running request); returns seconds waited for the copy."""
         return self.store.activate()
 
     def use(self, variant) -> None:
+        """Make ``variant`` active now (after the running request); requests do this themselves."""
         self.store.use(variant)
 
     # -- compute ----------------------------------------------------------------------------

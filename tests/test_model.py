@@ -171,3 +171,78 @@ def test_offloaded_experts_serve_the_same_logits(tmp_path):
     for name in ["mixtral-v1", "mixtral-v0", "mixtral-v1"]:
         assert rel_err(mv.forward(name, ids), full.forward(name, ids)) <= FP32_TOL
     assert tier.stats["fetches"] > 0
+
+
+# ---- issue 16: every public method is safe from any thread ---------------------------------------
+
+@pytest.mark.parametrize("meddle", ["prefetch", "switch_to+activate", "use"])
+def test_foreign_thread_switching_never_corrupts_a_running_request(tmp_path, meddle):
+    """A thread that prefetches / switches / activates while another runs forward and generate: every
+    request still sees its own variant's weights, whole (old code: a mix of two variants' weights)."""
+    dirs = save_variants(tmp_path, "mixtral", n=3)
+    mv = MultiVariantModel.from_pretrained(dirs)
+    names = list(mv.names)
+    ids = torch.randint(2, 64, (1, 8), generator=torch.Generator().manual_seed(3))
+    refs = {n: reference("mixtral", d) for n, d in zip(names, dirs)}
+    want = {n: run(refs[n], "mixtral", n, ids, None) for n in names}
+    want_gen = {n: refs[n].generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+                for n in names}
+    mv.store.copy_hook = lambda v, name: time.sleep(0.0002)  # a slow copy widens any race window
+    stop, errors = threading.Event(), []
+
+    def meddler():
+        rng = random.Random(7)
+        while not stop.is_set():
+            try:
+                name = rng.choice(names)
+                if meddle == "prefetch":
+                    mv.prefetch(name)
+                elif meddle == "use":
+                    mv.use(name)
+                else:
+                    mv.switch_to(name)
+                    time.sleep(rng.random() * 0.002)
+                    mv.activate()
+            except BaseException as e:  # noqa: BLE001 -- reported below
+                errors.append(e)
+            if meddle != "prefetch":
+                time.sleep(rng.random() * 0.001)
+
+    t = threading.Thread(target=meddler)
+    t.start()
+    wrong = []
+    try:
+        for i in range(30):
+            name = names[(i * 7) % 3]
+            if rel_err(mv.forward(name, ids), want[name]) > FP32_TOL:
+                wrong.append(("forward", i, name))
+            if i % 4 == 0 and mv.generate(name, ids, max_new_tokens=4).tolist() != want_gen[name].tolist():
+                wrong.append(("generate", i, name))
+    finally:
+        stop.set()
+        t.join()
+    assert errors == [] and wrong == []
+
+
+def test_prefetch_then_generate_current_keeps_the_prefetched_set_and_counts_every_byte(tmp_path):
+    """prefetch(next) then generate(current): the prefetch is kept for later, not thrown away, and every
+    copied byte is counted when it is copied."""
+    dirs = save_variants(tmp_path, "mixtral", n=2)
+    mv = MultiVariantModel.from_pretrained(dirs)
+    ids = torch.randint(2, 64, (1, 5))
+    set_bytes = mv.store.set_nbytes
+    before = mv.store.stats["bytes_copied"]
+    mv.prefetch("mixtral-v1")
+    mv.generate("mixtral-v0", ids, max_new_tokens=2)
+    assert mv.active_variant == "mixtral-v0"
+    mv.generate("mixtral-v1", ids, max_new_tokens=2)
+    assert mv.active_variant == "mixtral-v1"
+    copied = mv.store.stats["bytes_copied"] - before
+    assert 0 < copied <= set_bytes  # v1's set copied once, never twice
+    # a prefetch that is then replaced by another variant's copy is counted as copied and as discarded
+    mv3 = MultiVariantModel.from_pretrained(save_variants(tmp_path / "three", "mixtral", n=3))
+    b0 = mv3.store.stats["bytes_copied"]
+    mv3.prefetch("mixtral-v1")
+    mv3.use("mixtral-v2")
+    s = mv3.store.stats
+    assert s["bytes_discarded"] > 0 and s["bytes_copied"] - b0 >= s["bytes_discarded"]
