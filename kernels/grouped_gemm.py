@@ -1,13 +1,15 @@
 """Fused MoE on the expert slab: align by slot, grouped GEMM up + activation, grouped GEMM down,
 deterministic reduce over k.
 
-    fused_moe_triton(hidden [T,H], slot_ids [T,K], topk_weights [T,K], w1 [S,N1,H], w2 [S,H,I], gated)
+    fused_moe_triton(hidden [T,H], slot_ids [T,K], topk_weights [T,K], w1 [S,N1,H], w2 [S,H,I], gated,
+                     activation="silu"|"gelu"|"gelu_tanh"|"relu"|"swiglu_oai", alpha, limit)
 
 Steps (all on the device, no host sync):
   1. align_triton: pairs p = t*K + k sorted by slot, each slot's run padded to BLOCK_M (sentinel T*K);
      block_slot[b] says which slab slot block b multiplies with (-1: block past the end, exits at once).
   2. _moe_up_kernel: gathers token rows x[p // K], multiplies by w1[slot] (gate rows [0:I] and up rows
-     [I:2I] as two tiles with two accumulators), applies SiLU(gate)*up or ReLU in fp32, writes the
+     [I:2I] as two tiles with two accumulators), applies the activation in fp32 in the epilogue
+     (act(gate)*up, act(x) ungated, or the clamped SwiGLU (up+1)*gate*sigmoid(alpha*gate)), writes the
      intermediate [T*K, I] in the compute dtype.
   3. _moe_down_kernel: intermediate @ w2[slot].T, times the routing weight, writes the per-pair output
      [T*K, H] in fp32 (for K == 1 straight into the output).
@@ -41,19 +43,38 @@ import triton
 import triton.language as tl
 
 from ..config import settings
-from ..torch_moe import check_moe_inputs
+from ..torch_moe import ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation_args, check_moe_inputs, \
+    resolve_activation
 from .align import align_triton, check_launchable, interpreting, padded_size
 
 _DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+# The ACTIVATION constexpr of _moe_up_kernel: torch_moe.ACTIVATIONS in order.
+_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+assert ACTIVATIONS == ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+
+
+@triton.jit
+def _activate(v, ACTIVATION: tl.constexpr):
+    """The elementwise activation in fp32 (codes: _ACT_CODE)."""
+    if ACTIVATION == 0:    # silu
+        out = v * tl.sigmoid(v)
+    elif ACTIVATION == 1:  # gelu, exact: x * Phi(x)
+        out = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACTIVATION == 2:  # gelu, tanh form: 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi)(x + 0.044715 x^3)
+        out = v * tl.sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
+    else:                  # relu
+        out = tl.maximum(v, 0.0)
+    return out
 
 
 @triton.jit
 def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr,
                    num_pairs, H, I,
                    stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ip,
-                   TOP_K: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   alpha, limit,
+                   TOP_K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.load(block_slot_ptr + pid_m)
@@ -88,10 +109,14 @@ def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr,
             acc_u = tl.dot(x, u, acc_u, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
         g_ptrs += BLOCK_K * stride_wh
-    if GATED:
-        act = acc_g * tl.sigmoid(acc_g) * acc_u
+    if ACTIVATION == 4:  # clamped SwiGLU (GPT-OSS), gated only
+        gate = tl.minimum(acc_g, limit)
+        up = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        act = (up + 1.0) * (gate * tl.sigmoid(alpha * gate))
+    elif GATED:
+        act = _activate(acc_g, ACTIVATION) * acc_u
     else:
-        act = tl.maximum(acc_g, 0.0)
+        act = _activate(acc_g, ACTIVATION)
     out_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_n[None, :]
     tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -230,8 +255,11 @@ def allocate_workspace(max_tokens, top_k, hidden, intermediate, num_slots, dtype
 
 def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
                      w1: torch.Tensor, w2: torch.Tensor, gated: bool, config: dict | None = None,
-                     workspace: dict | None = None) -> torch.Tensor:
+                     workspace: dict | None = None, activation: str | None = None, alpha: float = SWIGLU_ALPHA,
+                     limit: float = SWIGLU_LIMIT) -> torch.Tensor:
     """Contract fused_moe on the slab. Returns [T, H] in hidden.dtype.
+
+    activation: torch_moe.ACTIVATIONS (or a transformers name); None = SiLU gated, ReLU ungated.
 
     workspace (optional) holds preallocated contiguous buffers, each at least as large as this call needs
     (see workspace_shapes / allocate_workspace): "intermediate" (hidden.dtype, T*K*I), "pair_out"
@@ -239,6 +267,8 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
     "num_padded", "align_counts" (int32). The returned tensor is then a view of workspace["out"].
     """
     check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated, check_slots=False)
+    activation = resolve_activation(activation, gated)
+    check_activation_args(activation, alpha, limit)
     T, H = hidden.shape
     K = slot_ids.shape[1]
     S = w1.shape[0]
@@ -269,7 +299,8 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
         hidden, w1, inter, sorted_ids, block_slot,
         T * K, H, I,
         hidden.stride(0), hidden.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), inter.stride(0),
-        TOP_K=K, GATED=bool(gated), UPCAST=upcast, DOT_PRECISION=precision,
+        float(alpha), float(limit),
+        TOP_K=K, GATED=bool(gated), ACTIVATION=_ACT_CODE[activation], UPCAST=upcast, DOT_PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
     _moe_down_kernel[(num_blocks, triton.cdiv(H, bn))](
         inter, w2, weights, pair_out, sorted_ids, block_slot,

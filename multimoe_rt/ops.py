@@ -7,6 +7,12 @@ classes are thin layers over them.
 Backends: ``triton`` (GPU; CPU only under ``TRITON_INTERPRET=1``), ``torch`` (pure PyTorch)
 and ``reference`` (float64). Default: triton on CUDA tensors, torch otherwise; the
 ``MULTIMOE_BACKEND`` environment variable or the ``backend`` argument override it.
+
+``fused_moe`` takes the experts' activation (``torch_moe.ACTIVATIONS``; default SiLU when gated, ReLU
+otherwise) and is differentiable: ``register_autograd`` gives gradients for the hidden states, the
+routing weights and both expert weights through a second custom op, ``fused_moe_backward`` (also
+with a fake implementation, so a compiled training step traces through both). Without grad mode
+or without an input that requires grad, the op costs nothing extra.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import functools
 import torch
 
 from . import torch_moe
-from .torch_moe import FLOAT_DTYPES, MoEInputTypeError, check_align_inputs, check_moe_inputs  # noqa: F401
+from .torch_moe import (  # noqa: F401  (re-exported: the op contract's names)
+    ACTIVATIONS, FLOAT_DTYPES, OP_DTYPES, SWIGLU_ALPHA, SWIGLU_LIMIT, MoEInputTypeError, UnsupportedActivationError,
+    check_activation_args, check_align_inputs, check_moe_inputs, resolve_activation)
 from .config import settings
 
 BACKENDS = ("triton", "torch", "reference")
@@ -50,18 +58,67 @@ def choose_backend(device: torch.device, backend: str | None = None) -> str:
 
 @torch.library.custom_op("multimoe_rt::fused_moe", mutates_args=())
 def _fused_moe_op(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  w1: torch.Tensor, w2: torch.Tensor, gated: bool, backend: str) -> torch.Tensor:
+                  w1: torch.Tensor, w2: torch.Tensor, gated: bool, backend: str, activation: str = "auto",
+                  alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    activation = resolve_activation(activation, gated)
     if backend == "triton":
         from .kernels.grouped_gemm import fused_moe_triton
-        return fused_moe_triton(hidden, slot_ids, topk_weights, w1, w2, gated)
+        return fused_moe_triton(hidden, slot_ids, topk_weights, w1, w2, gated, activation=activation,
+                                alpha=alpha, limit=limit)
     if backend == "reference":
-        return torch_moe.moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated).to(hidden.dtype)
-    return torch_moe.moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated)
+        return torch_moe.moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha,
+                                       limit).to(hidden.dtype)
+    return torch_moe.moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit)
 
 
 @_fused_moe_op.register_fake
-def _(hidden, slot_ids, topk_weights, w1, w2, gated, backend):
+def _(hidden, slot_ids, topk_weights, w1, w2, gated, backend, activation="auto", alpha=SWIGLU_ALPHA,
+      limit=SWIGLU_LIMIT):
     return hidden.new_empty(hidden.shape[0], w2.shape[1])
+
+
+@torch.library.custom_op("multimoe_rt::fused_moe_backward", mutates_args=())
+def _fused_moe_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor, slot_ids: torch.Tensor,
+                           topk_weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gated: bool, backend: str,
+                           activation: str, alpha: float, limit: float, need_hidden: bool, need_topk_weights: bool,
+                           need_w1: bool, need_w2: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of fused_moe for (hidden, topk_weights, w1, w2); one not asked for is an empty tensor.
+    Every backend runs the PyTorch backward (it works on any device; the kernels are forward only)."""
+    grads = torch_moe.moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated,
+                                         resolve_activation(activation, gated), alpha, limit,
+                                         needs=(need_hidden, need_topk_weights, need_w1, need_w2))
+    return tuple(g if g is not None else like.new_empty(0)
+                 for g, like in zip(grads, (hidden, topk_weights, w1, w2)))
+
+
+@_fused_moe_backward_op.register_fake
+def _(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated, backend, activation, alpha, limit, need_hidden,
+      need_topk_weights, need_w1, need_w2):
+    return tuple(torch.empty_like(t) if need else t.new_empty(0)
+                 for t, need in ((hidden, need_hidden), (topk_weights, need_topk_weights), (w1, need_w1),
+                                 (w2, need_w2)))
+
+
+def _fused_moe_setup_context(ctx, inputs, output):
+    hidden, slot_ids, topk_weights, w1, w2, gated, backend, *rest = inputs
+    ctx.save_for_backward(hidden, slot_ids, topk_weights, w1, w2)
+    ctx.args = (gated, backend, *rest)
+
+
+def _fused_moe_backward(ctx, grad_out):
+    hidden, slot_ids, topk_weights, w1, w2 = ctx.saved_tensors
+    gated, backend, *rest = ctx.args
+    activation, alpha, limit = (list(rest) + ["auto", SWIGLU_ALPHA, SWIGLU_LIMIT][len(rest):])
+    need = ctx.needs_input_grad
+    d_hidden, d_topk, d_w1, d_w2 = torch.ops.multimoe_rt.fused_moe_backward(
+        grad_out.contiguous(), hidden, slot_ids, topk_weights, w1, w2, gated, backend, activation, alpha, limit,
+        need[0], need[2], need[3], need[4])
+    return (d_hidden if need[0] else None, None, d_topk if need[2] else None, d_w1 if need[3] else None,
+            d_w2 if need[4] else None) + (None,) * len(ctx.args)
+
+
+_fused_moe_op.register_autograd(_fused_moe_backward, setup_context=_fused_moe_setup_context)
 
 
 @torch.library.custom_op("multimoe_rt::align", mutates_args=())
@@ -85,21 +142,34 @@ def _(slot_ids, num_slots, block_m, backend):
 
 
 def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str | None = None,
-              check_slots: bool = True, workspace: dict | None = None) -> torch.Tensor:
+              check_slots: bool = True, workspace: dict | None = None, activation: str | None = None,
+              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
     """Route each token's top-k (slot, weight) pairs through the slab experts; returns ``[T, H]``.
+
+    ``activation``: one of ``ACTIVATIONS`` or a transformers config name (``"gelu_pytorch_tanh"``...);
+    None = SiLU when ``gated``, ReLU otherwise. ``alpha``/``limit`` are the clamped SwiGLU's
+    (``"swiglu_oai"``) parameters. An unsupported activation raises ``UnsupportedActivationError``.
+
+    Differentiable (hidden, topk_weights, w1, w2). float64 inputs run on the torch and reference
+    backends (for gradcheck); the triton backend takes fp32/fp16/bf16.
 
     ``workspace`` (triton backend only): preallocated work buffers (``ExpertSlab.workspace``) so the
     expert path does not allocate per step; that eager path skips the custom op, which
-    ``torch.compile`` traces without it.
+    ``torch.compile`` traces without it, and is taken only when no gradient is being recorded.
     """
-    check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated, check_slots)
+    activation = resolve_activation(activation, gated)
+    check_activation_args(activation, alpha, limit)
     backend = choose_backend(hidden.device, backend)
-    if workspace is not None and backend == "triton" and not torch.compiler.is_compiling():
+    check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated, check_slots,
+                     dtypes=FLOAT_DTYPES if backend == "triton" else OP_DTYPES)
+    alpha, limit = float(alpha), float(limit)
+    if workspace is not None and backend == "triton" and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, topk_weights, w1, w2))):
         from .kernels.grouped_gemm import fused_moe_triton
         return fused_moe_triton(hidden.contiguous(), slot_ids.contiguous(), topk_weights.contiguous(), w1, w2,
-                                gated, workspace=workspace)
+                                gated, workspace=workspace, activation=activation, alpha=alpha, limit=limit)
     return torch.ops.multimoe_rt.fused_moe(hidden.contiguous(), slot_ids.contiguous(), topk_weights.contiguous(),
-                                           w1, w2, gated, backend)
+                                           w1, w2, gated, backend, activation, alpha, limit)
 
 
 def align(slot_ids, num_slots: int, block_m: int = DEFAULT_BLOCK_M, backend: str | None = None):

@@ -1,19 +1,103 @@
-"""Pure-PyTorch MoE backend and the float64 reference.
+"""Pure-PyTorch MoE backend, the float64 reference, the activations and the backward.
 
 Both compute the function every backend must agree on (see ``ops.fused_moe``):
 
-    a      = silu(x @ w1[s][:I].T) * (x @ w1[s][I:].T)   (gated, Mixtral)
-           = relu(x @ w1[s].T)                           (ReLU, Switch)
+    a      = act(x @ w1[s][:I].T) * (x @ w1[s][I:].T)    (gated: gate rows, then up rows; Mixtral)
+           = act(x @ w1[s].T)                            (not gated; Switch)
     out[t] = sum_k topk_weights[t, k] * (a @ w2[s].T),   s = slot_ids[t, k]
+
+``act`` is one of ``ACTIVATIONS``: ``silu`` (the gated default), ``gelu`` (exact, erf), ``gelu_tanh``,
+``relu`` (the ungated default) and ``swiglu_oai``, GPT-OSS's clamped SwiGLU (gated only), which
+replaces the whole gated product:
+
+    gate = min(gate, limit); up = clamp(up, -limit, limit); a = (up + 1) * gate * sigmoid(alpha * gate)
+
+``moe_torch_backward`` is the gradient of that function with respect to the hidden states, the
+routing weights and both expert weights (explicit formulas; tests hold them to torch.autograd on
+the float64 reference).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted by the torch and reference backends (gradcheck); the Triton kernels take FLOAT_DTYPES.
+OP_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+# GPT-OSS's defaults (config.swiglu_alpha, config.swiglu_limit); used by swiglu_oai only.
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
+# Names transformers' configs use (``hidden_act``, ``dense_act_fn``) for the same functions.
+_ALIASES = {
+    "silu": "silu", "swish": "silu",
+    "gelu": "gelu", "gelu_python": "gelu",
+    "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh",
+    "relu": "relu",
+    "swiglu_oai": "swiglu_oai", "swigluoai": "swiglu_oai",
+}
+# Activation modules, by class name (transformers' ACT2FN classes and torch.nn's), so the runtime
+# needs no transformers import to read a module's ``act_fn``.
+_MODULE_NAMES = {
+    "SiLUActivation": "silu", "SiLU": "silu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh", "AccurateGELUActivation": "gelu_tanh",
+    "ReLU": "relu",
+}
+
+
+class UnsupportedActivationError(ValueError):
+    """An activation the fused MoE op does not implement: never replaced by a silent SiLU."""
+
+
+def default_activation(gated: bool) -> str:
+    """What the op applies when no activation is named: SiLU for gated experts, ReLU otherwise."""
+    return "silu" if gated else "relu"
+
+
+def resolve_activation(activation, gated: bool) -> str:
+    """The canonical name (one of ``ACTIVATIONS``) of ``activation``: a canonical name, a transformers
+    config name (``"gelu_pytorch_tanh"``, ``"swish"``, ...), or None / "" / "auto" for the default."""
+    if activation is None or activation in ("", "auto"):
+        return default_activation(gated)
+    name = _ALIASES.get(activation) if isinstance(activation, str) else None
+    if name is None:
+        raise UnsupportedActivationError(
+            f"activation {activation!r} is not supported by the fused MoE op; supported: {', '.join(ACTIVATIONS)} "
+            f"(also accepted: {', '.join(sorted(set(_ALIASES) - set(ACTIVATIONS)))})")
+    if name == "swiglu_oai" and not gated:
+        raise UnsupportedActivationError("activation 'swiglu_oai' (clamped SwiGLU) needs gated experts ([gate; up])")
+    return name
+
+
+def activation_of_module(act_fn) -> str:
+    """The canonical activation of an activation module or function (an experts module's ``act_fn``)."""
+    if act_fn is F.silu:
+        return "silu"
+    if act_fn is F.relu:
+        return "relu"
+    if act_fn is F.gelu:
+        return "gelu"
+    kind = type(act_fn).__name__
+    if kind == "GELU" and isinstance(act_fn, torch.nn.Module):  # torch.nn.GELU(approximate=...)
+        return "gelu_tanh" if getattr(act_fn, "approximate", "none") == "tanh" else "gelu"
+    if kind in _MODULE_NAMES:
+        return _MODULE_NAMES[kind]
+    raise UnsupportedActivationError(
+        f"activation {kind} ({act_fn!r}) is not supported by the fused MoE op; supported: {', '.join(ACTIVATIONS)}")
+
+
+def check_activation_args(activation: str, alpha: float, limit: float) -> None:
+    if activation not in ACTIVATIONS:
+        raise UnsupportedActivationError(f"activation {activation!r}: expected one of {ACTIVATIONS}")
+    if activation == "swiglu_oai" and not (limit > 0 and alpha == alpha):  # NaN alpha fails too
+        raise ValueError(f"swiglu_oai needs limit > 0 and a finite alpha, got alpha={alpha}, limit={limit}")
 
 
 class MoEInputTypeError(TypeError, ValueError):
@@ -21,9 +105,11 @@ class MoEInputTypeError(TypeError, ValueError):
     which raised ValueError before the checks were shared."""
 
 
-def check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated: bool, check_slots: bool = True) -> None:
+def check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated: bool, check_slots: bool = True,
+                     dtypes=FLOAT_DTYPES) -> None:
     """Validate at the boundary so bad input raises here, never inside a kernel: the one check of the
-    fused-MoE contract, used by ``ops.fused_moe`` and by the Triton kernel's entry point."""
+    fused-MoE contract, used by ``ops.fused_moe`` (``dtypes=OP_DTYPES``: float64 too, on the torch and
+    reference backends) and by the Triton kernel's entry point (``FLOAT_DTYPES``)."""
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [T, H], got shape {tuple(hidden.shape)}")
     T, H = hidden.shape
@@ -41,8 +127,8 @@ def check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated: bool, check_
     if slot_ids.dtype not in (torch.int32, torch.int64):
         raise MoEInputTypeError(f"slot_ids must be int32 or int64, got {slot_ids.dtype}")
     for name, t in (("hidden", hidden), ("w1", w1), ("w2", w2), ("topk_weights", topk_weights)):
-        if t.dtype not in FLOAT_DTYPES:
-            raise MoEInputTypeError(f"{name} must be one of {FLOAT_DTYPES}, got {t.dtype}")
+        if t.dtype not in dtypes:
+            raise MoEInputTypeError(f"{name} must be one of {dtypes}, got {t.dtype}")
     if not (hidden.dtype == w1.dtype == w2.dtype):
         raise MoEInputTypeError(f"hidden, w1, w2 must share a dtype, got {hidden.dtype}, {w1.dtype}, {w2.dtype}")
     devices = {t.device for t in (hidden, slot_ids, topk_weights, w1, w2)}
@@ -62,16 +148,76 @@ def check_align_inputs(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> 
         raise ValueError(f"block_m and num_slots must be positive, got {block_m}, {num_slots}")
 
 
-def _activate(h: torch.Tensor, gated: bool) -> torch.Tensor:
+def apply_activation(h: torch.Tensor, gated: bool, activation: str | None = None,
+                     alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """``[n, 2I] -> [n, I]`` (gated: [gate | up]) or ``[n, I] -> [n, I]``: the contract's activation,
+    with torch's own functions (as transformers' eager experts apply them)."""
+    activation = resolve_activation(activation, gated)
+    if activation == "swiglu_oai":
+        gate, up = h.chunk(2, dim=-1)
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     if gated:
         gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.relu(h)
+        return _elementwise(gate, activation) * up
+    return _elementwise(h, activation)
 
 
-def expert_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gated: bool) -> torch.Tensor:
+def _elementwise(v: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(v)
+    if activation == "gelu":
+        return F.gelu(v)
+    if activation == "gelu_tanh":
+        return F.gelu(v, approximate="tanh")
+    return F.relu(v)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _elementwise_and_derivative(v: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(act(v), act'(v))``; the same subgradients as torch.autograd (relu'(0) = 0)."""
+    if activation == "silu":
+        sig = torch.sigmoid(v)
+        return v * sig, sig * (1 + v * (1 - sig))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(v * 0.5 ** 0.5))
+        return v * cdf, cdf + v * torch.exp(-0.5 * v * v) * _INV_SQRT_2PI
+    if activation == "gelu_tanh":
+        inner = _SQRT_2_OVER_PI * (v + 0.044715 * v ** 3)
+        th = torch.tanh(inner)
+        d = 0.5 * (1 + th) + 0.5 * v * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * v * v)
+        return 0.5 * v * (1 + th), d
+    return F.relu(v), (v > 0).to(v.dtype)
+
+
+def activation_backward(h: torch.Tensor, grad_a: torch.Tensor, gated: bool, activation: str | None = None,
+                        alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """d loss / d h, given h (the up projection, as ``apply_activation`` takes it) and d loss / d a."""
+    activation = resolve_activation(activation, gated)
+    if activation == "swiglu_oai":
+        gate, up = h.chunk(2, dim=-1)
+        g = gate.clamp(max=limit)
+        u = up.clamp(min=-limit, max=limit)
+        sig = torch.sigmoid(alpha * g)
+        glu = g * sig
+        d_gate = grad_a * (u + 1) * (sig + alpha * glu * (1 - sig)) * (gate <= limit).to(h.dtype)
+        d_up = grad_a * glu * ((up >= -limit) & (up <= limit)).to(h.dtype)  # torch.clamp: inclusive bounds
+        return torch.cat([d_gate, d_up], dim=-1)
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        act, d = _elementwise_and_derivative(gate, activation)
+        return torch.cat([grad_a * up * d, grad_a * act], dim=-1)
+    return grad_a * _elementwise_and_derivative(h, activation)[1]
+
+
+def expert_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gated: bool, activation: str | None = None,
+                   alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
     """One expert on rows of ``x`` (the contract's function for one slot, routing weight 1)."""
-    return _activate(x @ w1.T, gated) @ w2.T
+    return apply_activation(x @ w1.T, gated, activation, alpha, limit) @ w2.T
 
 
 def padded_size(num_pairs: int, num_slots: int, block_m: int) -> int:
@@ -112,39 +258,93 @@ def align_torch(slot_ids: torch.Tensor, num_slots: int, block_m: int):
     return sorted_ids, block_slot, num_padded.to(torch.int32).reshape(1)
 
 
-def moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated: bool) -> torch.Tensor:
-    """The float64 reference: one token-expert pair at a time, no sorting, no tricks."""
+def moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
+                  alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """The float64 reference: one token-expert pair at a time, no sorting, no tricks. Differentiable
+    with torch.autograd (the tests' gradient reference)."""
     x = hidden.double()
     out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float64, device=hidden.device)
     for k in range(slot_ids.shape[1]):
         s = slot_ids[:, k].long()
         h = torch.einsum("th,tnh->tn", x, w1[s].double())
-        a = _activate(h, gated)
+        a = apply_activation(h, gated, activation, alpha, limit)
         y = torch.einsum("ti,thi->th", a, w2[s].double())
-        out += topk_weights[:, k].double()[:, None] * y
+        out = out + topk_weights[:, k].double()[:, None] * y
     return out
 
 
-def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool) -> torch.Tensor:
+def _slot_runs(slot_ids: torch.Tensor, num_slots: int):
+    """Pairs sorted by slot (stable): ``(order, tokens, [(slot, start, n), ...])`` over used slots only."""
+    K = slot_ids.shape[1]
+    flat = slot_ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_slots).tolist()  # one host sync per call
+    runs, start = [], 0
+    for slot, n in enumerate(counts):
+        if n:
+            runs.append((slot, start, n))
+            start += n
+    return order, order // K, runs
+
+
+def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
+              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
     """Sort pairs by slot, run one matmul per contiguous slot run, reduce over top-k in fp32.
 
     ``torch._grouped_mm`` would fuse the per-run matmuls but it needs CUDA (and bf16 on most
     builds); the loop here is over the slots that actually received tokens, never over tokens.
     """
     T, K = slot_ids.shape
-    flat = slot_ids.reshape(-1).long()
-    order = torch.sort(flat, stable=True).indices
-    tokens = order // K
-    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    order, tokens, runs = _slot_runs(slot_ids, w1.shape[0])
     x = hidden[tokens]
-    pair_out = torch.empty(T * K, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    start = 0
-    for slot, n in enumerate(counts):
-        if n == 0:
-            continue
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    pair_out = torch.empty(T * K, hidden.shape[1], dtype=acc, device=hidden.device)
+    for slot, start, n in runs:
         xs = x[start : start + n]
-        a = _activate(xs @ w1[slot].T, gated)
-        pair_out[order[start : start + n]] = (a @ w2[slot].T).float()
-        start += n
-    pair_out *= topk_weights.reshape(-1, 1).float()
+        a = apply_activation(xs @ w1[slot].T, gated, activation, alpha, limit)
+        pair_out[order[start : start + n]] = (a @ w2[slot].T).to(acc)
+    pair_out *= topk_weights.reshape(-1, 1).to(acc)
     return pair_out.view(T, K, -1).sum(1).to(hidden.dtype)
+
+
+def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
+                       alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT,
+                       needs=(True, True, True, True)):
+    """Gradients of ``moe_torch``'s function: ``(d hidden, d topk_weights, d w1, d w2)``; an entry whose
+    ``needs`` flag is False comes back as None (not computed).
+
+    Recomputes the up projection per slot run (nothing is saved from the forward but its inputs).
+    Matmuls run in the input dtype, the activation's derivative and the routing weight's dot
+    product in fp32 (fp64 for fp64 inputs); d hidden sums over k in that precision.
+    """
+    need_h, need_w, need_w1, need_w2 = needs
+    T, K = slot_ids.shape
+    H, dtype, device = hidden.shape[1], hidden.dtype, hidden.device
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    order, tokens, runs = _slot_runs(slot_ids, w1.shape[0])
+    flat_w = topk_weights.reshape(-1)
+    d_pair = torch.zeros(T * K, H, dtype=acc, device=device) if need_h else None
+    d_weight = torch.zeros(T * K, dtype=acc, device=device) if need_w else None
+    d_w1 = torch.zeros_like(w1) if need_w1 else None
+    d_w2 = torch.zeros_like(w2) if need_w2 else None
+    for slot, start, n in runs:
+        pairs, tok = order[start : start + n], tokens[start : start + n]
+        xs, gs = hidden[tok], grad_out[tok]
+        ws = flat_w[pairs].to(acc)[:, None]
+        h = (xs @ w1[slot].T).to(acc)
+        g_w2 = (gs @ w2[slot]).to(acc)  # d loss / d a for routing weight 1: [n, I]
+        if need_w or need_w2:
+            a = apply_activation(h, gated, activation, alpha, limit)
+            if need_w:  # d loss / d w[t, k] = g[t] . (a @ w2.T) = (g[t] @ w2) . a
+                d_weight[pairs] = (g_w2 * a).sum(-1)
+            if need_w2:
+                d_w2[slot] = ((gs.to(acc) * ws).T @ a).to(w2.dtype)
+        if need_h or need_w1:
+            d_h = activation_backward(h, g_w2 * ws, gated, activation, alpha, limit).to(dtype)  # [n, N1]
+            if need_w1:
+                d_w1[slot] = d_h.T @ xs
+            if need_h:
+                d_pair[pairs] = (d_h @ w1[slot]).to(acc)
+    d_hidden = d_pair.view(T, K, H).sum(1).to(dtype) if need_h else None
+    d_topk = d_weight.view(T, K).to(topk_weights.dtype) if need_w else None
+    return d_hidden, d_topk, d_w1, d_w2

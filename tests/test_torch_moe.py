@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from multimoe_rt import ops
-from multimoe_rt.torch_moe import align_torch, moe_reference, moe_torch
+from multimoe_rt.torch_moe import (ACTIVATIONS, UnsupportedActivationError, activation_backward,
+                                   activation_of_module, align_torch, apply_activation, moe_reference, moe_torch,
+                                   resolve_activation)
 
 # Relative error ||out - ref|| / ||ref|| against float64, by dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -14,10 +16,10 @@ def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def make_case(T, K, H, I, S, gated, dtype, seed, slots=None):
+def make_case(T, K, H, I, S, gated, dtype, seed, slots=None, w1_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(dtype)
-    w1 = (torch.randn(S, 2 * I if gated else I, H, generator=g) / H**0.5).to(dtype)
+    w1 = (w1_scale * torch.randn(S, 2 * I if gated else I, H, generator=g) / H**0.5).to(dtype)
     w2 = (torch.randn(S, H, I, generator=g) / I**0.5).to(dtype)
     s = torch.randint(0, S, (T, K), generator=g) if slots is None else slots
     w = torch.rand(T, K, generator=g) + 0.1
@@ -106,7 +108,8 @@ def test_backend_env_override(monkeypatch, reload_settings):
 
 
 @pytest.mark.parametrize("mutate,exc,match", [
-    (lambda a: a.update(x=a["x"].double()), TypeError, "must be one of"),
+    (lambda a: a.update(x=a["x"].int()), TypeError, "must be one of"),
+    (lambda a: a.update(x=a["x"].double()), TypeError, "share a dtype"),
     (lambda a: a.update(x=a["x"][:, :-1]), ValueError, "expert shapes"),
     (lambda a: a.update(s=a["s"].float()), TypeError, "int32 or int64"),
     (lambda a: a.update(s=a["s"] + 100), IndexError, "out of range"),
@@ -121,3 +124,97 @@ def test_bad_input_raises_clearly(mutate, exc, match):
     mutate(a)
     with pytest.raises(exc, match=match):
         ops.fused_moe(a["x"], a["s"], a["w"], a["w1"], a["w2"], True)
+
+
+# ---- activations -------------------------------------------------------------------------------------
+GATED_ACTS = [(True, a) for a in ACTIVATIONS] + [(False, a) for a in ACTIVATIONS if a != "swiglu_oai"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated,activation", GATED_ACTS)
+def test_moe_torch_matches_reference_per_activation(gated, activation, dtype):
+    # w1 scaled up so pre-activations reach well past GELU's and SiLU's curved region and the clamp limit
+    x, s, w, w1, w2 = make_case(40, 2, 24, 20, 5, gated, dtype, seed=len(activation) + 7 * gated, w1_scale=3.0)
+    ref = moe_reference(x, s, w, w1, w2, gated, activation, 1.702, 2.0)
+    out = moe_torch(x, s, w, w1, w2, gated, activation, 1.702, 2.0)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) <= TOL[dtype]
+    # the op, both backends, takes the activation as a keyword (the default stays SiLU / ReLU)
+    for backend in ("torch", "reference"):
+        got = ops.fused_moe(x, s, w, w1, w2, gated, backend=backend, activation=activation, alpha=1.702, limit=2.0)
+        assert rel_err(got, ref) <= TOL[dtype]
+
+
+def test_activations_differ_so_the_choice_matters():
+    x, s, w, w1, w2 = make_case(30, 2, 16, 12, 4, True, torch.float32, seed=11, w1_scale=3.0)
+    outs = {a: moe_reference(x, s, w, w1, w2, True, a, 1.702, 2.0) for a in ACTIVATIONS}
+    for a in ACTIVATIONS:
+        for b in ACTIVATIONS:
+            if a < b:
+                # gelu vs gelu_tanh: ~1e-4 apart, still 10x the fp32 tolerance, so fp32 tests tell them apart
+                assert rel_err(outs[a].float(), outs[b]) > (1e-4 if {a, b} == {"gelu", "gelu_tanh"} else 1e-3), (a, b)
+    assert torch.equal(outs["silu"], moe_reference(x, s, w, w1, w2, True))  # the default is SiLU when gated
+    x, s, w, w1, w2 = make_case(30, 1, 16, 12, 4, False, torch.float32, seed=12)
+    assert torch.equal(moe_reference(x, s, w, w1, w2, False, "relu"), moe_reference(x, s, w, w1, w2, False))
+
+
+def test_activation_definitions_by_hand():
+    v = torch.tensor([-3.0, -0.5, 0.0, 0.7, 2.5], dtype=torch.float64)
+    erf_gelu = 0.5 * v * (1 + torch.erf(v / 2 ** 0.5))
+    tanh_gelu = 0.5 * v * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (v + 0.044715 * v ** 3)))
+    ones = torch.ones_like(v)
+    for name, want in (("silu", v * torch.sigmoid(v)), ("gelu", erf_gelu), ("gelu_tanh", tanh_gelu),
+                       ("relu", v.clamp(min=0))):
+        torch.testing.assert_close(apply_activation(v[None], False, name)[0], want)
+        torch.testing.assert_close(apply_activation(torch.cat([v, ones])[None], True, name)[0], want)
+    # GPT-OSS: gate clamped above at limit, up clamped to [-limit, limit], (up + 1) * gate * sigmoid(alpha gate)
+    gate = torch.tensor([-4.0, 0.3, 1.0, 5.0], dtype=torch.float64)
+    up = torch.tensor([-6.0, 0.5, 2.9, 3.5], dtype=torch.float64)
+    gc, uc = torch.tensor([-4.0, 0.3, 1.0, 3.0]).double(), torch.tensor([-3.0, 0.5, 2.9, 3.0]).double()
+    want = (uc + 1) * gc * torch.sigmoid(1.5 * gc)
+    torch.testing.assert_close(apply_activation(torch.cat([gate, up])[None], True, "swiglu_oai", 1.5, 3.0)[0], want)
+
+
+@pytest.mark.parametrize("gated,activation", GATED_ACTS)
+def test_activation_backward_matches_autograd(gated, activation):
+    g = torch.Generator().manual_seed(5)
+    h = (3 * torch.randn(50, 16 if gated else 8, generator=g, dtype=torch.float64)).requires_grad_()
+    a = apply_activation(h, gated, activation, 1.3, 1.5)
+    grad_a = torch.randn(a.shape, generator=g, dtype=torch.float64)
+    (want,) = torch.autograd.grad(a, h, grad_a)
+    torch.testing.assert_close(activation_backward(h.detach(), grad_a, gated, activation, 1.3, 1.5), want)
+
+
+def test_activation_names_and_errors():
+    assert resolve_activation(None, True) == "silu" and resolve_activation("auto", False) == "relu"
+    for hf_name, ours in (("swish", "silu"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_new", "gelu_tanh"),
+                          ("gelu", "gelu"), ("relu", "relu"), ("swigluoai", "swiglu_oai")):
+        assert resolve_activation(hf_name, True) == ours
+    with pytest.raises(UnsupportedActivationError, match="'quick_gelu'"):
+        resolve_activation("quick_gelu", True)
+    with pytest.raises(UnsupportedActivationError, match="needs gated"):
+        resolve_activation("swiglu_oai", False)
+    x, s, w, w1, w2 = make_case(6, 2, 10, 8, 3, True, torch.float32, seed=4)
+    with pytest.raises(UnsupportedActivationError, match="'mish'"):  # never a silent SiLU
+        ops.fused_moe(x, s, w, w1, w2, True, activation="mish")
+    with pytest.raises(ValueError, match="limit > 0"):
+        ops.fused_moe(x, s, w, w1, w2, True, activation="swiglu_oai", limit=0.0)
+
+
+def test_activation_of_module():
+    from transformers.activations import ACT2FN
+
+    for hf_name, ours in (("silu", "silu"), ("swish", "silu"), ("gelu", "gelu"), ("gelu_python", "gelu"),
+                          ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_new", "gelu_tanh"), ("gelu_fast", "gelu_tanh"),
+                          ("relu", "relu")):
+        assert activation_of_module(ACT2FN[hf_name]) == ours, hf_name
+    assert activation_of_module(torch.nn.GELU(approximate="tanh")) == "gelu_tanh"
+    assert activation_of_module(torch.nn.functional.gelu) == "gelu"
+    for unsupported in ("quick_gelu", "gelu_10", "relu2", "mish"):
+        with pytest.raises(UnsupportedActivationError):
+            activation_of_module(ACT2FN[unsupported])
+    # what transformers computes for those names is what our canonical activation computes
+    v = 3 * torch.randn(200, dtype=torch.float64)
+    for hf_name in ("silu", "gelu", "gelu_python", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "relu"):
+        ours = apply_activation(v[None], False, resolve_activation(hf_name, False))[0]
+        torch.testing.assert_close(ACT2FN[hf_name](v), ours, rtol=1e-9, atol=1e-9)
