@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from multimoe_rt.kernels.grouped_gemm import allocate_workspace, fused_moe_triton, select_config
-from multimoe_rt.torch_moe import moe_reference
+from multimoe_rt.torch_moe import ACTIVATIONS, moe_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-def make_case(T, K, S, H, I, gated, dtype, seed, slots=None, device="cpu"):
+def make_case(T, K, S, H, I, gated, dtype, seed, slots=None, device="cpu", w1_scale=1.0):
     """Fresh random inputs; slots restricts which slab slots receive pairs."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(T, H, generator=g)
-    w1 = torch.randn(S, 2 * I if gated else I, H, generator=g) / H ** 0.5
+    w1 = w1_scale * torch.randn(S, 2 * I if gated else I, H, generator=g) / H ** 0.5
     w2 = torch.randn(S, H, I, generator=g) / I ** 0.5
     pool = torch.tensor(slots if slots is not None else list(range(S)))
     # Distinct slots per token as a router would pick (when the pool allows it).
@@ -37,18 +37,20 @@ def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def run_and_check(T, K, S, H, I, gated, dtype, seed=0, slots=None, device="cpu", config=None):
-    hidden, slot_ids, weights, w1, w2 = make_case(T, K, S, H, I, gated, dtype, seed, slots, device)
+def run_and_check(T, K, S, H, I, gated, dtype, seed=0, slots=None, device="cpu", config=None, activation=None,
+                  alpha=1.702, limit=7.0, w1_scale=1.0):
+    hidden, slot_ids, weights, w1, w2 = make_case(T, K, S, H, I, gated, dtype, seed, slots, device, w1_scale)
     ws = allocate_workspace(T, K, H, I, S, dtype, device, config)
     for buf in ws.values():
         buf.fill_(float("nan") if buf.is_floating_point() else -7)
-    out = fused_moe_triton(hidden, slot_ids, weights, w1, w2, gated, config=config, workspace=ws)
+    out = fused_moe_triton(hidden, slot_ids, weights, w1, w2, gated, config=config, workspace=ws,
+                           activation=activation, alpha=alpha, limit=limit)
     assert out.dtype == dtype and out.shape == (T, H)
     assert out.data_ptr() == ws["out"].data_ptr(), "output must live in the workspace"
     assert bool(torch.isfinite(out).all()), "an output element was not written (NaN poison survived)"
-    ref = moe_reference(hidden, slot_ids, weights, w1, w2, gated)
+    ref = moe_reference(hidden, slot_ids, weights, w1, w2, gated, activation, alpha, limit)
     err = rel_err(out, ref)
-    assert err <= TOL[dtype], f"rel err {err:.2e} > {TOL[dtype]:.0e} (T={T} K={K} H={H} I={I} {dtype})"
+    assert err <= TOL[dtype], f"rel err {err:.2e} > {TOL[dtype]:.0e} (T={T} K={K} H={H} I={I} {dtype} {activation})"
     return out
 
 
@@ -71,10 +73,34 @@ def test_odd_sizes(H, I, gated, K):
     run_and_check(11, K, S=5, H=H, I=I, gated=gated, dtype=torch.float32, seed=H + I)
 
 
+# On CPU (Triton interpreter) the kernels upcast bf16/fp16 operands to float32 before tl.dot (the interpreter's
+# bf16 dot is wrong), so a bf16/fp16 tl.dot never runs here: this checks loads, casts and stores in those
+# dtypes only. The real bf16/fp16 dots are checked by the GPU tests below (test_gpu_against_reference,
+# test_gpu_odd_and_large), which bench/gpu_check.sh runs on the GPU machine.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gated,K", [(True, 2), (False, 1)])
 def test_dtypes(dtype, gated, K):
     run_and_check(37, K, S=5, H=48, I=40, gated=gated, dtype=dtype, seed=7)
+
+
+GATED_ACTS = [(True, a) for a in ACTIVATIONS] + [(False, a) for a in ACTIVATIONS if a != "swiglu_oai"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated,activation", GATED_ACTS)
+def test_activations_in_the_fused_epilogue(gated, activation, dtype):
+    # w1 scaled so pre-activations span GELU's curved region and pass the clamp limit (2.0) both ways
+    run_and_check(21, 2 if gated else 1, S=5, H=40, I=24, gated=gated, dtype=dtype, seed=len(activation),
+                  activation=activation, alpha=1.702, limit=2.0, w1_scale=3.0)
+
+
+def test_gelu_is_not_silu_in_the_kernel():
+    hidden, slot_ids, weights, w1, w2 = make_case(12, 2, 4, 32, 16, True, torch.float32, 13, w1_scale=3.0)
+    gelu = fused_moe_triton(hidden, slot_ids, weights, w1, w2, True, activation="gelu")
+    silu = fused_moe_triton(hidden, slot_ids, weights, w1, w2, True)
+    assert rel_err(silu, moe_reference(hidden, slot_ids, weights, w1, w2, True, "silu")) <= 1e-5
+    assert rel_err(gelu, moe_reference(hidden, slot_ids, weights, w1, w2, True, "gelu")) <= 1e-5
+    assert rel_err(gelu, moe_reference(hidden, slot_ids, weights, w1, w2, True, "silu")) > 1e-2
 
 
 def test_slots_without_tokens():
@@ -129,6 +155,10 @@ def test_shape_and_dtype_errors():
         fused_moe_triton(hidden, slot_ids, weights, w1, w2, False)
     with pytest.raises(ValueError, match="dtype"):
         fused_moe_triton(hidden.half(), slot_ids, weights, w1, w2, True)
+    with pytest.raises(ValueError, match="must be one of"):  # float64 is for the torch/reference backends
+        fused_moe_triton(hidden.double(), slot_ids, weights.double(), w1.double(), w2.double(), True)
+    with pytest.raises(ValueError, match="'quick_gelu'"):
+        fused_moe_triton(hidden, slot_ids, weights, w1, w2, True, activation="quick_gelu")
 
 
 @pytest.mark.gpu
@@ -137,6 +167,15 @@ def test_shape_and_dtype_errors():
 @pytest.mark.parametrize("gated,K", [(True, 2), (False, 1)])
 def test_gpu_against_reference(T, dtype, gated, K):
     run_and_check(T, K, S=24, H=256, I=352, gated=gated, dtype=dtype, seed=T, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [3, 700])
+@pytest.mark.parametrize("gated,activation", GATED_ACTS)
+def test_gpu_activations(T, dtype, gated, activation):
+    run_and_check(T, 2 if gated else 1, S=16, H=256, I=352, gated=gated, dtype=dtype, seed=T, device="cuda",
+                  activation=activation, alpha=1.702, limit=2.0, w1_scale=3.0)
 
 
 @pytest.mark.gpu
