@@ -6,12 +6,12 @@ checkpoint runs. Every header is parsed and checked against the file size before
 truncated download fails here with the file named instead of deep inside a kernel.
 
 Families (by config["model_type"]):
-  mixtral              gated SwiGLU, top-k. transformers-5 fused naming
+  mixtral              gated act(gate) * up, top-k (hidden_act: silu, gelu, gelu_tanh forms, relu). transformers-5 fused naming
                          model.layers.{i}.mlp.experts.gate_up_proj [E, 2I, H], .down_proj [E, H, I], mlp.gate.weight
                        or the per-expert naming of the published Mixtral checkpoints
                          model.layers.{i}.block_sparse_moe.experts.{e}.w1/w3 [I, H], .w2 [H, I], block_sparse_moe.gate.weight
                        (w1 = gate, w3 = up, so w13 = cat([w1, w3]) matches gate_up_proj rows).
-  switch_transformers  ReLU, top-1, encoder and decoder sparse layers
+  switch_transformers  act(x) (dense_act_fn: relu, silu, gelu forms), top-1, encoder and decoder sparse layers
                          {encoder,decoder}.block.{b}.layer.{l}.mlp.experts.expert_{e}.wi.weight [I, H], .wo.weight [H, I]
                          ...mlp.router.classifier.weight [E, H]
 Non-expert tensors are always named as transformers 5 names them.
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from .torch_moe import UnsupportedActivationError, resolve_activation
 
 
 class CheckpointError(ValueError):
@@ -202,6 +204,17 @@ class Variant:
                 return self.config[k]
         raise CheckpointError(f"{self.path / 'config.json'}: missing config key '{key}' for family {self.family}")
 
+    def _activation(self, key: str, default: str, gated: bool) -> str:
+        """The experts' activation from config[key], as the fused MoE op names it (torch_moe.ACTIVATIONS)."""
+        act = self.config.get(key) or default
+        try:
+            name = resolve_activation(act, gated)
+        except UnsupportedActivationError as e:
+            raise CheckpointError(f"{self.path / 'config.json'}: {key} {act!r}: {e}") from None
+        if name == "swiglu_oai":  # GPT-OSS's clamped SwiGLU is not a transformers hidden_act of these families
+            raise CheckpointError(f"{self.path / 'config.json'}: {key} {act!r}: not an activation of {self.family}")
+        return name
+
     def _expect(self, name: str, shape) -> _Entry:
         e = self._entries.get(name)
         if e is None:
@@ -211,9 +224,7 @@ class Variant:
         return e
 
     def _init_mixtral(self):
-        act = self.config.get("hidden_act", "silu")
-        if act != "silu":
-            raise CheckpointError(f"{self.path / 'config.json'}: hidden_act {act!r}: only 'silu' (SwiGLU) is supported")
+        self.activation = self._activation("hidden_act", "silu", gated=True)
         H, I = self._cfg("hidden_size"), self._cfg("intermediate_size")
         E, K = self._cfg("num_local_experts", "num_experts"), self._cfg("num_experts_per_tok")
         L = self._cfg("num_hidden_layers")
@@ -249,10 +260,7 @@ class Variant:
         self._expert_names = expert_names
 
     def _init_switch(self):
-        act = self.config.get("dense_act_fn", "relu")
-        if act != "relu":
-            raise CheckpointError(
-                f"{self.path / 'config.json'}: dense_act_fn {act!r}: only 'relu' Switch experts are supported")
+        self.activation = self._activation("dense_act_fn", "relu", gated=False)
         H, I, E = self._cfg("d_model", "hidden_size"), self._cfg("d_ff"), self._cfg("num_experts")
         self.hidden_size, self.intermediate_size, self.num_experts, self.top_k = H, I, E, 1
         self.vocab_size, self.gated, self._n1 = self._cfg("vocab_size"), False, I
@@ -403,6 +411,7 @@ class VariantSet:
         self.family, self.num_layers, self.num_experts = ref.family, len(ref.moe_layers), ref.num_experts
         self.hidden_size, self.intermediate_size = ref.hidden_size, ref.intermediate_size
         self.gated, self.top_k, self.vocab_size, self.dtype = ref.gated, ref.top_k, ref.vocab_size, ref.dtype
+        self.activation = ref.activation  # the experts' activation (torch_moe.ACTIVATIONS), the same in every variant
         self.moe_layers = list(ref.moe_layers)
 
     @classmethod
@@ -430,7 +439,8 @@ def _check_compatible(ref: Variant, v: Variant):
         raise CheckpointError(f"variant '{v.name}' ({v.path}) is incompatible with '{ref.name}' ({ref.path}): "
                               f"{what}: expected {expected}, found {found}")
 
-    for attr in ("family", "num_experts", "hidden_size", "intermediate_size", "top_k", "vocab_size", "gated", "dtype"):
+    for attr in ("family", "num_experts", "hidden_size", "intermediate_size", "top_k", "vocab_size", "gated", "dtype",
+                 "activation"):
         if getattr(ref, attr) != getattr(v, attr):
             fail(attr, getattr(ref, attr), getattr(v, attr))
     if len(ref.moe_layers) != len(v.moe_layers):
