@@ -32,10 +32,7 @@ from safetensors import safe_open
 
 from .torch_moe import UnsupportedActivationError, resolve_activation
 
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message names the file, the tensor and what was expected vs found."""
-
+from .errors import CheckpointError  # defined with the other error classes; re-exported here
 
 # safetensors dtype strings -> (torch dtype, bytes per element)
 _DTYPES = {
@@ -163,8 +160,12 @@ def _fmt(shape) -> str:
 class Variant:
     """One checkpoint directory, read lazily. See the module docstring for the naming it accepts."""
 
-    def __init__(self, path, name: str | None = None, check_finite: bool = False):
+    def __init__(self, path, name: str | None = None, check_finite: bool = True):
+        """``check_finite``: every floating tensor is checked for NaN/Inf once, as it is first read (one pass
+        over bytes that are read anyway); False skips that, for people who know their checkpoints."""
         self.path = Path(path)
+        self._check_finite = bool(check_finite)
+        self._finite_ok: set = set()
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory")
         self.name = name if name is not None else self.path.name
@@ -194,8 +195,6 @@ class Variant:
         self.expert_nbytes = (self._n1 * self.hidden_size + self.hidden_size * self.intermediate_size) * \
             _DTYPES[self._expert_dtype][1]
         self.dtype = _DTYPES[self._expert_dtype][0]
-        if check_finite:
-            self.check_finite()
 
     # ---- config / layout ----
     def _cfg(self, key, *alts):
@@ -330,7 +329,23 @@ class Variant:
         return h
 
     def _read(self, name: str) -> torch.Tensor:
-        return self._handle(self._entries[name].file).get_tensor(name)
+        return self._finite(name, self._handle(self._entries[name].file).get_tensor(name))
+
+    def _finite(self, name: str, t: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """``t`` (tensor ``name``, or its slice for ``expert``) once checked for NaN/Inf, when checking is on."""
+        key = name if expert is None else (name, expert)
+        if not self._check_finite or key in self._finite_ok or not t.is_floating_point():
+            return t
+        x = t.float() if t.element_size() == 1 else t  # float8: isfinite is not implemented for every kind
+        if not bool(torch.isfinite(x).all()):
+            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+            where = "" if expert is None else f" (expert {expert})"
+            raise CheckpointError(
+                f"{self._entries[name].file}: tensor '{name}'{where}: {n_nan + n_inf} non-finite values "
+                f"({n_nan} NaN, {n_inf} Inf) of {t.numel()}; expected finite values. Fix or re-export the "
+                f"checkpoint (check_finite=False skips this check)")
+        self._finite_ok.add(key)
+        return t
 
     def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w1, w2) of one expert: w1 [2I, H] (gate rows then up rows) or [I, H] (Switch wi); w2 [H, I]."""
@@ -343,7 +358,7 @@ class Variant:
             _, gate_up, down = kind
             w1 = self._handle(self._entries[gate_up].file).get_slice(gate_up)[expert]
             w2 = self._handle(self._entries[down].file).get_slice(down)[expert]
-            return w1, w2
+            return self._finite(gate_up, w1, expert), self._finite(down, w2, expert)
         if kind[0] == "legacy":
             p = f"{kind[1]}.experts.{expert}"
             w13 = torch.cat([self._read(f"{p}.w1.weight"), self._read(f"{p}.w3.weight")], dim=0)
@@ -369,23 +384,21 @@ class Variant:
         return self._entries[self._nonexpert[name]].file
 
     def check_finite(self):
-        """Read every floating tensor once and raise on the first holding NaN or Inf."""
-        for name, e in self._entries.items():
-            if not _DTYPES[e.dtype][0].is_floating_point:
-                continue
-            t = self._read(name)
-            bad = ~torch.isfinite(t)
-            if bool(bad.any()):
-                n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-                raise CheckpointError(f"{e.file}: tensor '{name}': expected finite values, found {n_nan} NaN and "
-                                      f"{n_inf} Inf of {t.numel()}")
+        """Read every floating tensor now (not only as it is used) and raise on the first holding NaN or Inf."""
+        checking, self._check_finite = self._check_finite, True
+        try:
+            for name, e in self._entries.items():
+                if _DTYPES[e.dtype][0].is_floating_point:
+                    self._read(name)
+        finally:
+            self._check_finite = checking
 
     def __repr__(self):
         return (f"Variant({self.name!r}, family={self.family}, layers={len(self.moe_layers)}, "
                 f"experts={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, dtype={self.dtype})")
 
 
-def load_variant(path, name: str | None = None, check_finite: bool = False) -> Variant:
+def load_variant(path, name: str | None = None, check_finite: bool = True) -> Variant:
     return Variant(path, name=name, check_finite=check_finite)
 
 
@@ -415,7 +428,7 @@ class VariantSet:
         self.moe_layers = list(ref.moe_layers)
 
     @classmethod
-    def from_dirs(cls, dirs, names=None, check_finite: bool = False) -> "VariantSet":
+    def from_dirs(cls, dirs, names=None, check_finite: bool = True) -> "VariantSet":
         dirs = list(dirs)
         if names is not None and len(names) != len(dirs):
             raise CheckpointError(f"VariantSet.from_dirs: {len(names)} names for {len(dirs)} directories")

@@ -229,18 +229,30 @@ def test_missing_config_unknown_family_and_pickles(small_zoo, tmp_path):
         load_variant(d)
 
 
-def test_nan_only_with_check_finite(small_zoo, tmp_path):
+def test_nan_and_inf_refused_by_default_as_they_are_read(small_zoo, tmp_path):
+    """Issue 16: NaN/Inf weights are refused by default, one pass per tensor as it is read; the error names the
+    file, the tensor and the count of bad values. check_finite=False is the opt-out (old code: accepted)."""
     d = _copy(small_zoo["mixtral"]["base"], tmp_path / "n")
 
     def poison(sd):
         sd["model.layers.1.mlp.experts.down_proj"][2, 3, 4] = float("nan")
         sd["model.layers.1.mlp.experts.down_proj"][2, 3, 5] = float("inf")
+        sd["model.layers.0.self_attn.q_proj.weight"][0, :3] = float("nan")
 
     _rewrite(d, poison)
-    v = load_variant(d)  # not checked unless asked: reading every byte costs a full pass over the file
-    assert torch.isnan(v.expert(1, 2)[1]).any()
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.mlp.experts.down_proj': expected finite "
-                                              r"values, found 1 NaN and 1 Inf"):
-        load_variant(d, check_finite=True)
-    with pytest.raises(CheckpointError, match="expected finite"):
-        VariantSet.from_dirs([small_zoo["mixtral"]["base"], d], check_finite=True)
+    v = load_variant(d)  # headers only so far: nothing read, nothing checked yet
+    v.expert(1, 1)  # a clean expert of the poisoned tensor reads fine
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.1.mlp.experts.down_proj' "
+                                              r"\(expert 2\): 2 non-finite values \(1 NaN, 1 Inf\)"):
+        v.expert(1, 2)
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.self_attn.q_proj.weight': 3 non-finite "
+                                              r"values \(3 NaN, 0 Inf\)"):
+        v.tensor("model.layers.0.self_attn.q_proj.weight")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_variant(d).check_finite()  # the whole file, now
+    with pytest.raises(CheckpointError, match="non-finite"):
+        VariantSet.from_dirs([small_zoo["mixtral"]["base"], d])[1].expert(1, 2)
+    unchecked = load_variant(d, check_finite=False)  # the opt-out
+    assert torch.isnan(unchecked.expert(1, 2)[1]).any()
+    with pytest.raises(CheckpointError, match="non-finite"):
+        unchecked.check_finite()
