@@ -192,7 +192,7 @@ class Engine:
             plan = plan_mod.make_plan(vs, budget_bytes=budget, share=0.0 if budget is None and share is None
                                       else share, dtype=dtype)
         slab, table = plan_mod.load_slab(plan, vs, device=device, dtype=dtype)
-        weights = VariantWeights(vs, resident_sets or len(vs), device=device, dtype=dtype)
+        weights = VariantWeights.from_variant_set(vs, resident_sets or len(vs), device=device, dtype=dtype)
         cfg = vs[0].config
         heads = cfg["num_attention_heads"]
         kv = KVCache(vs.num_layers, max_seqs, max_len, cfg.get("num_key_value_heads") or heads,

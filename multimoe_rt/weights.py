@@ -43,42 +43,55 @@ def mixtral_tensor_names(num_layers: int, tied: bool) -> dict[str, list[str]]:
     return names
 
 
-class VariantWeights:
-    """Host copies of every variant's non-expert set and ``num_sets`` device sets, LRU-managed."""
+def read_host_sets(variant_set, dtype=torch.float32) -> list[dict[str, torch.Tensor]]:
+    """Every variant's non-expert tensors as the stacked keys of ``mixtral_tensor_names`` (host, ``dtype``)."""
+    if variant_set.family != "mixtral":
+        raise CheckpointError(f"the batched forward serves the mixtral family; got {variant_set.family!r}")
+    tied = bool(variant_set[0].config.get("tie_word_embeddings", False))
+    sources = mixtral_tensor_names(variant_set.num_layers, tied)
+    needed = {n for parts in sources.values() for n in parts}
+    sets = []
+    for v in variant_set:
+        available = set(v.non_expert_names())
+        unused = sorted(available - needed - {"lm_head.weight"})
+        if unused:  # e.g. attention biases: silently ignoring them would serve the wrong function
+            raise CheckpointError(f"{v.path}: non-expert tensor {unused[0]!r} is not used by the batched "
+                                  f"mixtral forward ({len(unused)} such tensors)")
+        host = {}
+        for key, parts in sources.items():
+            missing = [n for n in parts if n not in available]
+            if missing:
+                raise CheckpointError(f"{v.path}: missing non-expert tensor {missing[0]!r} of variant {v.name!r}")
+            t = torch.cat([v.tensor(n) for n in parts]).to(dtype).contiguous()
+            if not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise CheckpointError(f"{v.path}: tensor(s) {parts} hold {bad} NaN/Inf values")
+            host[key] = t
+        sets.append(host)
+    return sets
 
-    def __init__(self, variant_set, num_sets: int, device="cpu", dtype=torch.float32):
-        if variant_set.family != "mixtral":
-            raise CheckpointError(f"the batched forward serves the mixtral family; got {variant_set.family!r}")
+
+class VariantWeights:
+    """Host copies of every variant's non-expert set and ``num_sets`` device sets, LRU-managed.
+
+    ``host``: one dict per variant with the keys of ``mixtral_tensor_names`` (``read_host_sets`` builds it
+    from checkpoints; benchmarks may pass random tensors).
+    """
+
+    def __init__(self, names, host: list[dict[str, torch.Tensor]], num_sets: int, device="cpu",
+                 dtype=torch.float32):
         if num_sets < 1:
             raise ValueError(f"num_sets must be >= 1, got {num_sets}")
-        self.names = list(variant_set.names)
+        if len(names) != len(host) or not host:
+            raise ValueError(f"VariantWeights: {len(names)} names for {len(host)} host sets")
+        self.names = list(names)
         self.num_sets = min(num_sets, len(self.names))
         self.device, self.dtype = torch.device(device), dtype
-        cfg = variant_set[0].config
-        self.tied = bool(cfg.get("tie_word_embeddings", False))
-        self.num_layers = variant_set.num_layers
-        sources = mixtral_tensor_names(self.num_layers, self.tied)
+        self.tied = "lm_head" not in host[0]
+        self.num_layers = sum(1 for k in host[0] if k.endswith(".qkv"))
         pin = torch.cuda.is_available()
-
-        self.host: list[dict[str, torch.Tensor]] = []
-        for v in variant_set:
-            available = set(v.non_expert_names())
-            needed = {n for parts in sources.values() for n in parts}
-            unused = sorted(available - needed - {"lm_head.weight"})
-            if unused:  # e.g. attention biases: silently ignoring them would serve the wrong function
-                raise CheckpointError(f"{v.path}: non-expert tensor {unused[0]!r} is not used by the batched "
-                                      f"mixtral forward ({len(unused)} such tensors)")
-            host = {}
-            for key, parts in sources.items():
-                missing = [n for n in parts if n not in available]
-                if missing:
-                    raise CheckpointError(f"{v.path}: missing non-expert tensor {missing[0]!r} of variant {v.name!r}")
-                t = torch.cat([v.tensor(n) for n in parts]).to(dtype).contiguous()
-                if not torch.isfinite(t).all():
-                    bad = int((~torch.isfinite(t)).sum())
-                    raise CheckpointError(f"{v.path}: tensor(s) {parts} hold {bad} NaN/Inf values")
-                host[key] = t.pin_memory() if pin else t
-            self.host.append(host)
+        self.host = [{k: (t.to(dtype).contiguous().pin_memory() if pin else t.to(dtype).contiguous())
+                      for k, t in h.items()} for h in host]
 
         self.stacked = {k: torch.zeros((self.num_sets, *t.shape), dtype=dtype, device=self.device)
                         for k, t in self.host[0].items()}
@@ -95,6 +108,10 @@ class VariantWeights:
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="multimoe-weights-copy")
         self.copy_hook = None  # tests inject delays or faults here: called as hook(variant)
         self.stats = {"loads": 0, "evictions": 0, "hits": 0, "load_failures": 0, "bytes_copied": 0}
+
+    @classmethod
+    def from_variant_set(cls, variant_set, num_sets: int, device="cpu", dtype=torch.float32) -> "VariantWeights":
+        return cls(variant_set.names, read_host_sets(variant_set, dtype), num_sets, device, dtype)
 
     @property
     def set_nbytes(self) -> int:

@@ -24,7 +24,7 @@ def dirs(tmp_path_factory):
 def build(dirs, share=0.0, sets=None, backend=None, max_seqs=8):
     vs = VariantSet.from_dirs(dirs)
     slab, table = plan.load_slab(plan.make_plan(vs, share=share), vs)
-    w = VariantWeights(vs, sets or len(vs))
+    w = VariantWeights.from_variant_set(vs, sets or len(vs))
     for v in range(w.num_sets):
         assert w.start_load(v, set())
     w.wait_loads()
@@ -125,11 +125,11 @@ def test_weights_refuse_nan_and_tensors_the_forward_would_ignore(tmp_path):
         model.model.norm.weight[3] = float("nan")
     model.save_pretrained(tmp_path / "nan")
     with pytest.raises(CheckpointError, match="NaN"):
-        VariantWeights(VariantSet.from_dirs([tmp_path / "nan"]), 1)
+        VariantWeights.from_variant_set(VariantSet.from_dirs([tmp_path / "nan"]), 1)
     model = T.MixtralForCausalLM(T.MixtralConfig(**MIXTRAL))
     model.save_pretrained(tmp_path / "bias")
     tensors = load_file(tmp_path / "bias" / "model.safetensors")
     tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
     save_file(tensors, tmp_path / "bias" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="not used by the batched"):
-        VariantWeights(VariantSet.from_dirs([tmp_path / "bias"]), 1)
+        VariantWeights.from_variant_set(VariantSet.from_dirs([tmp_path / "bias"]), 1)
