@@ -1,0 +1,563 @@
+"""OpenAI-compatible HTTP server over the continuous-batching engine: one model per variant.
+
+    multimoe-rt serve zoo/base zoo/ptb zoo/pycode --share 0.5 --port 8000
+
+Endpoints: ``GET /v1/models`` (each variant; fine-tunes name the base as ``parent``), ``GET /v1/models/{id}``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``: server-sent events ending in
+``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus). Errors are OpenAI-style JSON: 400 invalid
+fields, 404 unknown model, 413 prompt (+ max_tokens) over the context or body too large, 429 queue full,
+503 shutting down. A client that disconnects cancels its request (the engine frees the sequence's KV slot
+at its next step); SIGTERM stops accepting, lets in-flight requests finish within ``drain_timeout``, then
+stops the engine.
+
+The app talks to a *backend*: ``EngineBackend`` (an in-process ``Engine``) here, ``RayBackend`` in
+``ray_serve.py`` (replicas holding variant groups). Both give the same routes, bodies and errors.
+"""
+
+from __future__ import annotations
+
+try:
+    import prometheus_client
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(f"multimoe_rt.integrations.server needs the 'serve' extra ({e.name} is missing): "
+                      "pip install 'multimoe_rt[serve]'  (fastapi, uvicorn, prometheus-client)") from e
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ..engine import QueueFull
+from ..serve import EngineClosed, RequestError
+from . import openai_api as oa
+from .openai_api import APIError
+
+log = logging.getLogger(__name__)
+_DONE = object()
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------------------
+class EngineBackend:
+    """An in-process ``Engine``. ``submit`` returns the engine's ``RequestHandle`` (an async token stream
+    with ``cancel()`` and ``finish_reason``); ``stats`` feeds /metrics and /health."""
+
+    def __init__(self, engine, dirs, codecs: dict | None = None):
+        self.engine = engine
+        self.names = list(engine.names)
+        self.dirs = {n: str(d) for n, d in zip(self.names, dirs)}
+        self.parents = {n: (None if i == 0 else self.names[0]) for i, n in enumerate(self.names)}
+        self.codecs = codecs if codecs is not None else oa.load_codecs(dirs, self.names)
+        self.context = engine.kv.max_len
+        self.max_seqs = engine.kv.max_seqs
+
+    async def submit(self, variant: str, prompt: list[int], **kw):
+        return self.engine.submit(variant, prompt, **kw)
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {"load": e.load(), "kv_free": e.kv.num_free, "kv_slots": e.kv.max_seqs, "max_queue": e.max_queue,
+                "weights": dict(e.weights.stats), "memory": e.memory_footprint(), "engine": dict(e.stats)}
+
+    async def aclose(self, timeout: float | None) -> None:
+        await asyncio.to_thread(self.engine.shutdown, True, timeout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------
+class _EngineCollector:
+    """Engine gauges read at scrape time."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def collect(self):
+        s = self.backend.stats() if hasattr(self.backend, "stats") else None
+        if not s:
+            return
+        for name, doc, value in [("running_sequences", "sequences in the running batch", s["load"]["running"]),
+                                 ("waiting_requests", "requests waiting to be admitted", s["load"]["waiting"]),
+                                 ("kv_free_slots", "free sequence slots of the KV cache", s["kv_free"]),
+                                 ("kv_slots", "sequence slots of the KV cache (max batch)", s["kv_slots"]),
+                                 ("queue_capacity", "max waiting requests before 429", s["max_queue"])]:
+            yield GaugeMetricFamily(f"multimoe_{name}", doc, value=value)
+        for key, doc in [("loads", "non-expert weight-set loads (partial reconfigurations)"),
+                         ("evictions", "non-expert weight sets evicted (LRU)"),
+                         ("hits", "weight-set lookups that found the variant resident"),
+                         ("load_failures", "weight-set loads that failed"),
+                         ("bytes_copied", "bytes copied host to device by weight-set loads")]:
+            yield CounterMetricFamily(f"multimoe_weight_set_{key}", doc, value=s["weights"].get(key, 0))
+        yield CounterMetricFamily("multimoe_engine_steps", "batched forward steps", value=s["engine"].get("steps", 0))
+        yield CounterMetricFamily("multimoe_engine_tokens", "tokens generated by the engine",
+                                  value=s["engine"].get("tokens", 0))
+        g = GaugeMetricFamily("multimoe_device_bytes", "device bytes by kind", labels=["kind"])
+        for k, v in s["memory"].items():
+            g.add_metric([k.removesuffix("_bytes")], v)
+        yield g
+
+
+class Metrics:
+    """Prometheus metrics of one app, in their own registry (several apps can live in one process)."""
+
+    def __init__(self, backend):
+        self.registry = prometheus_client.CollectorRegistry()
+        r = self.registry
+        self.http = prometheus_client.Counter("multimoe_http_requests", "HTTP requests by endpoint, model and status",
+                                              ["endpoint", "model", "status"], registry=r)
+        self.finished = prometheus_client.Counter("multimoe_requests", "generation requests (choices) by variant "
+                                                  "and how they ended", ["model", "status"], registry=r)
+        self.ttft = prometheus_client.Histogram("multimoe_ttft_seconds", "request arrival at the server to its "
+                                                "first token", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.turnaround = prometheus_client.Histogram("multimoe_turnaround_seconds", "request arrival at the "
+                                                      "server to its last token", ["model"], buckets=LATENCY_BUCKETS,
+                                                      registry=r)
+        self.prompt_tokens = prometheus_client.Counter("multimoe_prompt_tokens", "prompt tokens", ["model"], registry=r)
+        self.completion_tokens = prometheus_client.Counter("multimoe_completion_tokens", "generated tokens",
+                                                           ["model"], registry=r)
+        r.register(_EngineCollector(backend))
+
+    def expose(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one generation request: submit its choices, stream or collect them
+# ---------------------------------------------------------------------------------------------------
+class _Choice:
+    def __init__(self, index: int, job, stream: oa.TextStream, prompt_len: int):
+        self.index, self.job, self.ts, self.prompt_len = index, job, stream, prompt_len
+        self.finish_reason: str | None = None
+        self.first: float | None = None
+
+
+class _Generation:
+    def __init__(self, app_state, kind: str, variant: str, choices: list[_Choice], t0: float, req: oa.GenRequest):
+        self.s, self.kind, self.variant, self.choices, self.t0, self.req = app_state, kind, variant, choices, t0, req
+        self.rid, self.created = oa.new_id(kind), int(time.time())
+
+    def _finish(self, c: _Choice, reason: str) -> None:
+        if c.finish_reason is not None:
+            return
+        c.finish_reason = reason
+        m = self.s.metrics
+        m.finished.labels(self.variant, reason).inc()
+        if reason != "cancelled":
+            m.turnaround.labels(self.variant).observe(time.perf_counter() - self.t0)
+        m.prompt_tokens.labels(self.variant).inc(c.prompt_len)
+        m.completion_tokens.labels(self.variant).inc(len(c.ts.ids))
+
+    def _token(self, c: _Choice, tok: int) -> str | None:
+        """Feed one token; the text delta, or None when the choice already ended."""
+        if c.finish_reason is not None:
+            return None
+        if c.first is None:
+            c.first = time.perf_counter()
+            self.s.metrics.ttft.labels(self.variant).observe(c.first - self.t0)
+        text = c.ts.push(tok)
+        if c.ts.stopped:   # a stop string the engine could not see as token ids
+            c.job.cancel()
+        return text
+
+    def _end(self, c: _Choice, error: BaseException | None) -> str:
+        """The job's stream ended: the last text, and the choice's finish_reason is set."""
+        if c.finish_reason is not None:
+            return ""
+        if error is not None:
+            self._finish(c, "error")
+            raise error
+        tail = c.ts.flush()
+        reason = "stop" if c.ts.stopped else (c.job.finish_reason or "stop")
+        self._finish(c, reason)
+        return tail
+
+    def cancel_all(self) -> None:
+        for c in self.choices:
+            c.job.cancel()
+            self._finish(c, "cancelled")
+
+    def usage(self) -> dict:
+        return oa.usage(sum(c.prompt_len for c in self.choices if c.index % self.req.n == 0),
+                        sum(len(c.ts.ids) for c in self.choices))
+
+    # -- non-streaming ----------------------------------------------------------------------
+    async def collect(self) -> dict:
+        async def one(c: _Choice):
+            text, error = [], None
+            try:
+                async for tok in c.job:
+                    piece = self._token(c, tok)
+                    if piece is None:
+                        break
+                    text.append(piece)
+                    if c.finish_reason is None and c.ts.stopped:
+                        break
+            except Exception as e:  # noqa: BLE001 - the engine failed this request
+                error = e
+            text.append(self._end(c, error))
+            return "".join(text)
+
+        try:
+            texts = await asyncio.gather(*(one(c) for c in self.choices))
+        except Exception as e:  # noqa: BLE001
+            self.cancel_all()
+            raise APIError(500, f"generation failed: {e}", code="engine_error") from e
+        choices = [oa.choice(self.kind, c.index, t, c.finish_reason, list(c.ts.ids)) for c, t in zip(self.choices, texts)]
+        return oa.envelope(self.kind, self.rid, self.variant, self.created, choices, self.usage())
+
+    # -- streaming ----------------------------------------------------------------------------
+    def _chunk(self, choices: list, usage_=None) -> bytes:
+        body = oa.envelope(self.kind, self.rid, self.variant, self.created, choices, usage_, chunk=True)
+        if self.req.include_usage and usage_ is None:
+            body["usage"] = None
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+    async def events(self):
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c: _Choice):
+            try:
+                async for tok in c.job:
+                    q.put_nowait((c, tok))
+                q.put_nowait((c, _DONE))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                q.put_nowait((c, e))
+
+        tasks = [asyncio.ensure_future(pump(c)) for c in self.choices]
+        try:
+            if self.kind == "chat":
+                yield self._chunk([oa.choice("chat", c.index, "", None, [], delta=True, first=True)
+                                   for c in self.choices])
+            open_ = len(self.choices)
+            while open_:
+                c, item = await q.get()
+                if c.finish_reason is not None:
+                    continue
+                if isinstance(item, BaseException) or item is _DONE:
+                    try:
+                        tail = self._end(c, item if isinstance(item, BaseException) else None)
+                    except Exception as e:  # noqa: BLE001 - report in-band, as OpenAI-style error data
+                        err = APIError(500, f"generation failed: {e}", code="engine_error").body()
+                        yield b"data: " + json.dumps(err).encode() + b"\n\n"
+                        self.cancel_all()
+                        break
+                    yield self._chunk([oa.choice(self.kind, c.index, tail, c.finish_reason, [], delta=True)])
+                    open_ -= 1
+                    continue
+                text = self._token(c, item)
+                if c.ts.stopped:
+                    self._finish(c, "stop")
+                    open_ -= 1
+                    yield self._chunk([oa.choice(self.kind, c.index, text, "stop", [item], delta=True)])
+                else:
+                    yield self._chunk([oa.choice(self.kind, c.index, text, None, [item], delta=True)])
+            if self.req.include_usage:
+                yield self._chunk([], self.usage())
+            yield b"data: [DONE]\n\n"
+        finally:   # also on a client disconnect (the response task is cancelled): free the sequences
+            for t in tasks:
+                t.cancel()
+            for c in self.choices:
+                if c.finish_reason is None:
+                    c.job.cancel()
+                    self._finish(c, "cancelled")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the app
+# ---------------------------------------------------------------------------------------------------
+class _State:
+    def __init__(self, backend, metrics, default_max_tokens, max_body_bytes):
+        self.backend, self.metrics = backend, metrics
+        self.default_max_tokens, self.max_body_bytes = default_max_tokens, max_body_bytes
+        self.shutting_down = False
+
+
+def _error_response(e: APIError, headers=None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _read_json(request: Request, limit: int):
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes is over the limit of {limit}", code="request_too_large")
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+    return oa.parse_body(bytes(raw))
+
+
+class _CountRequests:
+    """Pure ASGI middleware (it does not wrap the response stream): counts /v1/ requests by endpoint, model
+    (``request.state.model``, set by the handler once it knows the model) and status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope["path"]
+            endpoint = "/v1/models/{id}" if path.startswith("/v1/models/") else path
+            if endpoint not in ("/v1/models", "/v1/models/{id}", "/v1/completions", "/v1/chat/completions"):
+                endpoint = "other"
+            model = (scope.get("state") or {}).get("model", "")
+            self.metrics.http.labels(endpoint, model, str(status[0])).inc()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(backend, *, default_max_tokens: int = 16, max_body_bytes: int = 8 << 20,
+              drain_timeout: float | None = 30.0, close_backend: bool = True) -> FastAPI:
+    """The ASGI app over ``backend`` (``EngineBackend``, or ``ray_serve.RayBackend``).
+
+    ``default_max_tokens``: a completion without ``max_tokens`` gets this many (OpenAI's 16), a chat the rest
+    of the context. ``drain_timeout``: how long shutdown lets the engine finish in-flight requests."""
+    metrics = Metrics(backend)
+    state = _State(backend, metrics, default_max_tokens, max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.shutting_down = True
+        if close_backend and hasattr(backend, "aclose"):
+            await backend.aclose(drain_timeout)
+
+    app = FastAPI(title="multimoe_rt", summary="OpenAI-compatible server: one model per fine-tuned variant",
+                  lifespan=lifespan)
+    app.state.mm = state
+
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+        return _error_response(e, headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unhandled error in %s", request.url.path)
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
+
+    @app.get("/health")
+    async def health():
+        closing = state.shutting_down
+        body = {"status": "shutting_down" if closing else "ok", "models": backend.names}
+        s = backend.stats() if hasattr(backend, "stats") else None
+        if s:
+            body.update(s["load"])
+        return JSONResponse(body, status_code=503 if closing else 200)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.expose(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    def card(name):
+        return oa.model_card(name, backend.parents[name], backend.dirs[name], backend.context)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card(n) for n in backend.names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request):
+        request.state.model = model if model in backend.names else ""
+        if model not in backend.names:
+            raise _unknown(model)
+        return card(model)
+
+    def _unknown(name) -> APIError:
+        return APIError(404, f"The model '{name}' does not exist; this server serves {backend.names}",
+                        param="model", code="model_not_found")
+
+    async def generate(request: Request, parse, kind: str):
+        t0 = time.perf_counter()
+        req = parse(await _read_json(request, state.max_body_bytes))
+        if req.model not in backend.names:
+            raise _unknown(req.model)
+        request.state.model = req.model
+        if state.shutting_down:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        codec = backend.codecs.get(req.model)
+        stops = list(req.stop)
+        if kind == "chat":
+            if codec is None:
+                raise APIError(400, f"model '{req.model}' has no tokenizer, so it cannot take chat messages; "
+                               "use /v1/completions with token ids", param="messages", code="no_tokenizer")
+            if oa.uses_builtin_template(codec):
+                stops += [s for s in oa.CHAT_STOPS if s not in stops]
+            prompts = [codec.encode(oa.render_chat(req.messages, codec), special=False)]
+        else:
+            prompts = []
+            for p in req.prompts:
+                if isinstance(p, str):
+                    if codec is None:
+                        raise APIError(400, f"model '{req.model}' has no tokenizer (no multimoe_tokenizer.json or "
+                                       "tokenizer.json beside its checkpoint): send the prompt as token ids",
+                                       param="prompt", code="no_tokenizer")
+                    p = codec.encode(p)
+                prompts.append(p)
+        if stops and codec is None:
+            raise APIError(400, f"model '{req.model}' has no tokenizer: 'stop' strings cannot be matched",
+                           param="stop", code="no_tokenizer")
+        token_stops = [codec.encode(s, special=False) for s in stops] if stops and codec.exact_token_stops else None
+        ctx = backend.context
+        for ids in prompts:
+            if len(ids) >= ctx:
+                raise APIError(413, f"This model's maximum context length is {ctx} tokens; the prompt has "
+                               f"{len(ids)} tokens", param="prompt", code="context_length_exceeded")
+        if req.max_tokens is not None:
+            over = [len(ids) for ids in prompts if len(ids) + req.max_tokens > ctx]
+            if over:
+                raise APIError(413, f"This model's maximum context length is {ctx} tokens; you requested "
+                               f"{over[0] + req.max_tokens} ({over[0]} in the prompt, {req.max_tokens} for the "
+                               "completion)", param="max_tokens", code="context_length_exceeded")
+        choices = []
+        try:
+            for i, ids in enumerate(prompts):
+                room = ctx - len(ids)
+                n_new = req.max_tokens or (room if kind == "chat" else min(state.default_max_tokens, room))
+                for j in range(req.n):
+                    seed = None if req.seed is None else req.seed + j
+                    job = await backend.submit(req.model, ids, max_new_tokens=n_new, temperature=req.temperature,
+                                               top_p=req.top_p, seed=seed, stop=token_stops,
+                                               ignore_eos=req.ignore_eos)
+                    choices.append(_Choice(i * req.n + j, job, oa.TextStream(codec, stops), len(ids)))
+        except BaseException as e:
+            for c in choices:
+                c.job.cancel()
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"the server is busy: {e}", code="queue_full") from None
+            if isinstance(e, EngineClosed):
+                raise APIError(503, "the server is shutting down", code="shutting_down") from None
+            if isinstance(e, RequestError):
+                raise APIError(400, str(e), code="invalid_value") from None
+            raise
+        gen = _Generation(state, kind, req.model, choices, t0, req)
+        headers = dict(getattr(choices[0].job, "headers", None) or {})
+        if req.stream:
+            return StreamingResponse(gen.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        work = asyncio.ensure_future(gen.collect())
+        watch = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():   # the client went away (or this task was cancelled): free the sequences
+                work.cancel()
+                gen.cancel_all()
+        if not work.done() or work.cancelled():
+            return Response(status_code=499)
+        return JSONResponse(work.result(), headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, oa.parse_completion, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, oa.parse_chat, "chat")
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------
+# running it
+# ---------------------------------------------------------------------------------------------------
+class _Server(uvicorn.Server):
+    """uvicorn.Server that says where it listens once it accepts connections (port 0 picks a free one)."""
+
+    announce = None
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if self.started and self.announce is not None:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.announce(host, port)
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0, log_level: str = "info",
+          announce=None) -> None:
+    """Run ``app`` under uvicorn until SIGINT/SIGTERM; in-flight requests get ``drain_timeout`` seconds."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=drain_timeout, backlog=4096, timeout_keep_alive=30)
+    server = _Server(config)
+    server.announce = announce or (lambda h, p: print(f"multimoe-rt serve: listening on http://{h}:{p}",
+                                                      flush=True))
+    server.run()
+
+
+def engine_from_args(args, dirs=None, names=None):
+    """An ``Engine`` from the ``multimoe-rt serve`` options."""
+    import torch
+
+    from ..engine import Engine
+    from ..plan import parse_size
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    dirs = dirs or args.variant_dirs
+    max_len = args.max_len
+    if max_len is None:
+        cfg = json.loads((Path(dirs[0]) / "config.json").read_text())
+        max_len = min(int(cfg.get("max_position_embeddings") or 2048), 2048)
+    return Engine.from_pretrained(dirs, names=names, plan=args.plan, share=args.share,
+                                  budget=parse_size(args.budget) if args.budget else None,
+                                  resident_sets=args.resident_sets, max_seqs=args.max_batch, max_len=max_len,
+                                  device=args.device, dtype=dtype, max_step_tokens=args.max_step_tokens,
+                                  max_queue=args.max_queue)
+
+
+def main(args) -> int:
+    """``multimoe-rt serve`` (see cli.py for the options)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "ray", False):
+        from . import ray_serve
+
+        return ray_serve.main(args)
+    if not args.variant_dirs:
+        print("multimoe-rt serve: give at least one checkpoint directory (the first is the base)", file=sys.stderr)
+        return 2
+    names = args.names.split(",") if args.names else None
+    t0 = time.perf_counter()
+    engine = engine_from_args(args, names=names)
+    backend = EngineBackend(engine, args.variant_dirs)
+    print(f"multimoe-rt serve: {len(backend.names)} variants {backend.names}, context {backend.context}, "
+          f"max batch {backend.max_seqs}, max queue {engine.max_queue}; loaded in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr, flush=True)
+    app = build_app(backend, drain_timeout=args.drain_timeout, default_max_tokens=args.default_max_tokens)
+    serve(app, args.host, args.port, args.drain_timeout, log_level=args.log_level)
+    return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
