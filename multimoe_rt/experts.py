@@ -1,7 +1,8 @@
 """The core experts layer: ``SlabExperts`` reads a shared ExpertSlab through a SlotTable.
 
 ``ActiveVariant`` is the table row every SlabExperts of one model reads; ``moe_layer_prefixes``
-finds the MoE blocks of a Mixtral or SwitchTransformers model in checkpoint order.
+finds the MoE blocks of a Mixtral or SwitchTransformers model in checkpoint order;
+``experts_activation`` reads the activation of a transformers experts module.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from . import ops
+from .torch_moe import (SWIGLU_ALPHA, SWIGLU_LIMIT, UnsupportedActivationError, activation_of_module,
+                        check_activation_args, resolve_activation)
 
 
 class ActiveVariant:
@@ -32,18 +35,53 @@ def moe_layer_prefixes(model: nn.Module) -> list[str]:
     return names
 
 
+def experts_activation(experts: nn.Module) -> tuple[str, float, float]:
+    """``(activation, alpha, limit)`` of a transformers experts module, as ``ops.fused_moe`` takes them.
+
+    Reads what the module itself applies: ``act_fn`` of experts built by transformers'
+    ``use_experts_implementation`` (Mixtral and kin: ``act_fn(gate) * up``, or ``act_fn(up)`` without a
+    gate), ``act`` of each SwitchTransformers expert, GPT-OSS's clamped SwiGLU (``alpha``, ``limit``).
+    A custom ``_apply_gate`` or an activation the op lacks raises ``UnsupportedActivationError``."""
+    if isinstance(experts, SlabExperts):
+        return experts.activation, experts.alpha, experts.limit
+    if isinstance(experts, nn.ModuleDict):  # SwitchTransformersExperts: expert_{e}.act
+        acts = {activation_of_module(getattr(m, "act", None)) for m in experts.values()}
+        if len(acts) != 1:
+            raise UnsupportedActivationError(f"{type(experts).__name__}: experts with different activations {acts}")
+        return acts.pop(), SWIGLU_ALPHA, SWIGLU_LIMIT
+    gate = getattr(type(experts), "_apply_gate", None)
+    if gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate":
+        if type(experts).__name__ == "GptOssExperts":
+            return "swiglu_oai", float(experts.alpha), float(experts.limit)
+        raise UnsupportedActivationError(f"{type(experts).__name__}._apply_gate is a custom gate the fused MoE op "
+                                         f"does not implement")
+    act_fn = getattr(experts, "act_fn", None)
+    if act_fn is None:
+        raise UnsupportedActivationError(f"{type(experts).__name__} has no act_fn to read the activation from")
+    return activation_of_module(act_fn), SWIGLU_ALPHA, SWIGLU_LIMIT
+
+
 class SlabExperts(nn.Module):
     """An experts module whose weights live in a shared ExpertSlab, found through a SlotTable.
 
     Accepts both call conventions: Mixtral's ``(hidden, top_k_index, top_k_weights)`` and
     Switch's ``(hidden, one_hot_selected [T,1,E], router_probs [T,1])``.
+
+    ``activation`` is the model's (``Variant.activation``, a config's ``hidden_act``, or
+    ``torch_moe.activation_of_module`` of the experts module it replaces); None = SiLU for a gated
+    slab, ReLU otherwise. ``alpha``/``limit``: the clamped SwiGLU's (``"swiglu_oai"``) parameters.
+    Differentiable with respect to the hidden states and routing weights (the slab is not a parameter).
     """
 
-    def __init__(self, slab, table, layer: int, active: ActiveVariant, num_experts: int, backend=None):
+    def __init__(self, slab, table, layer: int, active: ActiveVariant, num_experts: int, backend=None,
+                 activation: str | None = None, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
         super().__init__()
         self.slab, self.table, self.layer, self.active = slab, table, layer, active
         # Resolved once: the slab's device fixes it, and the hot path need not re-check per call.
         self.num_experts, self.backend = num_experts, ops.choose_backend(slab.device, backend)
+        self.activation = resolve_activation(activation, slab.gated)  # an unsupported one raises here
+        check_activation_args(self.activation, alpha, limit)
+        self.alpha, self.limit = float(alpha), float(limit)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if top_k_index.dim() == 3:  # Switch: one-hot dispatch mask, zero row = dropped by capacity
@@ -56,7 +94,9 @@ class SlabExperts(nn.Module):
             slots = self.slab.host_tier.translate(slots)
         workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
         return ops.fused_moe(hidden_states, slots, top_k_weights.to(hidden_states.dtype), self.slab.w1, self.slab.w2,
-                             self.slab.gated, backend=self.backend, check_slots=False, workspace=workspace)
+                             self.slab.gated, backend=self.backend, check_slots=False, workspace=workspace,
+                             activation=self.activation, alpha=self.alpha, limit=self.limit)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, slab_slots={self.slab.num_slots}, gated={self.slab.gated}"
+        return (f"layer={self.layer}, slab_slots={self.slab.num_slots}, gated={self.slab.gated}, "
+                f"activation={self.activation}")

@@ -9,6 +9,11 @@ Two routes:
 * ``register()`` adds ``"multimoe"`` to transformers' ``ExpertsInterface``, so
   ``from_pretrained(..., experts_implementation="multimoe")`` runs our fused MoE op on the
   model's own stacked expert weights (the table is the identity there).
+
+Both apply the module's own activation (``experts_activation``: SiLU, GELU exact or tanh, ReLU, GPT-OSS's
+clamped SwiGLU); one the op lacks raises, never a silent SiLU. Both are differentiable (training,
+gradient checkpointing): gradients reach the hidden states and routing weights, and with
+``experts_implementation="multimoe"`` the expert weights too.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from __future__ import annotations
 from torch import nn
 
 from .. import ops
-from ..experts import ActiveVariant, SlabExperts, moe_layer_prefixes
+from ..experts import ActiveVariant, SlabExperts, experts_activation, moe_layer_prefixes
 
 
 def patch(model: nn.Module, slab, table, variant=0, backend=None, active: ActiveVariant | None = None) -> ActiveVariant:
     """Replace the experts of ``model`` with slab-backed modules reading ``table[variant]``.
 
-    Returns the ActiveVariant holder: set ``.value`` to serve another table row.
+    Returns the ActiveVariant holder: set ``.value`` to serve another table row. Each layer keeps the
+    activation its replaced experts module applied.
     """
     layers = moe_layer_prefixes(model)
     if not layers:
@@ -31,20 +37,29 @@ def patch(model: nn.Module, slab, table, variant=0, backend=None, active: Active
         raise ValueError(f"the model has {len(layers)} MoE layers but the slot table has {table.shape[1]}")
     table.validate(slab)
     active = active or ActiveVariant(variant)
-    for layer, name in enumerate(layers):
+    # Read every layer's activation before replacing any, so an unsupported one leaves the model untouched.
+    acts = [experts_activation(model.get_submodule(name).experts) for name in layers]
+    for layer, (name, (activation, alpha, limit)) in enumerate(zip(layers, acts)):
         block = model.get_submodule(name)
         num_experts = table.shape[2]
-        block.experts = SlabExperts(slab, table, layer, active, num_experts, backend)
+        block.experts = SlabExperts(slab, table, layer, active, num_experts, backend, activation=activation,
+                                    alpha=alpha, limit=limit)
     return active
 
 
 def multimoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """``ExpertsInterface`` entry: our fused op on the module's own ``gate_up_proj``/``down_proj``."""
+    """``ExpertsInterface`` entry: our fused op on the module's own ``gate_up_proj`` (or ``up_proj``
+    without a gate) and ``down_proj``, with the module's activation; differentiable."""
     if self.has_bias or self.is_transposed or not self.is_concatenated:
         raise NotImplementedError(f"experts_implementation='multimoe' supports concatenated [gate; up] experts "
                                   f"without bias or transposition; {type(self).__name__} differs")
-    return ops.fused_moe(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
-                         self.gate_up_proj, self.down_proj, gated=self.has_gate, check_slots=False)
+    if getattr(self, "has_post_expert_norm", False) or getattr(self, "_is_expert_parallel", False):
+        raise NotImplementedError(f"experts_implementation='multimoe' supports neither a post-expert norm nor "
+                                  f"expert parallelism; {type(self).__name__} uses one")
+    activation, alpha, limit = experts_activation(self)
+    w1 = self.gate_up_proj if self.has_gate else self.up_proj
+    return ops.fused_moe(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w1, self.down_proj,
+                         gated=self.has_gate, check_slots=False, activation=activation, alpha=alpha, limit=limit)
 
 
 _registered = False
