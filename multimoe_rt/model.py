@@ -63,7 +63,8 @@ def build_skeleton(variant_set: VariantSet, slab, table, active: ActiveVariant, 
         raise ValueError(f"the {variant_set.family} model's MoE blocks {layers} do not match the checkpoint's "
                          f"{variant_set.moe_layers}")
     for i, name in enumerate(layers):
-        model.get_submodule(name).experts = SlabExperts(slab, table, i, active, variant_set.num_experts, backend)
+        model.get_submodule(name).experts = SlabExperts(slab, table, i, active, variant_set.num_experts, backend,
+                                                        activation=variant_set.activation)
     model = model.to_empty(device=device).to(dtype)
     # Non-persistent buffers (rotary frequencies) were lost on the meta device: rebuild those modules.
     for name, module in list(model.named_modules()):
