@@ -1,28 +1,44 @@
-"""Driver of bench/gpu_check.sh: issue 8's six steps in one call (about 6 minutes on an H200).
+"""Driver of bench/gpu_check.sh: the one prepared GPU check, made to work the first time on a bare machine.
 
-    python3 bench/gpu_check.py [--dry-run] [--out DIR] [--skip-build] [--skip-tests]
+    python3 bench/gpu_check.py [--dry-run] [--out DIR] [--skip-build] [--skip-tests] [--force-install]
 
-  1. env: GPU, driver, torch/triton/transformers versions; ceilings: device-to-device copy bandwidth
-     (bytes read + written per second) and a large bf16 matmul rate.
-  2. build: ``pip install --no-build-isolation --no-deps -e .`` with TORCH_CUDA_ARCH_LIST from the GPU
-     (9.0 on Hopper), timed; if pip cannot install (e.g. an externally managed system python) it retries with
-     --break-system-packages, then falls back to ``setup.py build_ext --inplace`` plus a symlinked package tree.
-  3. tests: ``pytest -m gpu tests/`` (the align / grouped-GEMM / slab files' CUDA tests among them).
-  4. kernels: bench/kernels.py's benchmark at Mixtral-8x7B (H=4096, I=14336, 8 experts, top-2) and Switch-base-8
-     (H=768, I=3072, top-1, ReLU) shapes, bf16, decode M=1,4,16 and prefill M=512,2048: triton and torch
-     backends on a plain stacked tensor and through slab+table, transformers eager / batched_mm / grouped_mm
-     (grouped_mm = torch's grouped GEMM where available), GB/s and TFLOP/s vs the ceilings.
-  5. switch: Mixtral-8x7B's non-expert weights (embeddings, attention, norms, routers, LM head: 1.6e9 params,
-     bf16, or --switch-fraction of the layers) copied host(pinned)->device on a side stream, alone and
-     overlapped with an expert-GEMM prefill workload (32 MoE layers at M=512, the expert part of a TTFT), and
-     what that means for TTFT with and without prefetching.
-  6. JSON to $OUT/gpu_check.json (default bench/results/gpu_check-<host>.json; a dry run writes to a temp dir
-     unless $OUT or --out is given) and a short table printed last.
+Nothing of the project is imported before step 1 has installed it: a bare GPU machine has torch and triton
+preinstalled, nothing else of ours. After step 1 the driver re-executes itself (fresh interpreter, so the
+new editable install is on sys.path) and carries on from the JSON. Every step has a time limit (SIGALRM;
+subprocesses get the time left and are killed with their children); the limits add up to 355 s. The JSON
+is rewritten after every step, so a run killed from outside still returns what it finished.
 
-``--dry-run`` runs every step on CPU at tiny sizes in well under two minutes: what strictly needs CUDA (nvcc
-build, pinned memory, streams) is skipped with a printed reason, and the same Python paths run instead on CPU
-tensors (the switch copy on a worker thread, as reconfig.NonExpertStore does on CPU).
-A failing step is recorded (error + traceback tail) and the remaining steps still run; exit status 1 then.
+Steps (limit in seconds) and what each writes under ``steps.<name>`` in the JSON:
+  1_install (140)  editable install against the preinstalled torch (``pip install --no-build-isolation
+        --no-deps -e .``; torch and triton are pinned by a constraints file, so pip can never replace them),
+        CUDA_HOME from the real nvcc (multimoe_rt/_cuda_home.py), TORCH_CUDA_ARCH_LIST from the GPU; build
+        prerequisites (setuptools, wheel, ninja) and runtime/test dependencies installed only where missing.
+        Writes: cuda_home(+how), pip (rc, seconds, tail), build_log (full pip -v output, a file beside the
+        JSON), ext_build (setup.py's record: status, compiler errors), runtime_info, missing_modules.
+        Fails if the package does not import, if the CPU extension did not build, or on a GPU if the CUDA
+        ops did not build. A dry run installs only when this checkout is not installed yet (--force-install
+        to always).
+  2_env (15)  machine (GPU, driver, versions), nvidia-smi, nvcc, ceilings: D2D copy bandwidth and a large
+        bf16 matmul rate (tiny CPU stand-ins in a dry run).
+  3_tests (75)  ``pytest -m gpu`` over the test files that have GPU tests (the bf16/fp16 kernel cases among
+        them); a dry run also runs the align / grouped-GEMM tests in the Triton interpreter. Writes rc, summary
+        line, tail per run. Fails on any failed test.
+  4_kernels (60)  bench/kernels.py rows at Mixtral-8x7B and Switch-base-8 shapes (bf16; decode M=1,4,16,
+        prefill 512, 2048): ours (triton, torch; plain and through slab+table) against transformers' experts
+        implementations, ms, GB/s, TFLOP/s, fraction of the ceilings. Fails if any row of ours failed (raised
+        or wrong against float64); cases left when the limit nears are recorded as skipped.
+  5_switch (25)  Mixtral-8x7B's non-expert set copied host(pinned)->device on a side stream, alone and
+        overlapped with an expert-GEMM prefill workload: copy ms and GB/s, TTFT impact prefetched/blocking.
+  6_batched_forward (20)  hook: the batched mixed-variant decode step at 1, 16, 64, 256 sequences of 4
+        variants against one variant. Filled by ``bench/batched_forward.py:gpu_check(device, dry, deadline,
+        log) -> dict``; skipped with the reason while that does not exist.
+  7_delta_codecs (20)  hook: delta-coded experts (int4 / sign1 / lowrank) against the dense slab, filled by
+        ``bench/delta_codecs.py:gpu_check(...)`` the same way.
+Then a short table. Exit status 1 if any step failed (a skipped hook is not a failure).
+
+JSON: ``$OUT/gpu_check.json`` where $OUT is set (the device machine), else --out DIR, else
+bench/results/gpu_check-<host>.json (a dry run: gpu_check-dryrun.json in a temp dir).
+``--dry-run`` runs every step on CPU at tiny sizes (what strictly needs CUDA is skipped with a printed reason).
 """
 from __future__ import annotations
 
@@ -30,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -41,48 +58,105 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DRY = "--dry-run" in sys.argv
+if DRY:
+    # Before anything imports triton: the dry run drives the Triton backend through its CPU interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch  # noqa: E402
+import torch  # noqa: E402  (preinstalled; never installed by this script)
+
+# Step time limits in seconds (GPU and dry run alike); they must add up to <= 360.
+LIMITS = {"1_install": 140, "2_env": 15, "3_tests": 75, "4_kernels": 60, "5_switch": 25,
+          "6_batched_forward": 20, "7_delta_codecs": 20}
+assert sum(LIMITS.values()) <= 360
+# A loaded 2-core CI machine compiles the CPU extension slower than a 16-core GPU machine builds everything:
+# CI's dry run may stretch every limit by this factor (recorded in the JSON; the GPU run uses 1).
+LIMIT_SCALE = float(os.environ.get("GPU_CHECK_LIMIT_SCALE", "1"))
+
+RESULT: dict = {"steps": {}}
+OUT_PATH: Path | None = None
+_KBENCH = None
 
 
+def kbench():
+    """bench/kernels.py, loaded on first use (it imports multimoe_rt: only after step 1) under a module name
+    of its own: a top-level module called ``kernels`` belongs to another PyPI project that transformers
+    probes for."""
+    global _KBENCH
+    if _KBENCH is None:
+        import importlib.util
 
-def _load_kernel_bench():
-    """bench/kernels.py under a name of its own: a top-level module called ``kernels`` belongs to another
-    PyPI project that transformers probes for. It sets TRITON_INTERPRET=1 where there is no CUDA."""
+        spec = importlib.util.spec_from_file_location("multimoe_bench_kernels", ROOT / "bench" / "kernels.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        _KBENCH = mod
+    return _KBENCH
+
+
+def load_by_path(name: str, path: Path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("multimoe_bench_kernels", Path(__file__).resolve().parent / "kernels.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-kbench = _load_kernel_bench()
+def write_json() -> None:
+    if OUT_PATH is None:
+        return
+    RESULT["elapsed_s"] = round(time.time() - RESULT.get("t0_epoch", time.time()), 1)
+    tmp = OUT_PATH.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(RESULT, indent=1, default=str))
+    tmp.replace(OUT_PATH)
 
-RESULT: dict = {"steps": {}}
+
+class StepTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise StepTimeout("the step's time limit was reached")
 
 
 class Step:
-    """Records a step's wall time, its data, and an error instead of aborting the whole check."""
+    """Runs a step under its time limit; records wall time, data, and an error instead of aborting the check.
+    The JSON is rewritten when the step ends."""
 
     def __init__(self, name: str):
         self.name = name
+        self.limit = LIMITS[name] * LIMIT_SCALE if name in LIMITS else None
         self.data = RESULT["steps"].setdefault(name, {})
 
     def __enter__(self):
-        print(f"\n=== {self.name} ===", flush=True)
+        print(f"\n=== {self.name} (limit {self.limit} s) ===", flush=True)
         self.t0 = time.perf_counter()
+        self.data["limit_s"] = self.limit
+        self.data["deadline"] = time.monotonic() + (self.limit or 1e9)
+        if self.limit:
+            signal.signal(signal.SIGALRM, _alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.limit)
         return self.data
 
     def __exit__(self, typ, exc, tb):
+        if self.limit:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        self.data.pop("deadline", None)
         self.data["wall_s"] = round(time.perf_counter() - self.t0, 2)
         if exc is not None:
             self.data["error"] = f"{typ.__name__}: {exc}"
             self.data["traceback"] = traceback.format_exc()[-2000:]
             print(f"[{self.name}] FAILED: {typ.__name__}: {exc}", flush=True)
+        elif "error" in self.data:
+            print(f"[{self.name}] FAILED: {self.data['error'][:300]}", flush=True)
         print(f"[{self.name}] {self.data['wall_s']} s", flush=True)
-        return True  # keep going
+        write_json()
+        return typ is None or issubclass(typ, Exception)  # keep going (not on KeyboardInterrupt)
+
+
+def time_left(d: dict, margin: float = 2.0) -> float:
+    return max(1.0, d["deadline"] - time.monotonic() - margin)
 
 
 def skip(data: dict, what: str, why: str) -> None:
@@ -90,21 +164,195 @@ def skip(data: dict, what: str, why: str) -> None:
     print(f"  skip {what}: {why}", flush=True)
 
 
-def sh(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+def sh(cmd: list[str], timeout: float, env: dict | None = None, log: Path | None = None, cwd=ROOT,
+       label: str | None = None) -> dict:
+    """Run cmd; on timeout or any interruption (the step's alarm) kill it with its whole process group
+    (pip's compilers, pytest's workers). The full output goes to ``log`` when given; the dict keeps a tail."""
     t0 = time.perf_counter()
-    print("  $ " + " ".join(cmd), flush=True)
+    label = label or " ".join(cmd)
+    print("  $ " + label, flush=True)
+    out, rc = "", None
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, out = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc = "timeout"
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     except FileNotFoundError as e:
-        rc, out = "not found", str(e)
-    return {"cmd": " ".join(cmd), "rc": rc, "s": round(time.perf_counter() - t0, 1), "tail": out[-3000:]}
+        return {"cmd": label, "rc": "not found", "s": 0.0, "tail": str(e)}
+    try:
+        raw, _ = p.communicate(timeout=timeout)
+        rc = p.returncode
+    except BaseException as e:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        raw, _ = p.communicate()
+        rc = "timeout" if isinstance(e, subprocess.TimeoutExpired) else f"interrupted ({type(e).__name__})"
+        if not isinstance(e, subprocess.TimeoutExpired):
+            out = raw.decode(errors="replace")
+            if log:
+                log.write_text(out)
+            raise
+    out = raw.decode(errors="replace")
+    if log:
+        log.write_text(out)
+    return {"cmd": label, "rc": rc, "s": round(time.perf_counter() - t0, 1), "tail": out[-3000:]}
 
 
-# ---------------------------------------------------------------------------------------- 1. env + ceilings
+# ---------------------------------------------------------------------------------------- 1. install
+PROBE = r"""
+import json, sys
+try:
+    import multimoe_rt
+    from multimoe_rt import _ext
+    import multimoe_rt.kernels.grouped_gemm  # noqa: F401
+    info = {"importable": True, "file": multimoe_rt.__file__, "ext": _ext.available, "cuda_ops": _ext.has_cuda_ops,
+            "reason": _ext.reason, "ext_build": _ext.build_info(), "runtime_info": multimoe_rt.runtime_info()}
+except Exception as e:
+    info = {"importable": False, "error": f"{type(e).__name__}: {e}"}
+import importlib.util
+info["missing_modules"] = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]
+print(json.dumps(info, default=str))
+"""
+
+# Import name -> requirement, read from pyproject.toml's dependencies and test extra (torch and triton excluded:
+# they are preinstalled and never installed here).
+FALLBACK_REQS = {"safetensors": "safetensors>=0.4", "transformers": "transformers>=5.0", "ninja": "ninja",
+                 "tqdm": "tqdm", "numpy": "numpy", "pytest": "pytest>=8", "hypothesis": "hypothesis>=6.100",
+                 "matplotlib": "matplotlib>=3.7"}
+
+
+def project_requirements() -> dict[str, str]:
+    try:
+        import re
+        import tomllib
+
+        proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        reqs = list(proj.get("dependencies", [])) + list(proj.get("optional-dependencies", {}).get("test", []))
+        out = {}
+        for r in reqs:
+            name = re.match(r"[A-Za-z0-9_.\-]+", r).group(0)
+            if name.lower() in ("torch", "triton"):
+                continue
+            out[name.lower().replace("-", "_")] = r
+        return out
+    except Exception:  # noqa: BLE001 - Python < 3.11 or an unreadable file
+        return dict(FALLBACK_REQS)
+
+
+def probe(py: str, env: dict, modules: list[str]) -> dict:
+    # Run outside the checkout: from ROOT, "import multimoe_rt" would find the source tree, installed or not.
+    r = sh([py, "-c", PROBE, *modules], 120, env, cwd=tempfile.gettempdir(),
+           label=f"{py} -c <probe: import multimoe_rt; find {' '.join(modules) or 'nothing else'}>")
+    try:
+        return json.loads(r["tail"].strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"importable": False, "error": r["tail"][-800:], "missing_modules": modules}
+
+
+def overlay_package(py: str, env: dict, d: dict, out_dir: Path) -> None:
+    """Last resort without pip: build _C in place and expose multimoe_rt (with kernels/ as multimoe_rt.kernels)
+    through a symlinked tree on PYTHONPATH, for this process and its children."""
+    d["overlay_build"] = sh([py, "setup.py", "build_ext", "--inplace"], time_left(d), env,
+                            log=out_dir / "gpu_check-overlay-build.log")
+    site = Path(tempfile.mkdtemp(prefix="multimoe_site_"))
+    pkg = site / "multimoe_rt"
+    pkg.mkdir()
+    for entry in (ROOT / "multimoe_rt").iterdir():
+        (pkg / entry.name).symlink_to(entry)
+    (pkg / "kernels").symlink_to(ROOT / "kernels")
+    os.environ["PYTHONPATH"] = str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    d["overlay_site"] = str(site)
+
+
+def step_install(device, dry: bool, skip_build: bool, force: bool, out_dir: Path) -> None:
+    with Step("1_install") as d:
+        py = sys.executable
+        d["python"] = f"{py} ({platform.python_version()})"
+        d["torch_preinstalled"] = torch.__version__
+        cuda_home, how = load_by_path("_multimoe_cuda_home", ROOT / "multimoe_rt" / "_cuda_home.py").ensure_cuda_home()
+        d["cuda_home"], d["cuda_home_how"] = cuda_home, how
+        print(f"  CUDA_HOME={cuda_home} ({how})")
+        # The interpreter's own bin dir first: torch's build runs `ninja` from PATH, and a pip-installed ninja
+        # lands beside the interpreter (a venv that is not activated, a user install).
+        os.environ["PATH"] = str(Path(py).parent) + os.pathsep + os.environ.get("PATH", "")
+        env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 4))
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")  # 9.0 on Hopper -> sm_90
+            d["TORCH_CUDA_ARCH_LIST"] = env["TORCH_CUDA_ARCH_LIST"]
+        # Pin what is preinstalled: pip may add packages, never replace torch or triton.
+        pins = [f"torch=={torch.__version__}"]
+        try:
+            from importlib.metadata import version
+
+            pins.append(f"triton=={version('triton')}")
+        except Exception:  # noqa: BLE001 - no triton distribution
+            pass
+        constraints = out_dir / "gpu_check-constraints.txt"
+        constraints.write_text("\n".join(pins) + "\n")
+        d["pinned"] = pins
+        pip = [py, "-m", "pip", "install", "--retries", "0", "--timeout", "15", "-c", str(constraints)]
+        extra = []  # --break-system-packages once pip says the system python is externally managed
+
+        def pip_install(args: list[str], what: str, log: Path | None = None) -> dict:
+            r = sh(pip + extra + args, time_left(d), env, log=log)
+            if r["rc"] != 0 and "externally-managed" in r["tail"] and not extra:
+                extra.append("--break-system-packages")
+                r = sh(pip + extra + args, time_left(d), env, log=log)
+            d.setdefault("pip_runs", {})[what] = {k: r[k] for k in ("cmd", "rc", "s")} | (
+                {"tail": r["tail"][-1500:]} if r["rc"] != 0 else {})
+            print(f"  pip ({what}): rc={r['rc']} in {r['s']} s")
+            return r
+
+        reqs = project_requirements()
+        before = probe(py, env, list(reqs))
+        installed_here = before.get("importable") and Path(before["file"]).resolve().is_relative_to(ROOT)
+        d["before"] = {k: before.get(k) for k in ("importable", "file", "ext", "error")}
+        if skip_build:
+            skip(d, "pip install", "--skip-build")
+        elif dry and installed_here and before.get("ext") and not before["missing_modules"] and not force:
+            skip(d, "pip install", "dry run: this checkout is already installed with its extension "
+                                   "(--force-install to reinstall)")
+        else:
+            # Build prerequisites first (--no-build-isolation uses what is installed).
+            pre = [m for m in ("setuptools", "wheel", "ninja") if m in before["missing_modules"]
+                   or m not in reqs and not _has_module(py, env, m)]
+            if pre:
+                pip_install([{"setuptools": "setuptools>=64"}.get(m, m) for m in pre], "build prerequisites")
+            log = out_dir / "gpu_check-build.log"
+            r = pip_install(["--no-build-isolation", "--no-deps", "-v", "-e", "."], "project", log=log)
+            d["build_s"], d["build_log"] = r["s"], str(log)
+            if r["rc"] != 0 and not probe(py, env, [])["importable"]:
+                print("  package not importable after pip; falling back to build_ext --inplace + symlinked tree")
+                overlay_package(py, env, d, out_dir)
+            missing = probe(py, env, list(reqs))["missing_modules"]
+            if missing:  # only what is missing; on a machine without network this fails fast and is reported
+                pip_install([reqs[m] for m in missing], "missing dependencies: " + " ".join(missing))
+        chk = probe(py, env, list(reqs))
+        d["import"] = {k: chk.get(k) for k in ("importable", "file", "ext", "cuda_ops", "reason")}
+        d["ext_build"] = chk.get("ext_build")
+        d["runtime_info"] = chk.get("runtime_info")
+        d["missing_modules"] = chk.get("missing_modules")
+        if not chk.get("importable"):
+            raise RuntimeError(f"multimoe_rt is not importable: {chk.get('error')}")
+        print(f"  extension: loaded={chk['ext']} cuda_ops={chk['cuda_ops']}: {chk['reason']}")
+        errors = []
+        if not chk["ext"]:
+            errors.append(f"the C++ extension did not build: {chk['reason']}")
+        elif device.type == "cuda" and not chk["cuda_ops"]:
+            errors.append(f"built without CUDA ops: {chk['reason']}")
+        if chk["missing_modules"]:
+            errors.append("still missing: " + " ".join(chk["missing_modules"]))
+        if errors:
+            d["error"] = "; ".join(errors)
+
+
+def _has_module(py: str, env: dict, name: str) -> bool:
+    return sh([py, "-c", f"import {name}"], 60, env, cwd=tempfile.gettempdir())["rc"] == 0
+
+
+# ---------------------------------------------------------------------------------------- 2. env + ceilings
 def measure_ceilings(device: torch.device, dry: bool) -> dict:
     """D2D copy bandwidth (read + write bytes / s) and the rate of a large matmul (bf16 on GPU)."""
     if device.type == "cuda":
@@ -113,13 +361,13 @@ def measure_ceilings(device: torch.device, dry: bool) -> dict:
         n = 2**30 // 2  # 1 GiB of bf16 each way
         src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
         dst = torch.empty_like(src)
-        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=200, return_mode="median")
+        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=100, return_mode="median")
         copy_gbps = 2 * src.numel() * 2 / (ms / 1e3) / 1e9
         del src, dst
         N = 8192
         a = torch.randn(N, N, dtype=torch.bfloat16, device=device)
         b = torch.randn(N, N, dtype=torch.bfloat16, device=device)
-        ms_mm = triton.testing.do_bench(lambda: a @ b, warmup=5, rep=300, return_mode="median")
+        ms_mm = triton.testing.do_bench(lambda: a @ b, warmup=5, rep=150, return_mode="median")
         del a, b
         torch.cuda.empty_cache()
         return {"copy_GBps": copy_gbps, "copy_bytes": 2 * n * 2, "matmul_TFLOPs": 2 * N**3 / (ms_mm / 1e3) / 1e12,
@@ -127,19 +375,20 @@ def measure_ceilings(device: torch.device, dry: bool) -> dict:
     n, N = (2**22, 256) if dry else (2**26, 2048)
     src = torch.randn(n)
     dst = torch.empty_like(src)
-    t = kbench.time_group({"copy": lambda: dst.copy_(src)}, device, 0.2)["copy"]["median_ms"]
+    t = kbench().time_group({"copy": lambda: dst.copy_(src)}, device, 0.2)["copy"]["median_ms"]
     a, b = torch.randn(N, N), torch.randn(N, N)
-    t_mm = kbench.time_group({"mm": lambda: a @ b}, device, 0.2)["mm"]["median_ms"]
+    t_mm = kbench().time_group({"mm": lambda: a @ b}, device, 0.2)["mm"]["median_ms"]
     return {"copy_GBps": 2 * n * 4 / (t / 1e3) / 1e9, "copy_bytes": 2 * n * 4,
             "matmul_TFLOPs": 2 * N**3 / (t_mm / 1e3) / 1e12, "matmul_shape": [N, N, N], "matmul_dtype": "float32"}
 
 
 def step_env(device, dry):
-    with Step("1_env_ceilings") as d:
-        d["machine"] = kbench.machine_info()
-        smi = sh(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"], 20)
+    with Step("2_env") as d:
+        d["machine"] = kbench().machine_info()
+        smi = sh(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+                 min(10, time_left(d)))
         d["nvidia_smi"] = smi["tail"].strip() if smi["rc"] == 0 else f"unavailable ({smi['rc']})"
-        nvcc = sh(["nvcc", "--version"], 20)
+        nvcc = sh(["nvcc", "--version"], min(10, time_left(d)))
         d["nvcc"] = nvcc["tail"].strip().splitlines()[-1] if nvcc["rc"] == 0 else f"unavailable ({nvcc['rc']})"
         m = d["machine"]
         print(f"  gpu: {m['gpu']} | nvidia-smi: {d['nvidia_smi']} | torch {m['torch']} (cuda {m['cuda']}) | "
@@ -149,68 +398,17 @@ def step_env(device, dry):
               f"TFLOP/s ({d['ceilings']['matmul_dtype']})")
 
 
-# ---------------------------------------------------------------------------------------- 2. build
-IMPORT_CHECK = ("import json, multimoe_rt, multimoe_rt.kernels.grouped_gemm; from multimoe_rt import _ext; "
-                "print(json.dumps({'ext': _ext.available, 'cuda_ops': _ext.has_cuda_ops, 'reason': _ext.reason, "
-                "'file': multimoe_rt.__file__}))")
-
-
-def overlay_package(py: str, env: dict, d: dict) -> None:
-    """Last resort without pip: build _C in place and expose multimoe_rt (with kernels/ as multimoe_rt.kernels)
-    through a symlinked tree on PYTHONPATH, for this process and its children."""
-    d["overlay_build"] = sh([py, "setup.py", "build_ext", "--inplace"], 300, env)
-    site = Path(tempfile.mkdtemp(prefix="multimoe_site_"))
-    pkg = site / "multimoe_rt"
-    pkg.mkdir()
-    for entry in (ROOT / "multimoe_rt").iterdir():
-        (pkg / entry.name).symlink_to(entry)
-    (pkg / "kernels").symlink_to(ROOT / "kernels")
-    sys.path.insert(0, str(site))
-    os.environ["PYTHONPATH"] = str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    d["overlay_site"] = str(site)
-
-
-def step_build(device, dry, skip_build):
-    with Step("2_build") as d:
-        py = sys.executable
-        env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 4))
-        if device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(device)
-            env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")  # 9.0 on Hopper -> sm_90
-            d["TORCH_CUDA_ARCH_LIST"] = env["TORCH_CUDA_ARCH_LIST"]
-        cmd = [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
-        if dry or skip_build:
-            why = ("dry run: the CUDA build needs nvcc and a CUDA torch; a CPU rebuild would rewrite the shared "
-                   "install for minutes" if dry else "--skip-build")
-            skip(d, "pip install", why)
-            d["would_run"] = " ".join(cmd)
-            d["pip_version"] = sh([py, "-m", "pip", "--version"], 60)["tail"].strip()
-        else:
-            r = sh(cmd, 420, env)
-            if r["rc"] != 0 and "externally-managed" in r["tail"]:
-                r = sh(cmd + ["--break-system-packages"], 420, env)
-            d["pip"] = r
-            d["build_s"] = r["s"]
-            print(f"  pip rc={r['rc']} in {r['s']} s")
-            if "WARNING: building multimoe_rt._C failed" in r["tail"]:
-                d["ext_build_warning"] = r["tail"][r["tail"].index("WARNING: building"):][:1500]
-        chk = sh([py, "-c", IMPORT_CHECK], 120, env)
-        if chk["rc"] != 0 and not dry and not skip_build:
-            print("  package not importable after pip; falling back to build_ext --inplace + symlinked tree")
-            overlay_package(py, env, d)
-            chk = sh([py, "-c", IMPORT_CHECK], 120, dict(env, PYTHONPATH=os.environ["PYTHONPATH"]))
-        if chk["rc"] != 0:
-            raise RuntimeError(f"multimoe_rt is not importable: {chk['tail'][-800:]}")
-        d["import"] = json.loads(chk["tail"].strip().splitlines()[-1])
-        print(f"  extension: {d['import']}")
-        if device.type == "cuda" and not d["import"]["cuda_ops"]:
-            d["error"] = "built without CUDA ops: " + d["import"]["reason"]
-
-
 # ---------------------------------------------------------------------------------------- 3. tests
 def pytest_summary(tail: str) -> str:
     lines = [l for l in tail.strip().splitlines() if l.strip()]
     return lines[-1] if lines else ""
+
+
+def gpu_test_files() -> list[str]:
+    """Test files that hold GPU-marked tests (collecting only those keeps the step short and independent of
+    optional packages the other files import)."""
+    return sorted(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
+                  if "mark.gpu" in p.read_text(errors="replace"))
 
 
 def step_tests(device, dry, skip_tests):
@@ -218,42 +416,50 @@ def step_tests(device, dry, skip_tests):
         if skip_tests:
             skip(d, "pytest", "--skip-tests")
             return
-        base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
-        files = [f"tests/{f}" for f in ("test_align.py", "test_grouped_gemm.py", "test_slab.py")
-                 if (ROOT / "tests" / f).exists()]
+        base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"]
+        files = gpu_test_files()
+        d["files"] = files
+        runs = {"gpu_marked": base + ["-m", "gpu"] + files}
         if dry:
-            # Only the GPU-marked tests (all skipped here): exercises collection and this step's plumbing;
-            # the CPU suite is CI's own job.
-            runs = {"gpu_marked": base + ["-m", "gpu"] + files}
-        else:
-            # Every GPU-marked test (the align, grouped-GEMM and slab files' CUDA tests among them). Their
-            # CPU-tensor Triton tests are not rerun here: they need TRITON_INTERPRET=1, which CI's CPU run sets.
-            runs = {"gpu_marked": base + ["-m", "gpu", "tests/"]}
+            # GPU-marked tests are all skipped on CPU; the kernel tests in the Triton interpreter exercise the
+            # same kernels' Python (and the interpreter shim for triton < 3.8 with numpy >= 2.4).
+            interp = [f for f in ("tests/test_align.py", "tests/test_grouped_gemm.py") if (ROOT / f).exists()]
+            runs["interpreter"] = base + ["-m", "not gpu"] + interp
+        env = dict(os.environ)
+        if dry:
+            env.setdefault("OMP_NUM_THREADS", "1")
         ok = True
         for name, cmd in runs.items():
-            r = sh(cmd, 100 if dry else 180)
+            r = sh(cmd, time_left(d), env)
             r["summary"] = pytest_summary(r["tail"])
             d[name] = r
             ok &= r["rc"] == 0
             print(f"  {name}: rc={r['rc']} {r['summary']}")
         if not ok:
             d["error"] = "some tests failed or timed out: " + "; ".join(
-                f"{n}: {d[n]['summary']}" for n in runs if d[n]["rc"] != 0)
+                f"{n}: rc={d[n]['rc']} {d[n]['summary']}" for n in runs if d[n]["rc"] != 0)
 
 
 # ---------------------------------------------------------------------------------------- 4. kernels
 def step_kernels(device, dry):
     with Step("4_kernels") as d:
-        ceilings = RESULT["steps"].get("1_env_ceilings", {}).get("ceilings")
+        kb = kbench()
+        ceilings = RESULT["steps"].get("2_env", {}).get("ceilings")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        rows = d.setdefault("rows", [])  # filled as rows finish: a timeout keeps them
+        deadline = d["deadline"] - 8  # leave time to tabulate; later cases are recorded as skipped
         if dry:
             # The Triton interpreter runs the GPU backend's Python path at the tiny sizes (not a speed number).
-            specs = kbench.layer_specs(device, tiny=True)
-            d["rows"] = kbench.run(device, dtype, specs, 0.02, ceilings, backends=["torch", "triton"])
+            kb.run(device, dtype, kb.layer_specs(device, tiny=True), 0.02, ceilings, backends=["torch", "triton"],
+                   rows=rows, deadline=deadline)
             d["note"] = "dry run: tiny layers on CPU, triton through its interpreter; times are not meaningful"
         else:
-            d["rows"] = kbench.run(device, dtype, kbench.layer_specs(device), 0.15, ceilings)
-        print(kbench.format_table(d["rows"]))
+            kb.run(device, dtype, kb.layer_specs(device), 0.1, ceilings, rows=rows, deadline=deadline)
+        print(kb.format_table(rows))
+        failed = kb.our_failures(rows)
+        if failed:
+            d["error"] = f"{len(failed)} row(s) of ours failed: " + "; ".join(
+                f"{r['layer']} M={r['M']} {r['impl']}: {r['error'][:160]}" for r in failed[:6])
 
 
 # ---------------------------------------------------------------------------------------- 5. switch
@@ -314,6 +520,7 @@ def step_switch(device, dry, fraction):
     with Step("5_switch") as d:
         from multimoe_rt import ops
 
+        kb = kbench()
         cuda = device.type == "cuda"
         dtype = torch.bfloat16 if cuda else torch.float32
         if not cuda:
@@ -329,8 +536,8 @@ def step_switch(device, dry, fraction):
 
         # Expert-GEMM prefill workload: the expert part of a TTFT (L MoE layers, one layer's weights reused).
         H, I, E, K, L, M = (64, 96, 8, 2, 4, 64) if dry else (4096, 14336, 8, 2, 32, 512)
-        layer = kbench.make_layer(H, I, E, K, True, dtype, device)
-        hidden, ids, weights = kbench.make_inputs(layer, M, device)
+        layer = kb.make_layer(H, I, E, K, True, dtype, device)
+        hidden, ids, weights = kb.make_inputs(layer, M, device)
         backend = "triton" if cuda else "torch"
 
         def workload():
@@ -357,11 +564,11 @@ def step_switch(device, dry, fraction):
             copier.start(); copier.finish(); timed_work()  # warmup (allocations, Triton compile)
             copy_alone, work_alone, copy_ov, work_ov = [], [], [], []
             for _ in range(reps):
-                kbench.sync(device)
+                kb.sync(device)
                 copier.start()
                 copy_alone.append(copier.finish())
                 work_alone.append(timed_work())
-                kbench.sync(device)
+                kb.sync(device)
                 copier.start()  # the prefetch: copy issued, then the running workload proceeds
                 work_ov.append(timed_work())
                 copy_ov.append(copier.finish())
@@ -387,26 +594,69 @@ def step_switch(device, dry, fraction):
             torch.cuda.empty_cache()
 
 
-# ---------------------------------------------------------------------------------------- 6. summary
+# ---------------------------------------------------------------------------------------- 6, 7. hooks
+def run_hook(d: dict, device, dry: bool, bench_file: str, needs: list[str], what: str) -> None:
+    """A step filled by ``bench/<bench_file>``'s ``gpu_check(device, dry, deadline, log) -> dict``: its dict
+    goes into the step's JSON ("error" in it fails the step). Skipped, with the reason, while the feature's
+    modules do not import or the bench file has no gpu_check() yet."""
+    import importlib
+
+    for mod in needs:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001
+            skip(d, what, f"not available yet: {mod} is not importable ({type(e).__name__}: {e})")
+            return
+    path = ROOT / "bench" / bench_file
+    fn = getattr(load_by_path(f"multimoe_bench_{path.stem}", path), "gpu_check", None) if path.exists() else None
+    if fn is None:
+        skip(d, what, f"not available yet: bench/{bench_file} has no gpu_check(device, dry, deadline, log) "
+                      f"({', '.join(needs)} import{'s' if len(needs) == 1 else ''})")
+        return
+    d.update(fn(device, dry, d["deadline"] - 2, print) or {})
+
+
+def step_batched_forward(device, dry):
+    """Decode step of the batched mixed-variant forward at 1, 16, 64 and 256 sequences spread over 4
+    variants, against the same batch all of one variant (ms per step, tokens/s, device bytes)."""
+    with Step("6_batched_forward") as d:
+        run_hook(d, device, dry, "batched_forward.py", ["multimoe_rt.forward"],
+                 "batched mixed-variant forward")
+
+
+def step_delta_codecs(device, dry):
+    """Experts stored as base + compressed delta (int4 / sign1 / lowrank) against the dense slab: fused_moe
+    time at decode and prefill sizes, bytes per expert, error against the dense expert."""
+    with Step("7_delta_codecs") as d:
+        run_hook(d, device, dry, "delta_codecs.py", ["multimoe_rt.delta"], "delta codecs vs dense slab")
+
+
+# ---------------------------------------------------------------------------------------- summary
 def summary_table() -> str:
     s = RESULT["steps"]
     lines = ["", "=== gpu_check summary ===" + ("  (DRY RUN: tiny CPU sizes, numbers not meaningful)"
                                                 if RESULT["dry_run"] else "")]
     for name, d in s.items():
-        status = "FAIL" if "error" in d else "ok"
-        lines.append(f"{name:16s} {status:4s} {d.get('wall_s', 0):7.1f} s" + (f"  {d['error'][:110]}" if "error" in d else ""))
-    c = s.get("1_env_ceilings", {}).get("ceilings")
+        only_skipped = d.get("skipped") and not set(d) - {"skipped", "limit_s", "wall_s"}
+        status = "FAIL" if "error" in d else ("skip" if only_skipped else "ok")
+        note = d["error"][:140] if "error" in d else "; ".join(f"{k}: {v}"[:140] for k, v in d.get("skipped", {}).items())
+        lines.append(f"{name:18s} {status:4s} {d.get('wall_s', 0):6.1f} s / {d.get('limit_s') or 0:3.0f} s  {note}")
+    c = s.get("2_env", {}).get("ceilings")
     if c:
         lines.append(f"ceilings: D2D copy {c['copy_GBps']:.1f} GB/s; matmul {c['matmul_TFLOPs']:.2f} TFLOP/s "
                      f"({c['matmul_dtype']})")
-    b = s.get("2_build", {})
-    if "build_s" in b:
-        lines.append(f"build: {b['build_s']} s, extension {b.get('import')}")
+    b = s.get("1_install", {})
+    if "import" in b:
+        lines.append(f"build: {b.get('build_s', '-')} s, extension {b['import'].get('ext')}, cuda ops "
+                     f"{b['import'].get('cuda_ops')}: {str(b['import'].get('reason'))[:200]}")
     rows = s.get("4_kernels", {}).get("rows", [])
     if rows:
         lines.append(f"{'layer':8s} {'M':>5s} {'impl':20s} {'ms':>9s} {'vs hf':>6s} {'GB/s':>7s} {'TFLOP/s':>8s} "
                      f"{'%ceil':>6s} {'slab ovh':>8s}")
         for r in rows:
+            if "error" in r:
+                lines.append(f"{r['layer']:8s} {r['M']:5d} {r['impl']:20s} FAILED: {r['error'][:100]}")
+                continue
             if "median_ms" not in r or not (r["impl"].startswith("ours") or r.get("vs_best_hf") == 1.0):
                 continue
             frac = r.get("frac_copy_bw", r.get("frac_matmul"))
@@ -425,15 +675,17 @@ def summary_table() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="the one prepared GPU check (issue 8)")
+    global OUT_PATH, RESULT
+    ap = argparse.ArgumentParser(description="the one prepared GPU check")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: exercise every step's code path")
     ap.add_argument("--out", type=Path, default=None, help="output dir (default $OUT, else bench/results/)")
-    ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--skip-build", action="store_true", help="do not pip install (check the import only)")
+    ap.add_argument("--force-install", action="store_true", help="dry run: install even if already installed")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--switch-fraction", type=float, default=1.0,
                     help="fraction of Mixtral-8x7B's decoder layers in the switched non-expert set")
+    ap.add_argument("--resume", type=Path, default=None, help=argparse.SUPPRESS)  # after step 1's re-exec
     args = ap.parse_args(argv)
-    t0 = time.perf_counter()
     dry = args.dry_run
     device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
     if not dry and device.type != "cuda":
@@ -441,31 +693,47 @@ def main(argv=None) -> int:
         return 2
     if dry:
         torch.set_num_threads(1)  # a shared CPU box: keep the dry run light
-    RESULT.update(dry_run=dry, started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=socket.gethostname(),
-                  platform=platform.platform(), argv=sys.argv[1:])
 
-    step_env(device, dry)
-    step_build(device, dry, args.skip_build)
-    step_tests(device, dry, args.skip_tests)
-    step_kernels(device, dry)
-    step_switch(device, dry, args.switch_fraction)
-
-    RESULT["total_s"] = round(time.perf_counter() - t0, 1)
-    with Step("6_report") as d:
+    if args.resume is None:
         out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
         if out_dir is None:
             out_dir = Path(tempfile.mkdtemp(prefix="gpu_check_dry_")) if dry else ROOT / "bench" / "results"
         out_dir.mkdir(parents=True, exist_ok=True)
         name = "gpu_check-dryrun.json" if dry else (
-            "gpu_check.json" if os.environ.get("OUT") and args.out is None else f"gpu_check-{RESULT['host']}.json")
-        path = out_dir / name
-        path.write_text(json.dumps(RESULT, indent=1, default=str))
-        d["path"] = str(path)
-        print(f"  wrote {path}")
-    print(summary_table())
+            "gpu_check.json" if os.environ.get("OUT") and args.out is None else f"gpu_check-{socket.gethostname()}.json")
+        OUT_PATH = out_dir / name
+        RESULT.update(dry_run=dry, started=time.strftime("%Y-%m-%dT%H:%M:%S"), t0_epoch=time.time(),
+                      host=socket.gethostname(), platform=platform.platform(), argv=sys.argv[1:],
+                      limits_s=LIMITS, limit_scale=LIMIT_SCALE, json=str(OUT_PATH))
+        print(f"gpu_check: JSON -> {OUT_PATH} (rewritten after every step); step limits {LIMITS} "
+              f"(sum {sum(LIMITS.values())} s)"
+              + (f", stretched x{LIMIT_SCALE:g} (GPU_CHECK_LIMIT_SCALE)" if LIMIT_SCALE != 1 else ""), flush=True)
+        step_install(device, dry, args.skip_build, args.force_install, out_dir)
+        # A fresh interpreter sees the new install (its .pth finder); carry on from the JSON.
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--resume", str(OUT_PATH)])
+
+    OUT_PATH = args.resume
+    RESULT = json.loads(OUT_PATH.read_text())
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from multimoe_rt._triton_compat import apply_interpreter_shim
+
+        RESULT["triton_interpreter_shim"] = apply_interpreter_shim()
+    step_env(device, dry)
+    step_tests(device, dry, args.skip_tests)
+    step_kernels(device, dry)
+    step_switch(device, dry, args.switch_fraction)
+    step_batched_forward(device, dry)
+    step_delta_codecs(device, dry)
+
     failed = [n for n, d in RESULT["steps"].items() if "error" in d]
+    RESULT["failed_steps"] = failed
+    RESULT["total_s"] = round(time.time() - RESULT["t0_epoch"], 1)
+    write_json()
+    print(summary_table())
+    print(f"  wrote {OUT_PATH}")
     print(f"gpu_check: {'FAILED steps: ' + ', '.join(failed) if failed else 'all steps ok'} "
-          f"({time.perf_counter() - t0:.0f} s)")
+          f"({RESULT['total_s']:.0f} s)")
     return 1 if failed else 0
 
 

@@ -36,11 +36,17 @@ from pathlib import Path
 
 import torch
 
-from multimoe_rt.machine import machine_info as _machine_info
-
 if not torch.cuda.is_available():
-    # Lets the test-only Triton CPU path import; this script never times it on CPU.
+    # Lets the test-only Triton CPU path import; this script never times it on CPU. Set before multimoe_rt
+    # is imported: importing it imports triton, which reads TRITON_INTERPRET when kernels are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from multimoe_rt.machine import machine_info as _machine_info  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from multimoe_rt._triton_compat import apply_interpreter_shim
+
+    apply_interpreter_shim()  # triton < 3.8 with numpy >= 2.4
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
@@ -204,7 +210,12 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, rows: list[int], dtyp
 
 # ---------------------------------------------------------------------------------------- bench
 def bench_layer(name: str, layer: dict, Ms: list[int], device: torch.device, backends: list[str],
-                budget_s: float, ceilings: dict | None = None, log=print) -> list[dict]:
+                budget_s: float, ceilings: dict | None = None, log=print, rows_out: list | None = None,
+                deadline: float | None = None) -> list[dict]:
+    """Rows for one layer, appended to rows_out as they are made (a caller killed at its time limit keeps
+    the finished ones). A row of ours that raises or is wrong gets "error" (a failure); a transformers
+    implementation that cannot run here gets "skipped" (reported). Past ``deadline`` (time.monotonic())
+    the remaining token counts are recorded as skipped."""
     from multimoe_rt import ops
 
     slab, table = build_slab(layer, device)
@@ -213,8 +224,13 @@ def bench_layer(name: str, layer: dict, Ms: list[int], device: torch.device, bac
     mem_limit = memory_limit_bytes(device)
     hf_mods = ({impl: hf_mixtral_experts(layer, impl) for impl in HF_IMPLS} if gated
                else {"eager": hf_switch_experts(layer)})
-    rows_out = []
+    rows_out = [] if rows_out is None else rows_out
     for M in Ms:
+        if deadline is not None and time.monotonic() > deadline:
+            rows_out.append({"layer": name, "M": M, "phase": "decode" if M <= 64 else "prefill", "impl": "*",
+                             "skipped": "out of time: the step's time limit was reached"})
+            log(f"  {name} M={M}: skipped, out of time")
+            continue
         hidden, ids, weights = make_inputs(layer, M, device)
         sample = sorted({0, M - 1, M // 2, *torch.randperm(M, generator=torch.Generator().manual_seed(M))[:5].tolist()})
         ref = reference_rows(layer, hidden, ids, weights, sample, chunk=1 if device.type == "cuda" else 4)
@@ -257,11 +273,18 @@ def bench_layer(name: str, layer: dict, Ms: list[int], device: torch.device, bac
                 row["rel_err"] = check(f"{name} M={M} {label}", out, ref, sample, layer["dtype"])
             except SystemExit as e:
                 if label.startswith("ours"):
-                    raise  # our backend is wrong: no timing means anything
-                row["skipped"] = f"wrong output, not timed: {e}"  # a transformers implementation: report it
+                    row["error"] = f"wrong output, not timed: {e}"  # our backend is wrong: a failure
+                    log(f"  {name} M={M:5d} {label:20s} FAILED: {row['error']}")
+                else:
+                    row["skipped"] = f"wrong output, not timed: {e}"  # a transformers implementation: report it
                 continue
-            except Exception as e:  # noqa: BLE001 - an implementation that cannot run here is reported
-                row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            except Exception as e:  # noqa: BLE001
+                msg = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                if label.startswith("ours"):
+                    row["error"] = msg  # our own backend cannot run: a failure, never a skip
+                    log(f"  {name} M={M:5d} {label:20s} FAILED: {msg}")
+                else:
+                    row["skipped"] = msg  # a transformers implementation that cannot run here is reported
                 continue
             ready[label], pending[label] = fn, row
             del out
@@ -296,6 +319,10 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'layer':9s} {'M':>5s} {'phase':7s} {'impl':20s} {'median ms':>10s} {'vs best hf':>10s} "
              f"{'GB/s':>7s} {'TFLOP/s':>8s}  note"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['layer']:9s} {r['M']:5d} {r['phase']:7s} {r['impl']:20s} {'-':>10s} {'-':>10s} "
+                         f"{'-':>7s} {'-':>8s}  FAILED: {r['error']}")
+            continue
         if "skipped" in r:
             lines.append(f"{r['layer']:9s} {r['M']:5d} {r['phase']:7s} {r['impl']:20s} {'-':>10s} {'-':>10s} "
                          f"{'-':>7s} {'-':>8s}  not timed: {r['skipped']}")
@@ -328,16 +355,26 @@ def layer_specs(device: torch.device, quick: bool = False, tiny: bool = False) -
             ("switch", dict(H=256, I=1024, E=8, K=1, gated=False), Ms)]
 
 
+def our_failures(rows: list[dict]) -> list[dict]:
+    """Rows of our own backends that failed (raised, or gave a wrong output)."""
+    return [r for r in rows if r["impl"].startswith("ours") and "error" in r]
+
+
 def run(device: torch.device, dtype, specs, budget_s: float, ceilings: dict | None = None, log=print,
-        backends: list[str] | None = None) -> list[dict]:
-    """Benchmark rows for every layer spec. backends default: torch and triton on CUDA, torch on CPU."""
+        backends: list[str] | None = None, rows: list | None = None, deadline: float | None = None) -> list[dict]:
+    """Benchmark rows for every layer spec, appended to ``rows`` as they come. backends default: torch and
+    triton on CUDA, torch on CPU. Past ``deadline`` (time.monotonic()) the remaining cases are skipped."""
     backends = backends or (["torch", "triton"] if device.type == "cuda" else ["torch"])
-    rows = []
+    rows = [] if rows is None else rows
     for name, kw, Ms in specs:
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append({"layer": name, "M": 0, "phase": "-", "impl": "*",
+                         "skipped": "out of time: the step's time limit was reached"})
+            continue
         layer = make_layer(dtype=dtype, device=device, **kw)
         log(f"{name}: H={kw['H']} I={kw['I']} E={kw['E']} top-{kw['K']} {'SwiGLU' if kw['gated'] else 'ReLU'} "
             f"{str(dtype).replace('torch.', '')} on {device}")
-        rows += bench_layer(name, layer, Ms, device, backends, budget_s, ceilings, log)
+        bench_layer(name, layer, Ms, device, backends, budget_s, ceilings, log, rows_out=rows, deadline=deadline)
         del layer
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -385,6 +422,11 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"machine": info, "device": str(device), "dtype": str(dtype), "ceilings": ceilings,
                                "notes": notes, "elapsed_s": round(elapsed, 1), "rows": rows}, indent=1))
     print(f"wrote {out}  ({elapsed:.0f} s)")
+    failed = our_failures(rows)
+    if failed:
+        print(f"FAILED: {len(failed)} row(s) of ours: " + "; ".join(
+            f"{r['layer']} M={r['M']} {r['impl']}: {r['error'][:120]}" for r in failed), file=sys.stderr)
+        return 1
     return 0
 
 
