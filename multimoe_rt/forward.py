@@ -15,6 +15,7 @@ forward itself never syncs with the host.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -142,14 +143,28 @@ class BatchedMixtral:
         self.top_k, self.eps, self.window = cfg.num_experts_per_tok, cfg.rms_norm_eps, cfg.sliding_window
         self.rotary = MixtralRotaryEmbedding(cfg).to(slab.device)
         self.backend = ops.choose_backend(slab.device, backend)
+        self._busy = threading.Lock()
 
     def batch(self, entries: list[BatchEntry]) -> Batch:
         return make_batch(entries, self.slab.device, self.window, self.kv.max_len)
 
     @torch.inference_mode()
     def forward(self, b: Batch) -> torch.Tensor:
-        """Logits ``[len(b.logit_rows), vocab]`` (model dtype); writes this step's keys into the cache."""
-        W, segs = self.weights, b.segments
+        """Logits ``[len(b.logit_rows), vocab]`` (model dtype); writes this step's keys into the cache.
+
+        One thread at a time (the engine's step thread): a second concurrent call raises at once rather
+        than interleave its cache writes with the first's.
+        """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("BatchedMixtral.forward is already running in another thread; it is driven by "
+                               "one thread (the engine's)")
+        try:
+            return self._forward(b)
+        finally:
+            self._busy.release()
+
+    def _forward(self, b: Batch) -> torch.Tensor:
+        W = self.weights
         V = W.embed.shape[1]
         x = W.embed.view(-1, W.embed.shape[-1])[b.sets * V + b.tokens]
         cos, sin = self.rotary(x, b.positions[None])

@@ -133,3 +133,12 @@ def test_weights_refuse_nan_and_tensors_the_forward_would_ignore(tmp_path):
     save_file(tensors, tmp_path / "bias" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="not used by the batched"):
         VariantWeights.from_variant_set(VariantSet.from_dirs([tmp_path / "bias"]), 1)
+
+
+def test_forward_refuses_a_concurrent_call(dirs):
+    m = build(dirs)
+    b = m.batch([BatchEntry(0, 0, 0, [1, 2], 0)])
+    with m._busy:  # as if another thread were inside forward
+        with pytest.raises(RuntimeError, match="another thread"):
+            m.forward(b)
+    assert m.forward(b).shape == (1, 64)
