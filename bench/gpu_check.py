@@ -596,8 +596,9 @@ def step_switch(device, dry, fraction):
 
 # ---------------------------------------------------------------------------------------- 6, 7. hooks
 def run_hook(d: dict, device, dry: bool, bench_file: str, needs: list[str], what: str) -> None:
-    """A step filled by ``bench/<bench_file>``'s ``gpu_check(device, dry, deadline, log) -> dict``: its dict
-    goes into the step's JSON ("error" in it fails the step). Skipped, with the reason, while the feature's
+    """A step filled by ``bench/<bench_file>``'s ``gpu_check(device, dry, deadline, log) -> dict`` (deadline: a
+    time.time() value, the step's limit less 2 s): its dict goes into the step's JSON ("error" in it, or in
+    one of its "rows", fails the step). Skipped, with the reason, while the feature's
     modules do not import or the bench file has no gpu_check() yet."""
     import importlib
 
@@ -613,7 +614,11 @@ def run_hook(d: dict, device, dry: bool, bench_file: str, needs: list[str], what
         skip(d, what, f"not available yet: bench/{bench_file} has no gpu_check(device, dry, deadline, log) "
                       f"({', '.join(needs)} import{'s' if len(needs) == 1 else ''})")
         return
-    d.update(fn(device, dry, d["deadline"] - 2, print) or {})
+    wall_deadline = time.time() + (d["deadline"] - time.monotonic()) - 2  # a time.time() value
+    d.update(fn(device, dry, wall_deadline, print) or {})
+    rows = d.get("rows") or []
+    if any("error" in r for r in rows if isinstance(r, dict)):
+        d.setdefault("error", "a row failed: " + "; ".join(str(r["error"])[:160] for r in rows if "error" in r)[:400])
 
 
 def step_batched_forward(device, dry):
