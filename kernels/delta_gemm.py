@@ -1,0 +1,354 @@
+"""Fused MoE over expert ids that are dense slab slots or base slots plus compressed deltas
+(``multimoe_rt.delta``), in one call per layer whatever mix of codecs the batch holds.
+
+    fused_moe_delta_triton(hidden [T,H], expert_ids [T,K], topk_weights [T,K], w1 [S,N1,H], w2 [S,H,I], gated,
+                           pools: DeltaPools, activation=..., alpha, limit)
+
+Design: the delta is computed inside the tile loop of the grouped GEMM ("dequantise into the tile"), not by
+a second segmented GEMM. Each block of BLOCK_M pairs belongs to one expert id; it reads its descriptor
+(base slot, sign1 index, lowrank start/rank, int4 index) and, per K step, multiplies the token rows by
+the base tile and adds the delta's contribution:
+
+  * sign1: the packed bits of the tile are expanded to +-1 and multiplied into a second accumulator, which
+    is scaled per output row in the epilogue (one extra tl.dot per step; bits are 1/16 of a bf16 tile);
+  * int4: codes and group scales are dequantised into a tile that goes into the same accumulator;
+  * lowrank: x @ V.T ([BLOCK_M, BLOCK_R], the rank padded to a power of two) is accumulated along the same
+    K loop, and x @ V.T @ U.T is added in the epilogue with one more tl.dot.
+
+Why not the "base GEMM + segmented delta GEMM" design: it needs the up projection before the activation
+written out and read back (fp32, [T*K, 2I]) and two more kernel launches per layer; here one launch per
+GEMM serves dense and delta ids alike, and the extra bytes per block are only the delta's. Its advantage,
+reading a base tile once for the pairs of all variants that share it, is approached here by sorting pairs
+by (base slot, id) (``DeltaPools.sort_rank``): the blocks of one base are adjacent in the grid, whose
+fastest axis is the block, so they request the same base tiles at about the same time and the repeats
+come from L2. The torch backend (``delta.moe_torch_delta``) does the opposite, one base matmul per base
+slot, because on a CPU that is what the measurement in bench/kernels.py favoured; the GPU check times
+this kernel against the dense slab (``bench/kernels.py``, delta section).
+
+Pools with no entries compile their branch out (HAS_SIGN / HAS_LR / HAS_INT4 constexprs); a block whose id
+has no such part skips it with a uniform branch. Numerics: fp32 accumulation; the +-1 tile is exact in any
+dtype; the lowrank product x @ V.T is rounded to the input dtype before the second dot (as the torch
+backend's two matmuls do).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..delta import INT4_GROUP, DeltaPools, DeltaError
+from ..torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation_args, check_moe_inputs, resolve_activation
+from .align import align_triton, check_launchable, interpreting
+from .grouped_gemm import _ACT_CODE, _activate, _reduce_k_kernel, _work, select_config
+
+DESC_WIDTH = 5
+
+
+@triton.jit
+def _sign_tile(bits_ptr, rows, kk, stride_row, mask):
+    """+-1 (fp32) tile [BLOCK_K, BLOCK_N] of the packed sign bits of matrix rows ``rows`` at columns ``kk``."""
+    b = tl.load(bits_ptr + rows[None, :] * stride_row + (kk[:, None] // 8), mask=mask, other=0).to(tl.int32)
+    return (((b >> (kk[:, None] % 8)) & 1) * 2 - 1).to(tl.float32)
+
+
+@triton.jit
+def _int4_tile(codes_ptr, scales_ptr, rows, kk, stride_row, stride_srow, mask, GROUP: tl.constexpr):
+    """Dequantised (fp32) tile [BLOCK_K, BLOCK_N] of int4 codes of matrix rows ``rows`` at columns ``kk``."""
+    c = tl.load(codes_ptr + rows[None, :] * stride_row + (kk[:, None] // 2), mask=mask, other=0).to(tl.int32)
+    q = ((c >> ((kk[:, None] % 2) * 4)) & 15).to(tl.float32) - 8.0
+    s = tl.load(scales_ptr + rows[None, :] * stride_srow + (kk[:, None] // GROUP), mask=mask, other=0.0)
+    return q * s.to(tl.float32)
+
+
+@triton.jit
+def _delta_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_key_ptr, desc_ptr,
+                     sb_ptr, ss_ptr, lr_ptr, q_ptr, qs_ptr,
+                     num_pairs, H, I, N1,
+                     stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ip,
+                     stride_sbe, stride_sbn, stride_sse, stride_qe, stride_qn, stride_qse, stride_qsn,
+                     alpha, limit,
+                     TOP_K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, HAS_SIGN: tl.constexpr, HAS_LR: tl.constexpr, HAS_INT4: tl.constexpr,
+                     BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    key = tl.load(block_key_ptr + pid_m)
+    if key < 0:
+        return
+    d = desc_ptr + key.to(tl.int64) * 5
+    slot = tl.load(d)
+    si = tl.load(d + 1)
+    lr_start = tl.load(d + 2).to(tl.int64)
+    rank = tl.load(d + 3)
+    qi = tl.load(d + 4)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
+    row_ok = pair < num_pairs
+    token = pair // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    lr_base = lr_ptr + lr_start * (N1 + H)           # U1 [N1, rank] then V1 [rank, H]
+    sb = sb_ptr + si.to(tl.int64) * stride_sbe
+    qb = q_ptr + qi.to(tl.int64) * stride_qe
+    qsb = qs_ptr + qi.to(tl.int64) * stride_qse
+
+    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    g_ptrs = w1_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wh
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sgn_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sgn_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    xv = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < H
+        tile_ok = k_ok[:, None] & n_ok[None, :]
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=tile_ok, other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            g = g.to(tl.float32)
+        acc_g = tl.dot(x, g, acc_g, input_precision=DOT_PRECISION)
+        if GATED:
+            u = tl.load(g_ptrs + I * stride_wn, mask=tile_ok, other=0.0)
+            if UPCAST:
+                u = u.to(tl.float32)
+            acc_u = tl.dot(x, u, acc_u, input_precision=DOT_PRECISION)
+        if HAS_SIGN:
+            if si >= 0:
+                t = _sign_tile(sb, offs_n, kk, stride_sbn, tile_ok).to(x.dtype)
+                sgn_g = tl.dot(x, t, sgn_g, input_precision=DOT_PRECISION)
+                if GATED:
+                    t = _sign_tile(sb, offs_n + I, kk, stride_sbn, tile_ok).to(x.dtype)
+                    sgn_u = tl.dot(x, t, sgn_u, input_precision=DOT_PRECISION)
+        if HAS_INT4:
+            if qi >= 0:
+                t = _int4_tile(qb, qsb, offs_n, kk, stride_qn, stride_qsn, tile_ok, GROUP).to(x.dtype)
+                acc_g = tl.dot(x, t, acc_g, input_precision=DOT_PRECISION)
+                if GATED:
+                    t = _int4_tile(qb, qsb, offs_n + I, kk, stride_qn, stride_qsn, tile_ok, GROUP).to(x.dtype)
+                    acc_u = tl.dot(x, t, acc_u, input_precision=DOT_PRECISION)
+        if HAS_LR:
+            if rank > 0:
+                v = tl.load(lr_base + N1 * rank + offs_r[None, :] * H + kk[:, None],
+                            mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+                if UPCAST:
+                    v = v.to(tl.float32)
+                xv = tl.dot(x, v, xv, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xh
+        g_ptrs += BLOCK_K * stride_wh
+    if HAS_SIGN:
+        if si >= 0:
+            sc = tl.load(ss_ptr + si.to(tl.int64) * stride_sse + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            acc_g += sgn_g * sc[None, :]
+            if GATED:
+                sc = tl.load(ss_ptr + si.to(tl.int64) * stride_sse + I + offs_n, mask=n_ok, other=0.0)
+                acc_u += sgn_u * sc.to(tl.float32)[None, :]
+    if HAS_LR:
+        if rank > 0:
+            xr = xv.to(x_ptr.dtype.element_ty)
+            ut = tl.load(lr_base + offs_n[None, :] * rank + offs_r[:, None], mask=r_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            if UPCAST:
+                xr = xr.to(tl.float32)
+                ut = ut.to(tl.float32)
+            acc_g = tl.dot(xr, ut, acc_g, input_precision=DOT_PRECISION)
+            if GATED:
+                ut = tl.load(lr_base + (offs_n[None, :] + I) * rank + offs_r[:, None],
+                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    ut = ut.to(tl.float32)
+                acc_u = tl.dot(xr, ut, acc_u, input_precision=DOT_PRECISION)
+    if ACTIVATION == 4:  # clamped SwiGLU (GPT-OSS), gated only
+        gate = tl.minimum(acc_g, limit)
+        up = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        act = (up + 1.0) * (gate * tl.sigmoid(alpha * gate))
+    elif GATED:
+        act = _activate(acc_g, ACTIVATION) * acc_u
+    else:
+        act = _activate(acc_g, ACTIVATION)
+    out_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_n[None, :]
+    tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _delta_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block_key_ptr, desc_ptr,
+                       sb_ptr, ss_ptr, lr_ptr, q_ptr, qs_ptr,
+                       num_pairs, H, I,
+                       stride_ip, stride_ws, stride_wh, stride_wi, stride_op,
+                       stride_sbe, stride_sbn, stride_sse, stride_qe, stride_qn, stride_qse, stride_qsn,
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HAS_SIGN: tl.constexpr, HAS_LR: tl.constexpr, HAS_INT4: tl.constexpr,
+                       BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    key = tl.load(block_key_ptr + pid_m)
+    if key < 0:
+        return
+    d = desc_ptr + key.to(tl.int64) * 5
+    slot = tl.load(d)
+    si = tl.load(d + 1)
+    lr_start = tl.load(d + 2).to(tl.int64)
+    rank = tl.load(d + 3)
+    qi = tl.load(d + 4)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
+    row_ok = pair < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    lr_base = lr_ptr + lr_start * (H + I)            # U2 [H, rank] then V2 [rank, I]
+    sb = sb_ptr + si.to(tl.int64) * stride_sbe
+    qb = q_ptr + qi.to(tl.int64) * stride_qe
+    qsb = qs_ptr + qi.to(tl.int64) * stride_qse
+
+    a_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_k[None, :]
+    b_ptrs = w2_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wh + offs_k[:, None] * stride_wi
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sgn = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    av = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < I
+        tile_ok = k_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=tile_ok, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if HAS_SIGN:
+            if si >= 0:
+                t = _sign_tile(sb, offs_n, kk, stride_sbn, tile_ok).to(a.dtype)
+                sgn = tl.dot(a, t, sgn, input_precision=DOT_PRECISION)
+        if HAS_INT4:
+            if qi >= 0:
+                t = _int4_tile(qb, qsb, offs_n, kk, stride_qn, stride_qsn, tile_ok, GROUP).to(a.dtype)
+                acc = tl.dot(a, t, acc, input_precision=DOT_PRECISION)
+        if HAS_LR:
+            if rank > 0:
+                v = tl.load(lr_base + H * rank + offs_r[None, :] * I + kk[:, None],
+                            mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+                if UPCAST:
+                    v = v.to(tl.float32)
+                av = tl.dot(a, v, av, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wi
+    if HAS_SIGN:
+        if si >= 0:
+            sc = tl.load(ss_ptr + si.to(tl.int64) * stride_sse + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            acc += sgn * sc[None, :]
+    if HAS_LR:
+        if rank > 0:
+            ar = av.to(inter_ptr.dtype.element_ty)
+            ut = tl.load(lr_base + offs_n[None, :] * rank + offs_r[:, None], mask=r_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            if UPCAST:
+                ar = ar.to(tl.float32)
+                ut = ut.to(tl.float32)
+            acc = tl.dot(ar, ut, acc, input_precision=DOT_PRECISION)
+    weight = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * weight[:, None]
+    out_ptrs = out_ptr + pair[:, None] * stride_op + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def delta_workspace_shapes(max_tokens: int, top_k: int, hidden: int, intermediate: int, num_ids: int,
+                           dtype: torch.dtype, config: dict | None = None) -> dict:
+    """name -> (numel, dtype) of every buffer ``fused_moe_delta_triton`` uses for up to max_tokens tokens
+    (the dense path's buffers sized for ``num_ids`` ids, plus the sort keys)."""
+    from .grouped_gemm import workspace_shapes
+
+    shapes = workspace_shapes(max_tokens, top_k, hidden, intermediate, num_ids, dtype, config)
+    shapes["delta_keys"] = (max_tokens * top_k, torch.int32)
+    return shapes
+
+
+def allocate_delta_workspace(max_tokens, top_k, hidden, intermediate, num_ids, dtype, device, config=None) -> dict:
+    return {name: torch.empty(numel, dtype=dt, device=device)
+            for name, (numel, dt) in delta_workspace_shapes(max_tokens, top_k, hidden, intermediate, num_ids,
+                                                            dtype, config).items()}
+
+
+def _pool_args(pools: DeltaPools):
+    """(tensors, strides, flags) of the pools for the two kernels: (w1 side, w2 side)."""
+    sides = []
+    for bits, scale, lr, q, qs in ((pools.sign_bits1, pools.sign_scale1, pools.lr1, pools.q1, pools.q_scale1),
+                                   (pools.sign_bits2, pools.sign_scale2, pools.lr2, pools.q2, pools.q_scale2)):
+        strides = (bits.stride(0), bits.stride(1), scale.stride(0), q.stride(0), q.stride(1), qs.stride(0),
+                   qs.stride(1))
+        sides.append(((bits, scale, lr, q, qs), strides))
+    flags = {"HAS_SIGN": pools.has("sign1"), "HAS_LR": pools.has("lowrank"), "HAS_INT4": pools.has("int4"),
+             "BLOCK_R": max(16, triton.next_power_of_2(max(1, pools.max_rank))), "GROUP": INT4_GROUP}
+    return sides, flags
+
+
+def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_weights: torch.Tensor,
+                           w1: torch.Tensor, w2: torch.Tensor, gated: bool, pools: DeltaPools,
+                           config: dict | None = None, workspace: dict | None = None, activation: str | None = None,
+                           alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """The fused-MoE contract over expert ids (dense slots and deltas, ``multimoe_rt.delta``). Returns [T, H].
+
+    ``workspace``: as ``fused_moe_triton``'s, sized for ``pools.num_ids`` ids, plus "delta_keys" (int32, T*K)
+    (``allocate_delta_workspace``); the result is then a view of workspace["out"].
+    """
+    check_moe_inputs(hidden, expert_ids, topk_weights, w1, w2, gated, check_slots=False)
+    pools.check_slab(w1, w2)
+    activation = resolve_activation(activation, gated)
+    check_activation_args(activation, alpha, limit)
+    T, H = hidden.shape
+    K = expert_ids.shape[1]
+    I = w2.shape[2]
+    N1 = w1.shape[1]
+    device = hidden.device
+    check_launchable(device, "fused_moe_delta_triton")
+    if pools.desc.device != device:
+        raise DeltaError(f"delta pools live on {pools.desc.device}, the inputs on {device}")
+    upcast = interpreting(device)
+    precision = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"
+    cfg = select_config(T * K, config)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+    out = _work(workspace, "out", (T, H), hidden.dtype, device)
+    if T == 0:
+        return out
+    n_ids = pools.num_ids
+    # sort keys: pairs of one base slot adjacent (DeltaPools.sort_rank); desc_sorted[key] = desc[id]
+    keys = _work(workspace, "delta_keys", (T, K), torch.int32, device)
+    torch.index_select(pools.sort_rank_i32, 0, expert_ids.reshape(-1).long(), out=keys.view(-1))
+    sorted_ids, block_key, _ = align_triton(keys, n_ids, bm, workspace=workspace, chunk=cfg["align"]["CHUNK"])
+    num_blocks = block_key.numel()
+    inter = _work(workspace, "intermediate", (T * K, I), hidden.dtype, device)
+    pair_out = out if K == 1 else _work(workspace, "pair_out", (T * K, H), torch.float32, device)
+    weights = topk_weights.reshape(-1)
+    if not weights.is_contiguous():
+        weights = weights.contiguous()
+    sides, flags = _pool_args(pools)
+    (p1, s1), (p2, s2) = sides
+    desc = pools.desc_sorted
+
+    _delta_up_kernel[(num_blocks, triton.cdiv(I, bn))](
+        hidden, w1, inter, sorted_ids, block_key, desc, *p1,
+        T * K, H, I, N1,
+        hidden.stride(0), hidden.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), inter.stride(0), *s1,
+        float(alpha), float(limit),
+        TOP_K=K, GATED=bool(gated), ACTIVATION=_ACT_CODE[activation], UPCAST=upcast, DOT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **flags, **launch)
+    _delta_down_kernel[(num_blocks, triton.cdiv(H, bn))](
+        inter, w2, weights, pair_out, sorted_ids, block_key, desc, *p2,
+        T * K, H, I,
+        inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0), *s2,
+        UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **flags, **launch)
+    if K > 1:
+        bh = min(cfg["reduce"]["BLOCK_H"], triton.next_power_of_2(H))
+        _reduce_k_kernel[(T, triton.cdiv(H, bh))](
+            pair_out, out, H, pair_out.stride(0), out.stride(0),
+            TOP_K=K, BLOCK_H=bh, num_warps=cfg["reduce"]["num_warps"])
+    return out
+
