@@ -1,16 +1,20 @@
-"""What every part of the plan package shares: PlanError, byte sizes, slab dtypes, a progress bar."""
+"""What every part of the plan package shares: PlanError, byte sizes, slab dtypes, the policy names, a
+progress bar."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
+from ..errors import PlanError  # defined with the other error classes; re-exported here
+
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class PlanError(ValueError):
-    """A plan cannot be made, loaded or applied; the message says what was expected."""
+METRICS = ("l2", "cosine", "output", "random")
+SCOPES = ("global", "per_layer")
+REPRESENTATIVES = ("anchor", "mean")
+FAMILIES = ("mixtral", "switch")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
@@ -19,13 +23,22 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2
 
 
 def parse_size(text: str | int) -> int:
-    """'40GiB' / '512MiB' / '1.5GB' / '123456' -> bytes (int)."""
-    if isinstance(text, int):
-        return text
+    """'40GiB' / '512MiB' / '1.5GB' / '123456' -> bytes (int >= 0); PlanError (a ValueError) otherwise."""
+    if isinstance(text, bool):
+        raise PlanError(f"cannot parse size {text!r}: expected a byte count or a string such as '40GiB'")
+    if isinstance(text, int) or (hasattr(text, "__index__") and not isinstance(text, (str, bytes))):
+        n = int(text.__index__())
+        if n < 0:
+            raise PlanError(f"size must be >= 0 bytes, got {n}")
+        return n
+    if isinstance(text, float):
+        if not math.isfinite(text) or text < 0:
+            raise PlanError(f"size must be a finite number of bytes >= 0, got {text!r}")
+        return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"cannot parse size {text!r}: expected a number with an optional unit "
-                         f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '40GiB'")
+        raise PlanError(f"cannot parse size {text!r}: expected a number with an optional unit "
+                        f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '40GiB'")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 

@@ -4,14 +4,75 @@ from, what it costs; versioned JSON, checks against the checkpoints, a text summ
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .common import PlanError, format_size
+from .common import DTYPE_NAMES, FAMILIES, METRICS, REPRESENTATIVES, SCOPES, PlanError, format_size
 from .fingerprint import checkpoint_fingerprint
 
 FORMAT_VERSION = 1
+STATUSES = ("anchor", "duplicate", "shared", "own")
+
+
+def _desc(x) -> str:
+    """How a JSON value looks, for messages: null, a list of 3, an object, str 'abc', 7."""
+    if x is None:
+        return "null"
+    if isinstance(x, list):
+        return f"a list of {len(x)}"
+    if isinstance(x, dict):
+        return "an object"
+    if isinstance(x, str):
+        return f"the string {x[:40]!r}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def _fail(name: str, msg: str):
+    raise PlanError(f"plan field '{name}': {msg}")
+
+
+def _int(name: str, x, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        _fail(name, f"expected an integer, got {_desc(x)}")
+    if (lo is not None and x < lo) or (hi is not None and x >= hi):
+        _fail(name, f"{x} is outside [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'})")
+    return x
+
+
+def _str(name: str, x, choices=None) -> str:
+    if not isinstance(x, str):
+        _fail(name, f"expected a string, got {_desc(x)}")
+    if choices is not None and x not in choices:
+        _fail(name, f"{x!r} is not one of {list(choices)}")
+    return x
+
+
+def _list(name: str, x, n: int | None = None, what: str = "") -> list:
+    if not isinstance(x, list):
+        _fail(name, f"expected a list{f' of {n} {what}' if n is not None else ''}, got {_desc(x)}")
+    if n is not None and len(x) != n:
+        _fail(name, f"expected a list of {n} {what}, got {_desc(x)}")
+    return x
+
+
+def _grid(name: str, x, V: int, L: int, E: int, check) -> None:
+    """A [variant][layer][expert] table: shapes named after the fields that fix them."""
+    _list(name, x, V, "variants (one per variant_names)")
+    for v, row in enumerate(x):
+        _list(f"{name}[{v}]", row, L, "layers (num_layers)")
+        for l, cells in enumerate(row):
+            _list(f"{name}[{v}][{l}]", cells, E, "experts (num_experts)")
+            for e, c in enumerate(cells):
+                check(f"{name}[{v}][{l}][{e}]", c)
+
+
+def _finite(name: str, x) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        _fail(name, f"expected a number, got {_desc(x)}")
+    if not math.isfinite(x):
+        _fail(name, f"{x} is not finite (NaN/Inf weights? the checkpoints are checked for them by default)")
 
 
 @dataclass
@@ -98,29 +159,135 @@ class Plan:
 
     # ---- checks
 
+    def check_fields(self) -> None:
+        """Every field has the type, range and shape the format says; PlanError names the first that does not.
+
+        A hand-edited or damaged plan stops here, not as an AttributeError/IndexError deep in loading."""
+        names = _list("variant_names", self.variant_names)
+        if not names:
+            _fail("variant_names", "expected at least one variant")
+        for i, n in enumerate(names):
+            _str(f"variant_names[{i}]", n)
+        if len(set(names)) != len(names):
+            _fail("variant_names", f"names must be distinct, got {names}")
+        V = len(names)
+        for i, fp in enumerate(_list("fingerprints", self.fingerprints, V, "fingerprints (one per variant_names)")):
+            _str(f"fingerprints[{i}]", fp)
+        _str("family", self.family, FAMILIES)
+        L = _int("num_layers", self.num_layers, 1)
+        E = _int("num_experts", self.num_experts, 1)
+        H = _int("hidden_size", self.hidden_size, 1)
+        inter = _int("intermediate_size", self.intermediate_size, 1)
+        if not isinstance(self.gated, bool):
+            _fail("gated", f"expected true or false, got {_desc(self.gated)}")
+        if self.gated != (self.family == "mixtral"):
+            _fail("gated", f"{self.gated} does not match family {self.family!r}")
+        _int("anchor", self.anchor, 0, V)
+        _str("dtype", self.dtype, DTYPE_NAMES)
+        itemsize = DTYPE_NAMES[self.dtype].itemsize
+        want = ((2 * inter if self.gated else inter) * H + H * inter) * itemsize
+        if _int("slot_nbytes", self.slot_nbytes, 1) != want:
+            _fail("slot_nbytes", f"{self.slot_nbytes} B, but one {self.dtype} expert of hidden_size {H} and "
+                                 f"intermediate_size {inter} is {want} B")
+        S = len(_list("slot_sources", self.slot_sources))
+        if S == 0:
+            _fail("slot_sources", "expected at least one slot")
+        for s, src in enumerate(self.slot_sources):
+            name = f"slot_sources[{s}]"
+            if not isinstance(src, dict):
+                _fail(name, f"expected an object {{layer, expert, kind, variants}}, got {_desc(src)}")
+            missing = [k for k in ("layer", "expert", "kind", "variants") if k not in src]
+            if missing:
+                _fail(name, f"missing key(s) {missing}")
+            _int(f"{name}.layer", src["layer"], 0, L)
+            _int(f"{name}.expert", src["expert"], 0, E)
+            _str(f"{name}.kind", src["kind"], ("variant", "mean"))
+            members = _list(f"{name}.variants", src["variants"])
+            if not members or (src["kind"] == "variant" and len(members) != 1):
+                need = "exactly one variant" if src["kind"] == "variant" else "at least one variant"
+                _fail(f"{name}.variants", f"a {src['kind']!r} slot needs {need}, got {_desc(members)}")
+            for i, v in enumerate(members):
+                _int(f"{name}.variants[{i}]", v, 0, V)
+        locs = _list("slot_location", self.slot_location, S, "locations (one per slot_sources)")
+        for i, loc in enumerate(locs):
+            _str(f"slot_location[{i}]", loc, ("device", "host"))
+        if locs != sorted(locs, key=lambda x: x != "device"):
+            _fail("slot_location", "device slots must come first, then host slots")
+        _grid("slots", self.slots, V, L, E, lambda n, x: _int(n, x, 0, S))
+        _grid("status", self.status, V, L, E, lambda n, x: _str(n, x, STATUSES))
+        _grid("distance", self.distance, V, L, E, _finite)
+        _grid("hashes", self.hashes, V, L, E, _str)
+        _str("metric", self.metric, METRICS)
+        _str("scope", self.scope, SCOPES)
+        _str("representative", self.representative, REPRESENTATIVES)
+        if not isinstance(self.policy, dict):
+            _fail("policy", f"expected an object, got {_desc(self.policy)}")
+        for key in ("cache_slots", "non_expert_bytes"):
+            if key in self.policy:
+                _int(f"policy.{key}", self.policy[key], 0)
+        if self.policy.get("budget_bytes") is not None:
+            _int("policy.budget_bytes", self.policy["budget_bytes"], 0)
+        for key in ("share", "threshold"):
+            if self.policy.get(key) is not None:
+                _finite(f"policy.{key}", self.policy[key])
+        if "host" in locs and self.cache_slots < E:
+            _fail("policy.cache_slots", f"{self.cache_slots}: host-tier slots need a device cache of at least "
+                                        f"one layer's experts ({E})")
+        if self.calibration is not None:
+            _str("calibration", self.calibration)
+        for i, b in enumerate(_list("checkpoint_bytes", self.checkpoint_bytes)):
+            _int(f"checkpoint_bytes[{i}]", b, 0)
+        _int("format", self.format)
+
     def check_consistent(self) -> None:
-        """Internal invariants: every entry points at a slot of its own (layer, expert)."""
-        S = len(self.slot_sources)
-        if len(self.slot_location) != S:
-            raise PlanError(f"plan has {S} slot sources but {len(self.slot_location)} locations")
-        locs = self.slot_location
-        if any(loc not in ("device", "host") for loc in locs) or \
-                locs != sorted(locs, key=lambda x: x != "device"):
-            raise PlanError("plan slot_location must list device slots first, then host slots")
-        for v in range(self.num_variants):
-            for l in range(self.num_layers):
-                for e in range(self.num_experts):
-                    s = self.slots[v][l][e]
-                    if not 0 <= s < S:
-                        raise PlanError(f"plan entry (variant={v}, layer={l}, expert={e}) -> slot {s}, "
-                                        f"outside [0, {S})")
+        """Fields well-formed (``check_fields``), and every (variant, layer, expert) is served the weights the
+        plan's own per-expert hashes say it should get: a slot of its own (layer, expert) whose source is
+        byte-identical to it (own copy, anchor, duplicate), or the anchor's / the mean copy (shared)."""
+        self.check_fields()
+        V, L, E, S = self.num_variants, self.num_layers, self.num_experts, len(self.slot_sources)
+        h, names, a = self.hashes, self.variant_names, self.anchor
+        users: list[list[int]] = [[] for _ in range(S)]
+        for v in range(V):
+            for l in range(L):
+                for e in range(E):
+                    s, st = self.slots[v][l][e], self.status[v][l][e]
                     src = self.slot_sources[s]
                     if (src["layer"], src["expert"]) != (l, e):
-                        raise PlanError(f"plan entry (variant={v}, layer={l}, expert={e}) -> slot {s}, "
-                                        f"which holds layer {src['layer']} expert {src['expert']}")
+                        _fail(f"slots[{v}][{l}][{e}]", f"slot {s}, which holds layer {src['layer']} expert "
+                                                       f"{src['expert']}, not layer {l} expert {e}")
+                    if (st == "anchor") != (v == a):
+                        _fail(f"status[{v}][{l}][{e}]", f"{st!r}, but the anchor is variant {a} ({names[a]!r})")
+                    if st == "duplicate" and h[v][l][e] != h[a][l][e]:
+                        _fail(f"status[{v}][{l}][{e}]", f"'duplicate', but the hashes say variant {names[v]!r} "
+                                                        f"differs from the anchor here")
+                    users[s].append(v)
+        for s, src in enumerate(self.slot_sources):
+            l, e, members = src["layer"], src["expert"], src["variants"]
+            for v in users[s]:
+                st = self.status[v][l][e]
+                if src["kind"] == "mean":
+                    if st == "own" or v not in members:
+                        _fail(f"slot_sources[{s}].variants",
+                              f"slot {s} holds the mean of variants {[names[u] for u in members]} at layer {l} "
+                              f"expert {e}, but {names[v]!r} ({st}) is served from it")
+                    continue
+                u = members[0]
+                want = h[a][l][e] if st == "shared" else h[v][l][e]
+                if h[u][l][e] != want:
+                    whose = (f"the anchor {names[a]!r}'s expert (shared)" if st == "shared"
+                             else f"its own expert ({st})")
+                    _fail(f"slot_sources[{s}].variants",
+                          f"slot {s} is copied from variant {names[u]!r} layer {l} expert {e}, which differs "
+                          f"(per the plan's hashes) from what {names[v]!r} must be served there: {whose}. "
+                          f"The plan would serve wrong weights; re-run `multimoe-rt plan` instead of editing it")
+            if src["kind"] == "mean" and sorted(set(members)) != sorted(set(users[s])):
+                _fail(f"slot_sources[{s}].variants",
+                      f"slot {s} is the mean of variants {[names[u] for u in members]}, but variants "
+                      f"{[names[u] for u in users[s]]} are served from it: the mean must be over exactly those")
 
     def validate(self, variant_set) -> None:
-        """Refuse a plan made for other (or since changed) checkpoints."""
+        """Refuse a malformed plan, or one made for other (or since changed) checkpoints."""
+        self.check_fields()
         if self.format != FORMAT_VERSION:
             raise PlanError(f"plan format {self.format}, this code reads format {FORMAT_VERSION}")
         names = list(variant_set.names)
@@ -130,8 +297,10 @@ class Plan:
                  variant_set.intermediate_size, bool(variant_set.gated))
         mine = (self.num_layers, self.num_experts, self.hidden_size, self.intermediate_size, self.gated)
         if shape != mine:
-            raise PlanError(f"plan shape (layers, experts, hidden, intermediate, gated) = {mine}, "
-                            f"variant set has {shape}")
+            raise PlanError(f"plan fields (num_layers, num_experts, hidden_size, intermediate_size, gated) = "
+                            f"{mine}, the variant set has {shape}")
+        if self.family != variant_set.family:
+            raise PlanError(f"plan field 'family': {self.family!r}, the variant set is {variant_set.family!r}")
         for v, variant in enumerate(variant_set):
             fp = checkpoint_fingerprint(variant.path)
             if fp != self.fingerprints[v]:
@@ -143,6 +312,7 @@ class Plan:
     # ---- JSON
 
     def to_json(self, path: str | os.PathLike) -> None:
+        self.check_fields()  # never write what from_json would refuse (a bare NaN, a wrong shape)
         d = asdict(self)
         d["summary"] = {  # for readers of the file; recomputed on load, never trusted
             "device_slots": self.num_device_slots, "host_slots": self.num_host_slots,
@@ -151,24 +321,43 @@ class Plan:
             "sharing_fraction": self.sharing_fraction(),
             "sharing_fraction_per_layer": [self.sharing_fraction(l) for l in range(self.num_layers)],
         }
-        Path(path).write_text(json.dumps(d, indent=1))
+        text = json.dumps(d, indent=1, allow_nan=False)
+        try:
+            Path(path).write_text(text)
+        except OSError as exc:
+            raise PlanError(f"cannot write plan {path}: {exc.strerror or exc}") from exc
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, variant_set=None) -> "Plan":
+        """Read and check a plan: every field (type, range, shape), every slot's source against the plan's
+        per-expert hashes, and, with ``variant_set``, the checkpoints' fingerprints. PlanError names the field."""
+        def no_constant(name):
+            raise PlanError(f"{path}: the number {name} is not valid in a plan (JSON has no NaN or Infinity)")
+
         try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            d = json.loads(Path(path).read_text(), parse_constant=no_constant)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PlanError(f"cannot read plan {path}: {exc}") from exc
+        if not isinstance(d, dict):
+            raise PlanError(f"{path}: not a plan: expected a JSON object, got {_desc(d)}")
         if d.get("format") != FORMAT_VERSION:
-            raise PlanError(f"{path}: plan format {d.get('format')!r}, this code reads {FORMAT_VERSION}")
+            raise PlanError(f"{path}: plan field 'format': {d.get('format')!r}, this code reads {FORMAT_VERSION}")
         d.pop("summary", None)
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise PlanError(f"{path}: plan field '{unknown[0]}' is not part of plan format {FORMAT_VERSION}")
+        missing = sorted(required - set(d))
+        if missing:
+            raise PlanError(f"{path}: plan field '{missing[0]}' is missing")
+        plan = cls(**d)
         try:
-            plan = cls(**d)
-        except TypeError as exc:
-            raise PlanError(f"{path}: not a plan document ({exc})") from exc
-        plan.check_consistent()
-        if variant_set is not None:
-            plan.validate(variant_set)
+            plan.check_consistent()
+            if variant_set is not None:
+                plan.validate(variant_set)
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from None
         return plan
 
     # ---- report

@@ -8,14 +8,16 @@ import random
 
 import torch
 
-from .common import PlanError, format_size, parse_size, to_dtype
+from .common import METRICS, REPRESENTATIVES, SCOPES, PlanError, format_size, parse_size, to_dtype
 from .distance import Distances, compute_distances
 from .fingerprint import checkpoint_fingerprint, checkpoint_tensor_bytes
 from .format import Plan
 
-METRICS = ("l2", "cosine", "output", "random")
-SCOPES = ("global", "per_layer")
-REPRESENTATIVES = ("anchor", "mean")
+__all__ = ["METRICS", "REPRESENTATIVES", "SCOPES", "make_plan", "non_expert_nbytes"]
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def non_expert_nbytes(variant, dtype=None) -> int:
@@ -81,8 +83,13 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
         raise PlanError("give at most one of share / threshold (budget_bytes may accompany either)")
     if share is None and threshold is None and budget_bytes is None:
         raise PlanError("give a policy: budget_bytes, share or threshold")
-    if share is not None and not 0.0 <= share <= 1.0:
-        raise PlanError(f"share must be in [0, 1], got {share}")
+    if share is not None and not (_real(share) and 0.0 <= share <= 1.0):
+        raise PlanError(f"share must be a number in [0, 1], got {share!r}")
+    if threshold is not None and not (_real(threshold) and math.isfinite(threshold)):
+        raise PlanError(f"threshold must be a finite number (own copy when distance > threshold), got "
+                        f"{threshold!r}; for 'share everything' use share=1.0")
+    if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor < len(variant_set):
+        raise PlanError(f"anchor must be a variant index in [0, {len(variant_set)}), got {anchor!r}")
     budget = None if budget_bytes is None else parse_size(budget_bytes)
     non_expert = parse_size(non_expert_bytes)
 
@@ -101,6 +108,15 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
         values = getattr(dist, metric)
         if values is None:
             raise PlanError(f"distances have no {metric!r} values; compute them with output=True")
+    for v in range(V):  # a NaN distance would rank arbitrarily and be written into the plan as a bare NaN
+        for l in range(L):
+            for e in range(E):
+                x = values[v][l][e]
+                if not dist.duplicate[v][l][e] and not math.isfinite(x):
+                    raise PlanError(
+                        f"{metric} distance of variant {variant_set.names[v]!r} layer {l} expert {e} to the "
+                        f"anchor {variant_set.names[anchor]!r} is {x}: one of the two experts holds NaN/Inf "
+                        f"weights (load the variants with check_finite=True, the default, to name the tensor)")
 
     slab_dtype = to_dtype(dtype if dtype is not None else dist.checkpoint_dtype)
     itemsize = torch.empty((), dtype=slab_dtype).element_size()
