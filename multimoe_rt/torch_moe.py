@@ -304,7 +304,7 @@ def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: s
         a = apply_activation(xs @ w1[slot].T, gated, activation, alpha, limit)
         pair_out[order[start : start + n]] = (a @ w2[slot].T).to(acc)
     pair_out *= topk_weights.reshape(-1, 1).to(acc)
-    return pair_out.view(T, K, -1).sum(1).to(hidden.dtype)
+    return pair_out.view(T, K, hidden.shape[1]).sum(1).to(hidden.dtype)  # explicit H: T may be 0
 
 
 def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
