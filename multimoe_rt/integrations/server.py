@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import socket
 import sys
 import time
@@ -512,7 +513,17 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float =
     server = _Server(config)
     server.announce = announce or (lambda h, p: print(f"multimoe-rt serve: listening on http://{h}:{p}",
                                                       flush=True))
-    server.run()
+    # uvicorn re-raises the signal that stopped it once it has shut down; after a graceful drain that is a
+    # clean exit, so the re-raised signal lands here and the process exits 0.
+    received = []
+    previous = {sig: signal.signal(sig, lambda s, f: received.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        log.info("stopped by signal %s after draining", received[0])
 
 
 def engine_from_args(args, dirs=None, names=None):
