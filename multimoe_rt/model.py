@@ -94,13 +94,15 @@ class MultiVariantModel:
     @classmethod
     def from_pretrained(cls, dirs, names=None, budget=None, share=None, plan=None, metric="l2", scope="global",
                         representative="anchor", device="cpu", dtype=torch.float32, resident: int = 0,
-                        backend=None, seed: int = 0, offload: bool = False):
+                        backend=None, seed: int = 0, offload: bool = False, check_finite: bool = True):
         """Load variant directories, plan the slab (or take ``plan``: a Plan or a JSON path), build the model.
 
         Without ``budget``/``share``/``plan`` every variant keeps its own experts, except exact duplicates.
         ``offload``: experts beyond the budget live in host memory and are paged in on use.
+        ``check_finite``: refuse NaN/Inf weights as they are read (CheckpointError names file, tensor, count).
         """
-        variant_set = dirs if isinstance(dirs, VariantSet) else VariantSet.from_dirs(dirs, names=names)
+        variant_set = dirs if isinstance(dirs, VariantSet) else \
+            VariantSet.from_dirs(dirs, names=names, check_finite=check_finite)
         if isinstance(plan, (str, bytes)) or hasattr(plan, "__fspath__"):
             plan = plan_mod.Plan.from_json(plan, variant_set)
         elif plan is None:

@@ -246,3 +246,22 @@ def test_prefetch_then_generate_current_keeps_the_prefetched_set_and_counts_ever
     mv3.use("mixtral-v2")
     s = mv3.store.stats
     assert s["bytes_discarded"] > 0 and s["bytes_copied"] - b0 >= s["bytes_discarded"]
+
+
+def test_nan_weights_are_refused_at_load_not_served_as_token_zero(tmp_path):
+    """Old code: a NaN in a checkpoint loaded silently and generate returned token 0 forever."""
+    from safetensors.torch import load_file, save_file
+
+    from multimoe_rt.checkpoint import CheckpointError
+
+    dirs = save_variants(tmp_path, "mixtral", n=2)
+    f = dirs[1] / "model.safetensors"
+    clean = load_file(f)
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+        sd = {k: v.clone() for k, v in clean.items()}
+        sd[key].view(-1)[:2] = float("nan")
+        save_file(sd, f, metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=rf"mixtral-v1/model.safetensors: tensor '{key}': 2 non-finite"):
+            MultiVariantModel.from_pretrained(dirs)
+    mv = MultiVariantModel.from_pretrained(dirs, check_finite=False)  # the opt-out loads it, as asked
+    assert torch.isnan(mv.forward("mixtral-v1", torch.randint(2, 64, (1, 4)))).any()
