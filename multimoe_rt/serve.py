@@ -20,25 +20,80 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .errors import EngineClosed, RequestCancelled, RequestError  # noqa: F401  (re-exported: engine.py imports them)
 from .tokenizer import ByteTokenizer
 
 POLICIES = ("fcfs", "affinity")
 
 
-class RequestError(ValueError):
-    """A request was rejected at submission (the engine keeps serving)."""
+def _is_int(x) -> bool:
+    """A Python, numpy or 0-d integer tensor value, not a bool."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if torch.is_tensor(x):
+        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return isinstance(x, (int, np.integer))
 
 
-class EngineClosed(RuntimeError):
-    """submit() after shutdown(), or a queued request cancelled by shutdown(drain=False)."""
+def _as_int(name: str, x, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
+    if not _is_int(x):
+        raise RequestError(f"{name} must be an integer{what}, got {type(x).__name__} {x!r}")
+    x = int(x)
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        raise RequestError(f"{name} must be an integer in [{lo}, {hi}]{what}, got {x}")
+    return x
+
+
+def _as_real(name: str, x) -> float:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(x)):
+        raise RequestError(f"{name} must be a finite number, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
+def _as_bool(name: str, x) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise RequestError(f"{name} must be True or False, got {type(x).__name__} {x!r}")
+    return bool(x)
+
+
+class RequestFuture(Future):
+    """The Future ``Engine.submit`` returns: a cancelled one raises ``RequestCancelled`` (a CancelledError)
+    that says who cancelled it, instead of a bare CancelledError."""
+
+    def __init__(self, request: "Request | None" = None):
+        super().__init__()
+        self.request = request
+        self.cancel_reason: str | None = None
+
+    def _why(self) -> str:
+        rid = self.request.id if self.request is not None else "?"
+        return self.cancel_reason or f"request {rid} was cancelled by the client before it ran"
+
+    def result(self, timeout=None):
+        try:
+            return super().result(timeout)
+        except CancelledError as e:
+            if isinstance(e, RequestCancelled):
+                raise
+            raise RequestCancelled(self._why()) from None
+
+    def exception(self, timeout=None):
+        try:
+            return super().exception(timeout)
+        except CancelledError as e:
+            if isinstance(e, RequestCancelled):
+                raise
+            raise RequestCancelled(self._why()) from None
 
 
 @dataclass
@@ -168,13 +223,39 @@ class Engine:
             w.start()
 
     # -- submission ---------------------------------------------------------------------------
+    def _prompt_ids(self, prompt) -> list[int]:
+        """Text (byte tokenizer), or token ids: a list/tuple of integers, a 1-D (or [1, T]) integer tensor/array."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        what = "a prompt is text or a sequence of integer token ids"
+        if torch.is_tensor(prompt) or isinstance(prompt, np.ndarray):
+            arr = prompt
+            is_int = (not arr.is_floating_point() and not arr.is_complex() and arr.dtype != torch.bool) \
+                if torch.is_tensor(arr) else (np.issubdtype(arr.dtype, np.integer))
+            if not is_int or arr.ndim > 2 or (arr.ndim == 2 and arr.shape[0] != 1) or arr.ndim == 0:
+                raise RequestError(f"{what}: got a {type(arr).__name__} of dtype {arr.dtype} and shape "
+                                   f"{tuple(arr.shape)} (expected integers, shape [T] or [1, T])")
+            return [int(i) for i in arr.reshape(-1).tolist()]
+        if not isinstance(prompt, (list, tuple)):
+            raise RequestError(f"{what}, got {type(prompt).__name__} {prompt!r:.60}")
+        for k, i in enumerate(prompt):
+            if not _is_int(i):
+                raise RequestError(f"{what}: prompt[{k}] is {type(i).__name__} {i!r:.40}, not an integer")
+        return [int(i) for i in prompt]
+
     def _validate(self, r: Request) -> None:
-        if r.variant not in self.names:
+        if not isinstance(r.variant, str) or r.variant not in self.names:
             raise RequestError(f"unknown variant {r.variant!r}; this engine serves {self.names}")
-        ids = self.tokenizer.encode(r.prompt) if isinstance(r.prompt, str) else r.prompt
-        if torch.is_tensor(ids):
-            ids = ids.reshape(-1).tolist()
-        ids = [int(i) for i in ids]
+        ids = self._prompt_ids(r.prompt)
+        r.max_new_tokens = _as_int("max_new_tokens", r.max_new_tokens, 1, self.max_new_tokens_limit)
+        r.do_sample = _as_bool("do_sample", r.do_sample)
+        r.ignore_eos = _as_bool("ignore_eos", r.ignore_eos)
+        r.temperature, r.top_p = _as_real("temperature", r.temperature), _as_real("top_p", r.top_p)
+        if r.eos_token_id is not None:
+            r.eos_token_id = _as_int("eos_token_id", r.eos_token_id, 0,
+                                     None if self.vocab_size is None else self.vocab_size - 1)
+        if r.seed is not None:
+            r.seed = _as_int("seed", r.seed, 0, 2**63 - 1)
         if not ids:
             raise RequestError("empty prompt: give at least one token")
         if len(ids) > self.max_prompt_tokens:
@@ -182,9 +263,6 @@ class Engine:
         if self.vocab_size is not None and not all(0 <= i < self.vocab_size for i in ids):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise RequestError(f"prompt token id {bad} outside the vocabulary [0, {self.vocab_size})")
-        if not isinstance(r.max_new_tokens, int) or not 1 <= r.max_new_tokens <= self.max_new_tokens_limit:
-            raise RequestError(f"max_new_tokens must be an int in [1, {self.max_new_tokens_limit}], "
-                               f"got {r.max_new_tokens!r}")
         if self.max_positions and len(ids) + r.max_new_tokens > self.max_positions:
             raise RequestError(f"prompt ({len(ids)}) + max_new_tokens ({r.max_new_tokens}) exceeds the model's "
                                f"{self.max_positions} positions")
@@ -195,9 +273,15 @@ class Engine:
 
     def submit(self, request: Request | str, prompt=None, **kwargs) -> Future:
         """``submit(Request(...))`` or ``submit(variant, prompt, max_new_tokens=..., ...)``."""
-        r = request if isinstance(request, Request) else Request(request, prompt, **kwargs)
+        if isinstance(request, Request):
+            r = request
+        else:
+            try:
+                r = Request(request, prompt, **kwargs)
+            except TypeError as e:  # an unknown keyword
+                raise RequestError(f"bad request: {e}") from None
         self._validate(r)  # raises RequestError; nothing was queued
-        fut: Future = Future()
+        fut = RequestFuture(r)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is shut down; submit to a new Engine")
@@ -295,7 +379,8 @@ class Engine:
                     q.clear()
             self._cond.notify_all()
         for r, fut in cancelled:
-            r.error = EngineClosed(f"request {r.id} cancelled by shutdown(drain=False)")
+            fut.cancel_reason = f"request {r.id} cancelled by shutdown(drain=False) before it ran"
+            r.error = RequestCancelled(fut.cancel_reason)
             fut.cancel()
         for w in self._workers:
             w.join(timeout)

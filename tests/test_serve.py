@@ -238,3 +238,67 @@ def test_partitioned_offloads_under_a_small_budget_and_runs_lanes_concurrently(d
     assert len(lanes) == 3
     assert got == [direct(mv, v, p) for v, p in work]
     assert part.stats()["expert_fetches"] > 0 and part.stats()["bytes_copied"] > 0
+
+
+# ---- issue 16: wrong types are rejected with RequestError, cancellations say why --------------------------
+
+@pytest.mark.parametrize("args, kwargs, what", [
+    ((None,), {}, "prompt"),
+    ((["a", "b"],), {}, "prompt"),
+    (([3.7, 4],), {}, "prompt"),                       # old code: silently truncated to [3, 4]
+    (([3, True],), {}, "prompt"),
+    (([[3, 4], [5]],), {}, "prompt"),
+    ((torch.tensor([3.0, 4.0]),), {}, "prompt"),
+    ((object(),), {}, "prompt"),
+    (([3, 4],), {"max_new_tokens": True}, "max_new_tokens"),   # old code: accepted as 1
+    (([3, 4],), {"max_new_tokens": 2.0}, "max_new_tokens"),
+    (([3, 4],), {"max_new_tokens": "2"}, "max_new_tokens"),
+    (([3, 4],), {"max_new_tokens": None}, "max_new_tokens"),
+    (([3, 4],), {"do_sample": True, "temperature": float("nan")}, "temperature"),
+    (([3, 4],), {"do_sample": True, "top_p": float("nan")}, "top_p"),
+    (([3, 4],), {"temperature": "hot"}, "temperature"),
+    (([3, 4],), {"do_sample": "yes"}, "do_sample"),
+    (([3, 4],), {"eos_token_id": "x"}, "eos_token_id"),
+    (([3, 4],), {"eos_token_id": 10**9}, "eos_token_id"),
+    (([3, 4],), {"seed": 1.5}, "seed"),
+    (([3, 4],), {"ignore_eos": "no"}, "ignore_eos"),
+])
+def test_submit_rejects_wrong_types_with_request_error(mv, args, kwargs, what):
+    engine = Engine(OursSystem(mv))
+    try:
+        with pytest.raises(RequestError, match=what):
+            engine.submit(mv.names[0], *args, **kwargs)
+        with pytest.raises(RequestError, match="variant"):
+            engine.submit(["not", "a", "name"], [3, 4])
+        assert engine.pending() == 0
+    finally:
+        engine.shutdown()
+
+
+def test_submit_accepts_numpy_and_tensor_integers(mv):
+    import numpy as np
+
+    v = mv.names[1]
+    want = direct(mv, v, [3, 4, 5])
+    with Engine(OursSystem(mv)) as engine:
+        for prompt, n in (([3, 4, 5], np.int64(NEW)), (np.array([3, 4, 5]), NEW), ([np.int32(3), 4, 5], NEW),
+                          (torch.tensor([[3, 4, 5]]), torch.tensor(NEW))):
+            r = engine.submit(v, prompt, max_new_tokens=n).result(timeout=30)
+            assert r.tokens == want and r.input_ids == [3, 4, 5] and type(r.max_new_tokens) is int
+
+
+def test_a_cancelled_request_says_why(mv):
+    from multimoe_rt.errors import RequestCancelled
+
+    engine = Engine(OursSystem(mv))
+    futs = [engine.submit(mv.names[i % 3], [3, 4, 5], max_new_tokens=NEW) for i in range(8)]
+    assert futs[-1].cancel()  # the client cancels a queued request
+    with pytest.raises(RequestCancelled, match="cancelled by the client"):
+        futs[-1].result(timeout=0)
+    engine.shutdown(drain=False)
+    cancelled = [f for f in futs[:-1] if f.cancelled()]
+    assert cancelled
+    with pytest.raises(CancelledError, match=r"cancelled by shutdown\(drain=False\) before it ran"):
+        cancelled[0].result(timeout=0)
+    with pytest.raises(RequestCancelled, match="shutdown"):
+        cancelled[0].exception(timeout=0)
