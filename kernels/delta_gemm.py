@@ -307,8 +307,8 @@ def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_
     N1 = w1.shape[1]
     device = hidden.device
     check_launchable(device, "fused_moe_delta_triton")
-    if pools.desc.device != device:
-        raise DeltaError(f"delta pools live on {pools.desc.device}, the inputs on {device}")
+    if pools.desc_sorted.device != device:
+        raise DeltaError(f"delta pools live on {pools.desc_sorted.device}, the inputs on {device}")
     upcast = interpreting(device)
     precision = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"
     cfg = select_config(T * K, config)
@@ -321,7 +321,7 @@ def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_
     n_ids = pools.num_ids
     # sort keys: pairs of one base slot adjacent (DeltaPools.sort_rank); desc_sorted[key] = desc[id]
     keys = _work(workspace, "delta_keys", (T, K), torch.int32, device)
-    torch.index_select(pools.sort_rank_i32, 0, expert_ids.reshape(-1).long(), out=keys.view(-1))
+    torch.index_select(pools.sort_rank, 0, expert_ids.reshape(-1).long(), out=keys.view(-1))
     sorted_ids, block_key, _ = align_triton(keys, n_ids, bm, workspace=workspace, chunk=cfg["align"]["CHUNK"])
     num_blocks = block_key.numel()
     inter = _work(workspace, "intermediate", (T * K, I), hidden.dtype, device)

@@ -47,6 +47,7 @@ INT4_GROUP = 32
 CODECS = ("sign1", "lowrank", "int4")
 _ORDER = {"lowrank": 0, "int4": 1, "sign1": 2}
 DESC_COLUMNS = ("base", "sign1", "lowrank_start", "lowrank_rank", "int4")
+DESC_BYTES = 4 * len(DESC_COLUMNS) + 4  # device bytes per expert id: its descriptor row (int32) and sort key
 
 
 class DeltaError(MultimoeError, ValueError):
@@ -89,9 +90,9 @@ def _matrix_nbytes(kind: str, rank: int, n: int, k: int, itemsize: int) -> int:
 
 
 def spec_nbytes(spec: str, n1: int, hidden: int, intermediate: int, itemsize: int) -> int:
-    """Bytes one expert's delta takes in the pools (both matrices; scales and factors in the slab dtype),
-    plus its descriptor row."""
-    total = 4 * len(DESC_COLUMNS)
+    """Bytes one expert's delta takes on the device (both matrices; scales and factors in the slab dtype),
+    plus its id's table entries (``DESC_BYTES``)."""
+    total = DESC_BYTES
     for kind, rank in parse_spec(spec):
         total += _matrix_nbytes(kind, rank, n1, hidden, itemsize) + _matrix_nbytes(kind, rank, hidden, intermediate,
                                                                                    itemsize)
@@ -276,7 +277,7 @@ class DeltaPools:
         n1 = 2 * I if gated else I
         self.n1 = n1
         dev = self.device
-        self.desc = torch.empty(num_slots + entries, len(DESC_COLUMNS), dtype=torch.int32, device=dev)
+        self.desc = torch.empty(num_slots + entries, len(DESC_COLUMNS), dtype=torch.int32)  # host copy
         self._desc_host = [(s, -1, 0, 0, -1) for s in range(num_slots)] + [(-1, -1, 0, 0, -1)] * entries
         self.sign_bits1 = torch.empty(sign1, n1, math.ceil(H / 8), dtype=torch.uint8, device=dev)
         self.sign_scale1 = torch.empty(sign1, n1, dtype=dtype, device=dev)
@@ -291,6 +292,7 @@ class DeltaPools:
         self.capacity = {"entries": entries, "sign1": sign1, "lowrank_units": lowrank_units, "int4": int4}
         self.used = dict.fromkeys(self.capacity, 0)
         self.specs: list[str | None] = [None] * entries
+        self.desc_sorted = self.sort_rank = None
         self._sync_desc()
 
     # ---- sizes
@@ -303,11 +305,12 @@ class DeltaPools:
         return max((r for _, _, _, r, _ in self._desc_host), default=0)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """Every pool tensor, in the order the kernels take them (``POOL_NAMES``)."""
+        """Every device tensor (``POOL_NAMES``): the two id tables, then the pools."""
         return tuple(getattr(self, n) for n in POOL_NAMES)
 
     @property
     def nbytes(self) -> int:
+        """Device bytes: ``DESC_BYTES`` per id plus the pools (``spec_nbytes`` per entry)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def has(self, kind: str) -> bool:
@@ -318,16 +321,17 @@ class DeltaPools:
 
     # ---- filling
     def _sync_desc(self) -> None:
+        """The device tables: ``desc_sorted[key]`` = descriptor of the id whose sort key is ``key``, and
+        ``sort_rank[id]`` = key. Keys order ids by (base slot, id), so the pairs of one base slot are
+        adjacent whatever their variant (the kernels' blocks of one base run together)."""
         self.desc.copy_(torch.tensor(self._desc_host, dtype=torch.int32).reshape(self.desc.shape))
-        # pairs are sorted by (base slot, id): ids of one base are adjacent, so their blocks run together
         order = sorted(range(self.num_ids), key=lambda i: (self._desc_host[i][0], i))
         rank = [0] * self.num_ids
         for pos, i in enumerate(order):
             rank[i] = pos
-        self.sort_rank = torch.tensor(rank, dtype=torch.int64, device=self.device)
-        self.sort_rank_i32 = self.sort_rank.to(torch.int32)
         self.order_by_base = order
-        self.desc_sorted = self.desc[torch.tensor(order, dtype=torch.int64, device=self.device)].contiguous()
+        self.desc_sorted = self.desc[torch.tensor(order, dtype=torch.int64)].contiguous().to(self.device)
+        self.sort_rank = torch.tensor(rank, dtype=torch.int32, device=self.device)
 
     def add(self, base_slot: int, enc: EncodedDelta, sync: bool = True) -> int:
         """Store ``enc`` as a delta on ``base_slot``; returns its expert id."""
@@ -437,7 +441,7 @@ class DeltaPools:
             raise DeltaError(f"delta pools hold {self.dtype} on {self.device}, the slab {w1.dtype} on {w1.device}")
 
 
-POOL_NAMES = ("desc", "sign_bits1", "sign_scale1", "sign_bits2", "sign_scale2", "lr1", "lr2",
+POOL_NAMES = ("desc_sorted", "sort_rank", "sign_bits1", "sign_scale1", "sign_bits2", "sign_scale2", "lr1", "lr2",
               "q1", "q_scale1", "q2", "q_scale2")
 
 

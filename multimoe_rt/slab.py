@@ -35,6 +35,7 @@ class ExpertSlab:
         self.w2 = torch.empty(num_slots, hidden, intermediate, dtype=dtype, device=self.device)
         self.written = torch.zeros(num_slots, dtype=torch.bool)  # host-side: checked before kernels run
         self.host_tier: HostTier | None = None
+        self.deltas = None  # multimoe_rt.delta.DeltaPools: ids past num_slots are base slot + compressed delta
         self._workspace, self._workspace_pairs = None, 0
 
     def workspace(self, tokens: int, top_k: int) -> dict:
@@ -42,21 +43,35 @@ class ExpertSlab:
         when a larger batch arrives (so decode steps allocate nothing). The output stays a fresh
         tensor: callers keep it past the next layer's call."""
         if self._workspace is None or tokens * top_k > self._workspace_pairs:
-            from .kernels.grouped_gemm import allocate_workspace
-
             pairs = max(tokens * top_k, 2 * self._workspace_pairs)
-            ws = allocate_workspace(-(-pairs // top_k), top_k, self.hidden, self.intermediate, self.num_slots,
-                                    self.dtype, self.device)
+            if self.deltas is not None:
+                from .kernels.delta_gemm import allocate_delta_workspace as allocate
+            else:
+                from .kernels.grouped_gemm import allocate_workspace as allocate
+            ws = allocate(-(-pairs // top_k), top_k, self.hidden, self.intermediate, self.num_ids, self.dtype,
+                          self.device)
             ws.pop("out")
             self._workspace, self._workspace_pairs = ws, pairs
         return self._workspace
 
     def attach_host_tier(self, tier: "HostTier") -> None:
+        if self.deltas is not None:
+            raise ValueError("a slab with deltas cannot have a host tier (deltas keep every expert on the device)")
         self.host_tier = tier
+
+    def attach_deltas(self, pools) -> None:
+        """Serve ids ``num_slots ..`` as base slot + compressed delta (``multimoe_rt.delta.DeltaPools``)."""
+        if self.host_tier is not None:
+            raise ValueError("a slab with a host tier cannot take deltas")
+        pools.check_slab(self.w1, self.w2)
+        self.deltas = pools
+        self._workspace, self._workspace_pairs = None, 0
 
     @property
     def num_ids(self) -> int:
-        """Valid slot ids in a table: device slots, then host-tier ids."""
+        """Valid ids in a table: device slots, then host-tier ids or delta ids."""
+        if self.deltas is not None:
+            return self.deltas.num_ids
         return self.num_slots if self.host_tier is None else self.host_tier.first_host_id + self.host_tier.num_host
 
     @property
@@ -65,7 +80,8 @@ class ExpertSlab:
 
     @property
     def nbytes(self) -> int:
-        return self.slot_nbytes * self.num_slots
+        """Device bytes of the dense slots and the delta pools."""
+        return self.slot_nbytes * self.num_slots + (0 if self.deltas is None else self.deltas.nbytes)
 
     def write(self, slot: int, w1: torch.Tensor, w2: torch.Tensor, stream=None) -> None:
         """Copy one expert into ``slot``.
@@ -174,6 +190,8 @@ class SlotTable:
             v, l, e = bad[0].tolist()
             raise ValueError(f"SlotTable: entry (variant={v}, layer={l}, expert={e}) points at slot "
                              f"{int(flat[v, l, e])}, but the slab has {slab.num_ids} slots")
+        if slab.deltas is not None:  # a delta id needs its base slot written
+            flat = slab.deltas.desc[:, 0][flat.long()]
         on_device = flat.long().clamp(max=slab.num_slots - 1)
         if slab.host_tier is not None:  # host-tier ids are written on use, not up front
             on_device = torch.where(flat < slab.host_tier.first_host_id, on_device, 0)

@@ -321,7 +321,7 @@ def test_json_round_trip(vs, dist, tmp_path):
     path = tmp_path / "plan.json"
     plan.to_json(path)
     doc = json.loads(path.read_text())
-    assert doc["format"] == 1 and doc["summary"]["expert_bytes"] == plan.expert_bytes
+    assert doc["format"] == 2 and doc["summary"]["expert_bytes"] == plan.expert_bytes
     again = Plan.from_json(path, variant_set=vs)
     assert again == plan
     assert again.calibration == "gaussian"

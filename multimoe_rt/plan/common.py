@@ -11,7 +11,7 @@ import torch
 from ..errors import PlanError  # defined with the other error classes; re-exported here
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-METRICS = ("l2", "cosine", "output", "random")
+METRICS = ("l2", "cosine", "output", "random", "loss")
 SCOPES = ("global", "per_layer")
 REPRESENTATIVES = ("anchor", "mean")
 FAMILIES = ("mixtral", "switch")

@@ -9,11 +9,14 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..delta import DeltaError, canonical_spec
 from .common import DTYPE_NAMES, FAMILIES, METRICS, REPRESENTATIVES, SCOPES, PlanError, format_size
 from .fingerprint import checkpoint_fingerprint
 
-FORMAT_VERSION = 1
-STATUSES = ("anchor", "duplicate", "shared", "own")
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1: no deltas, costs or entry_cost (they default to empty)
+STATUSES = ("anchor", "duplicate", "shared", "own", "delta")
+from ..delta import DESC_BYTES as DELTA_DESC_BYTES  # device bytes per expert id of a slab with deltas
 
 
 def _desc(x) -> str:
@@ -82,7 +85,15 @@ class Plan:
     ``slots[v][l][e]`` is an index into ``slot_sources`` / ``slot_location``. Device slots come
     first (``0 .. num_device_slots-1``, the slab's slot numbers); host slots (offload tier) follow.
     ``slot_sources[s] = {"layer", "expert", "kind": "variant"|"mean", "variants": [...]}``.
-    ``status[v][l][e]`` is "anchor" | "duplicate" | "shared" | "own".
+    ``status[v][l][e]`` is "anchor" | "duplicate" | "shared" | "own" | "delta".
+
+    Deltas (``multimoe_rt.delta``): an entry with status "delta" holds the expert id ``S + d`` (S =
+    ``len(slot_sources)``), served as the shared slot ``deltas[d]["base"]`` plus a compressed delta:
+    ``deltas[d] = {"layer", "expert", "variants": [...], "base": slot, "spec": "sign1"|"lowrank16"|...,
+    "nbytes"}`` (variants: the byte-identical experts it serves). ``choice[v][l][e]`` names how each entry is
+    stored ("anchor", "duplicate", "share", a delta spec, "dense"); ``entry_cost[v][l][e]`` is the measured
+    calibration-loss change of that choice (``metric="loss"``; 0 for own copies, anchor and duplicates), and
+    ``costs`` the whole measurement (every option of every entry, ``plan.mixed.Costs``).
     """
     variant_names: list
     fingerprints: list
@@ -107,6 +118,10 @@ class Plan:
     policy: dict               # budget_bytes, share, threshold, seed, offload, non_expert_bytes
     calibration: str | None = None
     checkpoint_bytes: list = field(default_factory=list)  # per variant, all tensors in its files
+    deltas: list = field(default_factory=list)      # [D] dicts (see above)
+    choice: list | None = None                      # [V][L][E] how each entry is stored
+    entry_cost: list | None = None                  # [V][L][E] measured cost of the choice, or None
+    costs: dict | None = None                       # plan.mixed.Costs.to_dict() when measured
     format: int = FORMAT_VERSION
 
     # ---- derived numbers
@@ -129,9 +144,21 @@ class Plan:
         return int(self.policy.get("cache_slots", 0))
 
     @property
+    def num_ids(self) -> int:
+        """Valid expert ids in the table: slots (device and host), then deltas."""
+        return len(self.slot_sources) + len(self.deltas)
+
+    @property
+    def delta_bytes(self) -> int:
+        """Device bytes of the delta pools and descriptor table (0 without deltas)."""
+        if not self.deltas:
+            return 0
+        return sum(d["nbytes"] for d in self.deltas) + DELTA_DESC_BYTES * len(self.slot_sources)
+
+    @property
     def expert_bytes(self) -> int:
-        """Device slab bytes (resident slots plus the host tier's cache slots)."""
-        return (self.num_device_slots + self.cache_slots) * self.slot_nbytes
+        """Device slab bytes (resident slots plus the host tier's cache slots, plus the delta pools)."""
+        return (self.num_device_slots + self.cache_slots) * self.slot_nbytes + self.delta_bytes
 
     @property
     def host_bytes(self) -> int:
@@ -154,8 +181,30 @@ class Plan:
             for l in range(self.num_layers) if layer is None else [layer]:
                 for s in self.status[v][l]:
                     shared += s == "shared"
-                    own += s == "own"
+                    own += s in ("own", "delta")
         return shared / (shared + own) if shared + own else 1.0
+
+    def delta_fraction(self, layer: int | None = None) -> float:
+        """Fraction of non-duplicate (variant != anchor) entries served as base + delta."""
+        n = d = 0
+        for v in range(self.num_variants):
+            for l in range(self.num_layers) if layer is None else [layer]:
+                for s in self.status[v][l]:
+                    n += s in ("shared", "own", "delta")
+                    d += s == "delta"
+        return d / n if n else 0.0
+
+    def deltas_by_spec(self) -> dict:
+        out: dict = {}
+        for d in self.deltas:
+            out[d["spec"]] = out.get(d["spec"], 0) + 1
+        return out
+
+    def predicted_loss(self) -> list:
+        """Per variant, the sum of the measured costs of its entries' choices (0 without measurements)."""
+        if self.entry_cost is None:
+            return [0.0] * self.num_variants
+        return [sum(c for row in self.entry_cost[v] for c in row) for v in range(self.num_variants)]
 
     # ---- checks
 
@@ -213,7 +262,30 @@ class Plan:
             _str(f"slot_location[{i}]", loc, ("device", "host"))
         if locs != sorted(locs, key=lambda x: x != "device"):
             _fail("slot_location", "device slots must come first, then host slots")
-        _grid("slots", self.slots, V, L, E, lambda n, x: _int(n, x, 0, S))
+        D = len(_list("deltas", self.deltas))
+        for d, delta in enumerate(self.deltas):
+            name = f"deltas[{d}]"
+            if not isinstance(delta, dict):
+                _fail(name, f"expected an object {{layer, expert, variants, base, spec, nbytes}}, got {_desc(delta)}")
+            missing = [k for k in ("layer", "expert", "variants", "base", "spec", "nbytes") if k not in delta]
+            if missing:
+                _fail(name, f"missing key(s) {missing}")
+            _int(f"{name}.layer", delta["layer"], 0, L)
+            _int(f"{name}.expert", delta["expert"], 0, E)
+            _int(f"{name}.base", delta["base"], 0, S)
+            _int(f"{name}.nbytes", delta["nbytes"], 1)
+            _str(f"{name}.spec", delta["spec"])
+            try:
+                if canonical_spec(delta["spec"]) != delta["spec"]:
+                    _fail(f"{name}.spec", f"{delta['spec']!r} is not canonical ({canonical_spec(delta['spec'])!r})")
+            except DeltaError as exc:
+                _fail(f"{name}.spec", str(exc))
+            members = _list(f"{name}.variants", delta["variants"])
+            if not members:
+                _fail(f"{name}.variants", "a delta serves at least one variant")
+            for i, v in enumerate(members):
+                _int(f"{name}.variants[{i}]", v, 0, V)
+        _grid("slots", self.slots, V, L, E, lambda n, x: _int(n, x, 0, S + D))
         _grid("status", self.status, V, L, E, lambda n, x: _str(n, x, STATUSES))
         _grid("distance", self.distance, V, L, E, _finite)
         _grid("hashes", self.hashes, V, L, E, _str)
@@ -235,6 +307,14 @@ class Plan:
                                         f"one layer's experts ({E})")
         if self.calibration is not None:
             _str("calibration", self.calibration)
+        if self.choice is not None:
+            _grid("choice", self.choice, V, L, E, _str)
+        if self.entry_cost is not None:
+            _grid("entry_cost", self.entry_cost, V, L, E, _finite)
+        if self.costs is not None and not isinstance(self.costs, dict):
+            _fail("costs", f"expected an object, got {_desc(self.costs)}")
+        if D and "host" in locs:
+            _fail("deltas", "a plan with deltas cannot offload slots to the host tier")
         for i, b in enumerate(_list("checkpoint_bytes", self.checkpoint_bytes)):
             _int(f"checkpoint_bytes[{i}]", b, 0)
         _int("format", self.format)
@@ -251,6 +331,19 @@ class Plan:
             for l in range(L):
                 for e in range(E):
                     s, st = self.slots[v][l][e], self.status[v][l][e]
+                    if (s >= S) != (st == "delta"):
+                        _fail(f"slots[{v}][{l}][{e}]", f"{s} with status {st!r}: ids >= {S} (the slots) are deltas, "
+                                                       f"and only they")
+                    if st == "delta":
+                        delta = self.deltas[s - S]
+                        if (delta["layer"], delta["expert"]) != (l, e) or v not in delta["variants"]:
+                            _fail(f"slots[{v}][{l}][{e}]", f"delta {s - S} is for layer {delta['layer']} expert "
+                                                           f"{delta['expert']} variants {delta['variants']}")
+                        if h[delta["variants"][0]][l][e] != h[v][l][e]:
+                            _fail(f"deltas[{s - S}].variants", f"variant {names[v]!r} differs (per the plan's "
+                                                               f"hashes) from the expert the delta encodes")
+                        s = delta["base"]
+                        st = "shared"  # the base is the layer's shared copy
                     src = self.slot_sources[s]
                     if (src["layer"], src["expert"]) != (l, e):
                         _fail(f"slots[{v}][{l}][{e}]", f"slot {s}, which holds layer {src['layer']} expert "
@@ -265,6 +358,7 @@ class Plan:
             l, e, members = src["layer"], src["expert"], src["variants"]
             for v in users[s]:
                 st = self.status[v][l][e]
+                st = "shared" if st == "delta" else st  # a delta's base is the shared copy
                 if src["kind"] == "mean":
                     if st == "own" or v not in members:
                         _fail(f"slot_sources[{s}].variants",
@@ -288,8 +382,8 @@ class Plan:
     def validate(self, variant_set) -> None:
         """Refuse a malformed plan, or one made for other (or since changed) checkpoints."""
         self.check_fields()
-        if self.format != FORMAT_VERSION:
-            raise PlanError(f"plan format {self.format}, this code reads format {FORMAT_VERSION}")
+        if self.format not in READABLE_FORMATS:
+            raise PlanError(f"plan format {self.format}, this code reads formats {READABLE_FORMATS}")
         names = list(variant_set.names)
         if names != list(self.variant_names):
             raise PlanError(f"plan is for variants {self.variant_names}, got {names}")
@@ -320,6 +414,8 @@ class Plan:
             "device_bytes": self.device_bytes, "separate_expert_bytes": self.separate_expert_bytes,
             "sharing_fraction": self.sharing_fraction(),
             "sharing_fraction_per_layer": [self.sharing_fraction(l) for l in range(self.num_layers)],
+            "delta_bytes": self.delta_bytes, "delta_fraction": self.delta_fraction(),
+            "deltas_by_spec": self.deltas_by_spec(),
         }
         text = json.dumps(d, indent=1, allow_nan=False)
         try:
@@ -340,14 +436,14 @@ class Plan:
             raise PlanError(f"cannot read plan {path}: {exc}") from exc
         if not isinstance(d, dict):
             raise PlanError(f"{path}: not a plan: expected a JSON object, got {_desc(d)}")
-        if d.get("format") != FORMAT_VERSION:
-            raise PlanError(f"{path}: plan field 'format': {d.get('format')!r}, this code reads {FORMAT_VERSION}")
+        if d.get("format") not in READABLE_FORMATS:
+            raise PlanError(f"{path}: plan field 'format': {d.get('format')!r}, this code reads {READABLE_FORMATS}")
         d.pop("summary", None)
         known = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise PlanError(f"{path}: plan field '{unknown[0]}' is not part of plan format {FORMAT_VERSION}")
+            raise PlanError(f"{path}: plan field '{unknown[0]}' is not part of plan format {d['format']}")
         missing = sorted(required - set(d))
         if missing:
             raise PlanError(f"{path}: plan field '{missing[0]}' is missing")
@@ -369,18 +465,27 @@ class Plan:
                 + (f" ({self.calibration} calibration)" if self.calibration else "")
                 + f", scope={self.scope}, representative={self.representative}, slab dtype {self.dtype}",
                 f"{'layer':>5} {'dup':>5} {'shared':>6} {'own':>5} {'share%':>6} {'slots':>5} "
-                f"{'host':>4} {'bytes':>12}"]
+                f"{'host':>4} {'bytes':>12} {'delta':>5}"]
+        S = len(self.slot_sources)
         for l in range(L):
             st = [self.status[v][l][e] for v in range(V) for e in range(E)]
-            slots = {self.slots[v][l][e] for v in range(V) for e in range(E)}
+            ids = {self.slots[v][l][e] for v in range(V) for e in range(E)}
+            slots = {i for i in ids if i < S}
             host = sum(1 for s in slots if self.slot_location[s] == "host")
+            dbytes = sum(self.deltas[i - S]["nbytes"] for i in ids if i >= S)
             rows.append(f"{l:>5} {st.count('duplicate'):>5} {st.count('shared'):>6} {st.count('own'):>5} "
                         f"{100 * self.sharing_fraction(l):>6.1f} {len(slots):>5} {host:>4} "
-                        f"{(len(slots) - host) * self.slot_nbytes:>12}")
+                        f"{(len(slots) - host) * self.slot_nbytes + dbytes:>12} {st.count('delta'):>5}")
         sep = self.separate_expert_bytes
-        rows.append(f"expert slab: {self.num_device_slots} slots x {self.slot_nbytes} B = "
-                    f"{format_size(self.expert_bytes)} vs {format_size(sep)} for {V} separate models' "
+        rows.append(f"expert slab: {self.num_device_slots} slots x {self.slot_nbytes} B"
+                    + (f" + {len(self.deltas)} deltas {format_size(self.delta_bytes)} "
+                       f"({', '.join(f'{k} x{n}' for k, n in self.deltas_by_spec().items())})" if self.deltas else "")
+                    + f" = {format_size(self.expert_bytes)} vs {format_size(sep)} for {V} separate models' "
                     f"experts ({100 * self.expert_bytes / sep:.1f}%)")
+        if self.entry_cost is not None:
+            pred = self.predicted_loss()
+            rows.append("predicted calibration-loss change per variant (sum of measured single-entry costs, nats): "
+                        + ", ".join(f"{n} {pred[v]:+.4f}" for v, n in enumerate(self.variant_names) if v != self.anchor))
         if self.num_host_slots:
             rows.append(f"host tier: {self.num_host_slots} slots = {format_size(self.host_bytes)} "
                         f"(offloaded: do not fit the device budget)")

@@ -35,6 +35,36 @@ def source_expert(plan: Plan, variant_set, slot: int) -> tuple[torch.Tensor, tor
     return acc1 / len(members), acc2 / len(members)
 
 
+def _load_deltas(plan: Plan, variant_set, slab, progress: bool):
+    """Encode every delta of the plan against its base slot as the slab stores it (slab dtype), into
+    preallocated pools sized from the plan; attach them to the slab."""
+    from ..delta import DeltaError, DeltaPools, encode_delta, parse_spec
+
+    parts = [dict(parse_spec(d["spec"])) for d in plan.deltas]
+    pools = DeltaPools(slab.num_slots, plan.hidden_size, plan.intermediate_size, plan.gated, dtype=slab.dtype,
+                       device=slab.device, entries=len(plan.deltas), sign1=sum("sign1" in p for p in parts),
+                       lowrank_units=sum(p.get("lowrank", 0) for p in parts), int4=sum("int4" in p for p in parts))
+    bar = progress_bar(len(plan.deltas), "encoding deltas", progress)
+    for i, d in enumerate(plan.deltas):
+        l, e, v, base = d["layer"], d["expert"], d["variants"][0], d["base"]
+        w1, w2 = _read_expert(plan, variant_set, v, l, e)
+        b1, b2 = slab.w1[base].float(), slab.w2[base].float()
+        try:
+            enc = encode_delta(w1.to(slab.device).float() - b1, w2.to(slab.device).float() - b2, d["spec"],
+                               round_to=slab.dtype)
+            got = pools.add(base, enc, sync=False)
+        except DeltaError as exc:
+            raise PlanError(f"plan field 'deltas[{i}]' (variant {plan.variant_names[v]!r} layer {l} expert {e}, "
+                            f"{d['spec']}): {exc}") from exc
+        if got != len(plan.slot_sources) + i:
+            raise PlanError(f"plan field 'deltas[{i}]': stored as expert id {got}, the table says "
+                            f"{len(plan.slot_sources) + i}")
+        bar.update(1)
+    bar.close()
+    pools.finish()
+    slab.attach_deltas(pools)
+
+
 def load_slab(plan: Plan, variant_set, device="cpu", dtype=None, progress: bool = False):
     """Fill an ExpertSlab and SlotTable from the checkpoints as the plan says.
 
@@ -42,7 +72,8 @@ def load_slab(plan: Plan, variant_set, device="cpu", dtype=None, progress: bool 
     against its recorded hash. Reads each source expert once; host memory holds one expert
     (two float32 accumulators for a mean slot). ``dtype`` overrides the plan's slab dtype
     (the plan's byte accounting then no longer applies). Host-tier slots (``offload``) go to a
-    ``HostTier`` attached to the slab, paged into its ``cache_slots`` on use.
+    ``HostTier`` attached to the slab, paged into its ``cache_slots`` on use. Deltas are encoded
+    against their base slot as stored (``slab.deltas``, a ``DeltaPools``); the table then holds expert ids.
     """
     from ..slab import ExpertSlab, HostTier, SlotTable
 
@@ -65,6 +96,8 @@ def load_slab(plan: Plan, variant_set, device="cpu", dtype=None, progress: bool 
     bar.close()
     if slab.device.type == "cuda":
         torch.cuda.synchronize(slab.device)  # slab.write copies non_blocking from pinned memory
+    if plan.deltas:
+        _load_deltas(plan, variant_set, slab, progress)
     table = SlotTable(plan.num_variants, plan.num_layers, plan.num_experts, device=device)
     table.slots.copy_(torch.tensor(plan.slots, dtype=torch.int32))
     table.validate(slab)

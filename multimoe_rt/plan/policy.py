@@ -11,7 +11,8 @@ import torch
 from .common import METRICS, REPRESENTATIVES, SCOPES, PlanError, format_size, parse_size, to_dtype
 from .distance import Distances, compute_distances
 from .fingerprint import checkpoint_fingerprint, checkpoint_tensor_bytes
-from .format import Plan
+from .format import DELTA_DESC_BYTES, Plan
+from .mixed import DENSE, SHARE, Costs, canonical_option, choose, option_nbytes
 
 __all__ = ["METRICS", "REPRESENTATIVES", "SCOPES", "make_plan", "non_expert_nbytes"]
 
@@ -61,7 +62,8 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
               representative: str = "anchor", anchor: int = 0, non_expert_bytes: int | str = 0,
               offload: bool = False, seed: int = 0, dtype=None,
               calib: dict[int, torch.Tensor] | None = None, distances: Distances | None = None,
-              progress: bool = False) -> Plan:
+              progress: bool = False, costs: Costs | None = None, delta: str | None = None,
+              codecs=None) -> Plan:
     """Algorithm 1: one shared copy per (layer, expert), then own copies, most different first.
 
     Policy (how many own copies): ``share`` (target fraction of non-duplicate non-anchor entries
@@ -72,6 +74,17 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
     tensors' shapes in the slab ``dtype`` (default: checkpoint dtype).
     Too little room for one copy per (layer, expert) raises PlanError, unless ``offload``: then
     slots past the capacity are placed in a host tier (shared copies first on device).
+
+    ``metric="loss"`` ranks by the measured cost of sharing (``costs``, from
+    ``multimoe_rt.criterion.measure_costs``): the calibration-loss change of the variant's own model when
+    that one expert is replaced by the anchor's.
+
+    Deltas (``multimoe_rt.delta``): ``delta=spec`` stores every entry the policy would share as the shared
+    copy plus a compressed delta of that spec instead (``share=1.0, delta="sign1"``: every non-duplicate entry
+    as sign1). ``codecs=[spec, ...]`` (with ``costs`` and ``budget_bytes``, no share/threshold) is the mixed
+    plan: each entry gets whichever of sharing, base + delta in one of ``codecs``, or an own dense copy
+    minimises the summed measured cost within the budget (``plan.mixed.choose``). Deltas need the device
+    budget (no offload).
     """
     if metric not in METRICS:
         raise PlanError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -92,6 +105,31 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
         raise PlanError(f"anchor must be a variant index in [0, {len(variant_set)}), got {anchor!r}")
     budget = None if budget_bytes is None else parse_size(budget_bytes)
     non_expert = parse_size(non_expert_bytes)
+    if metric == "loss" and costs is None:
+        raise PlanError("metric 'loss' needs costs: measure them with multimoe_rt.criterion.measure_costs")
+    if codecs is not None:
+        codecs = [canonical_option(c) for c in codecs]
+        if any(c in (SHARE, DENSE) for c in codecs) or not codecs:
+            raise PlanError(f"codecs lists delta specs (sign1, lowrank<r>, int4, combinations), got {codecs}")
+        if costs is None or budget is None or share is not None or threshold is not None or delta is not None:
+            raise PlanError("the mixed plan (codecs=...) chooses by measured costs under a byte budget: give costs "
+                            "and budget_bytes, and no share, threshold or delta")
+        if representative != "anchor":
+            raise PlanError("the mixed plan's costs are measured against the anchor's copy: representative must "
+                            "be 'anchor'")
+    if delta is not None:
+        delta = canonical_option(delta)
+        if delta in (SHARE, DENSE):
+            raise PlanError(f"delta must be a codec spec (sign1, lowrank<r>, int4, ...), got {delta!r}")
+    if (codecs is not None or delta is not None) and offload:
+        raise PlanError("a plan with deltas keeps every expert on the device: offload is not supported with deltas")
+    if costs is not None:
+        if costs.anchor != anchor or len(costs.loss) != len(variant_set):
+            raise PlanError(f"costs were measured for anchor {costs.anchor} and {len(costs.loss)} variants; the plan "
+                            f"has anchor {anchor} and {len(variant_set)} variants")
+        missing = [c for c in ([SHARE] + (codecs or [])) if c not in costs.options]
+        if missing:
+            raise PlanError(f"costs have no measurements of {missing} (measured: {costs.options})")
 
     V, L, E = len(variant_set), variant_set.num_layers, variant_set.num_experts
     if distances is None:
@@ -104,6 +142,14 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
         rng = random.Random(seed)
         values = [[[0.0 if dist.duplicate[v][l][e] else rng.random() for e in range(E)]
                    for l in range(L)] for v in range(V)]
+    elif metric == "loss":
+        values = costs.share_values()
+        unmeasured = [(v, l, e) for v in range(V) for l in range(L) for e in range(E)
+                      if v != anchor and not dist.duplicate[v][l][e] and costs.loss[v][l][e] is None]
+        if unmeasured:
+            v, l, e = unmeasured[0]
+            raise PlanError(f"costs have no measurement for variant {variant_set.names[v]!r} layer {l} expert {e} "
+                            f"({len(unmeasured)} entries unmeasured)")
     else:
         values = getattr(dist, metric)
         if values is None:
@@ -135,8 +181,36 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
 
     units = _ranked_units(dist, values, scope)
     n_entries = sum(len(u[3]) for u in units)
+    n1, hidden, inter = dist.w1_shape[0], dist.w1_shape[1], dist.w2_shape[1]
     chosen = []
-    if share is not None:
+    option_of = {}  # (l, e, members) -> option, for plans with deltas
+    if codecs is not None:
+        opts = [SHARE] + codecs + [DENSE]
+        size = {o: option_nbytes(o, n1, hidden, inter, itemsize, slot_nbytes + DELTA_DESC_BYTES) for o in opts}
+        left = budget - non_expert - base_slots * (slot_nbytes + DELTA_DESC_BYTES)
+        if left < 0:
+            raise PlanError(f"budget {budget} B ({format_size(budget)}) cannot hold one copy of each of the {L}x{E} "
+                            f"experts plus the non-expert working set: needs {budget - left} B")
+        unit_options = [[(size[o], sum(costs.cost(v, u[1], u[2], o) for v in u[3]), o) for o in opts]
+                        for u in units]
+        picks = choose(unit_options, left)
+        for u, j in zip(units, picks):
+            option_of[u[1:]] = opts[j]
+        chosen = [u for u in units if option_of[u[1:]] == DENSE]
+    elif delta is not None and share is None and threshold is None:
+        # budget only, every entry a delta to start with: own copies in rank order while they fit
+        dbytes = option_nbytes(delta, n1, hidden, inter, itemsize, slot_nbytes)
+        left = budget - non_expert - base_slots * (slot_nbytes + DELTA_DESC_BYTES) - len(units) * dbytes
+        if left < 0:
+            raise PlanError(f"budget {budget} B ({format_size(budget)}) cannot hold the shared copies plus a "
+                            f"{delta} delta for every entry: {-left} B short")
+        for u in units:
+            if left >= slot_nbytes + DELTA_DESC_BYTES - dbytes:
+                chosen.append(u)
+                left -= slot_nbytes + DELTA_DESC_BYTES - dbytes
+            else:
+                break
+    elif share is not None:
         target_own = n_entries - round(share * n_entries)
         own = 0
         for u in units:
@@ -148,8 +222,18 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
     else:
         # budget only: a prefix of the fixed ranking, so a bigger budget never shares more
         chosen = units[:max(0, capacity - base_slots)]
+    if codecs is None:
+        own_units = {u[1:] for u in chosen}
+        for u in units:
+            option_of[u[1:]] = DENSE if u[1:] in own_units else (delta or SHARE)
     total_slots = base_slots + len(chosen)
-    if capacity is not None and total_slots > capacity and not offload:
+    if any(o not in (SHARE, DENSE) for o in option_of.values()):
+        need = (total_slots * (slot_nbytes + DELTA_DESC_BYTES) + non_expert
+                + sum(option_nbytes(o, n1, hidden, inter, itemsize, 0) for o in option_of.values() if o != DENSE))
+        if budget is not None and need > budget:
+            raise PlanError(f"the plan asks for {total_slots} slots and {sum(o not in (SHARE, DENSE) for o in option_of.values())} "
+                            f"deltas = {need} B ({format_size(need)}) with the working set, over the budget {budget} B")
+    elif capacity is not None and total_slots > capacity and not offload:
         need = total_slots * slot_nbytes + non_expert
         raise PlanError(f"the {'share' if share is not None else 'threshold'} policy asks for "
                         f"{total_slots} slots = {need} B ({format_size(need)}) with the working set, "
@@ -159,9 +243,10 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
     # --- assignment: shared slots first (they serve the most entries), then own copies by rank
     status = [[["anchor" if v == anchor else ("duplicate" if dist.duplicate[v][l][e] else "shared")
                 for e in range(E)] for l in range(L)] for v in range(V)]
-    for _, l, e, members in chosen:
+    for _, l, e, members in units:
         for v in members:
-            status[v][l][e] = "own"
+            o = option_of[(l, e, members)]
+            status[v][l][e] = "own" if o == DENSE else ("shared" if o == SHARE else "delta")
     slots = [[[-1] * E for _ in range(L)] for _ in range(V)]
     sources = []
     for l in range(L):
@@ -178,6 +263,15 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
         sources.append({"layer": l, "expert": e, "kind": "variant", "variants": [members[0]]})
         for v in members:
             slots[v][l][e] = len(sources) - 1
+    deltas = []
+    for _, l, e, members in sorted(units, key=lambda u: (u[1], u[2], u[3])):
+        o = option_of[(l, e, members)]
+        if o in (SHARE, DENSE):
+            continue
+        deltas.append({"layer": l, "expert": e, "variants": list(members), "base": slots[members[0]][l][e],
+                       "spec": o, "nbytes": option_nbytes(o, n1, hidden, inter, itemsize, 0)})
+        for v in members:
+            slots[v][l][e] = len(sources) + len(deltas) - 1
     n_dev, cache_slots = len(sources), 0
     if capacity is not None and len(sources) > capacity:
         # Offload: host experts are paged into a cache of one layer's worth of slots (a prefill may route
@@ -193,6 +287,18 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
 
     own_dist = [[[0.0 if status[v][l][e] in ("anchor", "duplicate") else float(values[v][l][e])
                   for e in range(E)] for l in range(L)] for v in range(V)]
+    choice = [[[status[v][l][e] if status[v][l][e] in ("anchor", "duplicate") else SHARE for e in range(E)]
+               for l in range(L)] for v in range(V)]
+    for _, l, e, members in units:
+        for v in members:
+            choice[v][l][e] = option_of[(l, e, members)]
+    entry_cost = None
+    if costs is not None:
+        cells = [[[0.0 if choice[v][l][e] in ("anchor", "duplicate", DENSE) else
+                   (costs.loss[v][l][e] or {}).get(choice[v][l][e]) for e in range(E)] for l in range(L)]
+                 for v in range(V)]
+        if all(c is not None for var in cells for row in var for c in row):
+            entry_cost = [[[float(c) for c in row] for row in var] for var in cells]
     plan = Plan(
         variant_names=list(variant_set.names),
         fingerprints=[checkpoint_fingerprint(var.path) for var in variant_set],
@@ -204,9 +310,12 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
         representative=representative,
         policy={"budget_bytes": budget, "share": share, "threshold": threshold, "seed": seed,
                 "offload": offload, "non_expert_bytes": non_expert,
-                "cache_slots": cache_slots},
-        calibration=dist.calibration if metric == "output" else None,
+                "cache_slots": cache_slots, "delta": delta, "codecs": codecs},
+        calibration=dist.calibration if metric == "output" else (costs.calibration or "measured loss"
+                                                                   if metric == "loss" else None),
         checkpoint_bytes=[checkpoint_tensor_bytes(var.path) for var in variant_set],
+        deltas=deltas, choice=choice, entry_cost=entry_cost,
+        costs=costs.to_dict() if costs is not None else None,
     )
     plan.check_consistent()
     return plan
