@@ -18,11 +18,13 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch import nn
 
 from ..checkpoint import VariantSet
+from ..errors import UnknownVariant
 from ..experts import ActiveVariant, SlabExperts, moe_layer_prefixes
 from ..model import MODEL_CLASSES, hf_generate
 from ..slab import ExpertSlab, HostTier, SlotTable
@@ -56,8 +58,8 @@ class _Base:
         self._stats = {"switches": 0, "bytes_copied": 0}
 
     def index(self, variant) -> int:
-        if variant not in self.names:
-            raise KeyError(f"unknown variant {variant!r}; known: {self.names}")
+        if not isinstance(variant, str) or variant not in self.names:
+            raise UnknownVariant(f"unknown variant {variant!r}; known: {self.names}")
         return self.names.index(variant)
 
     def prefetch(self, variant) -> None:
@@ -95,6 +97,7 @@ class SwapSystem(_Base):
         self.model = _load(variant_set[0].path, self.family, self.device, dtype)
         self.slot_tensors = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
         self.active = 0
+        self.lock = threading.Lock()  # one model slot: a swap and a generate never overlap another request
 
     def _swap_in(self, v: int) -> None:
         nbytes = 0
@@ -111,9 +114,10 @@ class SwapSystem(_Base):
 
     def generate(self, variant, input_ids, **kw):
         v = self.index(variant)
-        if v != self.active:
-            self._swap_in(v)
-        return hf_generate(self.model, self.family, input_ids, **kw)
+        with self.lock:
+            if v != self.active:
+                self._swap_in(v)
+            return hf_generate(self.model, self.family, input_ids, **kw)
 
     def memory_footprint(self) -> dict:
         return {"total_device_bytes": _module_bytes(self.model)}
