@@ -7,6 +7,7 @@ finds the MoE blocks of a Mixtral or SwitchTransformers model in checkpoint orde
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from . import ops
@@ -61,6 +62,14 @@ def experts_activation(experts: nn.Module) -> tuple[str, float, float]:
     return activation_of_module(act_fn), SWIGLU_ALPHA, SWIGLU_LIMIT
 
 
+def routing_weights(hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The routing weights as the op takes them, unrounded: a router's fp32 scores stay fp32 (the kernels
+    apply them in fp32, as transformers' eager experts do) rather than being cast to a 16-bit model dtype."""
+    if top_k_weights.dtype == hidden_states.dtype:
+        return top_k_weights
+    return top_k_weights.to(torch.float64 if hidden_states.dtype == torch.float64 else torch.float32)
+
+
 class SlabExperts(nn.Module):
     """An experts module whose weights live in a shared ExpertSlab, found through a SlotTable.
 
@@ -93,8 +102,8 @@ class SlabExperts(nn.Module):
         if self.slab.host_tier is not None:
             slots = self.slab.host_tier.translate(slots)
         workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
-        return ops.fused_moe(hidden_states, slots, top_k_weights.to(hidden_states.dtype), self.slab.w1, self.slab.w2,
-                             self.slab.gated, backend=self.backend, check_slots=False, workspace=workspace,
+        return ops.fused_moe(hidden_states, slots, routing_weights(hidden_states, top_k_weights), self.slab.w1,
+                             self.slab.w2, self.slab.gated, backend=self.backend, check_slots=False, workspace=workspace,
                              activation=self.activation, alpha=self.alpha, limit=self.limit)
 
     def extra_repr(self) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import ops
-from ..experts import ActiveVariant, SlabExperts, experts_activation, moe_layer_prefixes
+from ..experts import ActiveVariant, SlabExperts, experts_activation, moe_layer_prefixes, routing_weights
 
 
 def patch(model: nn.Module, slab, table, variant=0, backend=None, active: ActiveVariant | None = None) -> ActiveVariant:
@@ -58,7 +58,7 @@ def multimoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
                                   f"expert parallelism; {type(self).__name__} uses one")
     activation, alpha, limit = experts_activation(self)
     w1 = self.gate_up_proj if self.has_gate else self.up_proj
-    return ops.fused_moe(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w1, self.down_proj,
+    return ops.fused_moe(hidden_states, top_k_index, routing_weights(hidden_states, top_k_weights), w1, self.down_proj,
                          gated=self.has_gate, check_slots=False, activation=activation, alpha=alpha, limit=limit)
 
 
