@@ -379,3 +379,20 @@ def test_ungated_experts_implementation_uses_up_proj_and_act_fn():
             continue
         eager = type(experts).forward.__wrapped__(experts, h, idx, w)
         assert rel_err(multimoe_experts_forward(experts, h, idx, w), eager) <= 1e-5
+
+
+def test_compiled_training_step_traces_the_model_with_fullgraph(tmp_path):
+    """torch.compile of a training step (AOTAutograd: forward and backward graphs, fullgraph) through the op."""
+    d = save_mixtral(tmp_path, "gelu", n=1)[0]
+    assert multimoe_rt.register_experts_implementation()
+    ours = transformers.MixtralForCausalLM.from_pretrained(d, experts_implementation="multimoe").train()
+    eager = transformers.MixtralForCausalLM.from_pretrained(d, experts_implementation="eager").train()
+    ids, mask = left_padded(torch.Generator().manual_seed(4))
+    loss = torch.compile(train_loss, backend="aot_eager", fullgraph=True)(ours, ids, mask)
+    got = grads(ours, loss)
+    want_loss = train_loss(eager, ids, mask)
+    want = grads(eager, want_loss)
+    assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
+    assert set(got) == set(want)
+    for n in want:
+        assert rel_err(got[n], want[n]) <= 1e-5, n
