@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..delta import INT4_GROUP, DeltaPools, DeltaError
+from ..delta import INT4_GROUP, DeltaError, DeltaPools, as_tensors
 from ..torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation_args, check_moe_inputs, resolve_activation
 from .align import align_triton, check_launchable, interpreting
 from .grouped_gemm import _ACT_CODE, _activate, _reduce_k_kernel, _work, select_config
@@ -275,30 +275,38 @@ def allocate_delta_workspace(max_tokens, top_k, hidden, intermediate, num_ids, d
                                                             dtype, config).items()}
 
 
-def _pool_args(pools: DeltaPools):
-    """(tensors, strides, flags) of the pools for the two kernels: (w1 side, w2 side)."""
+def _pool_args(t, max_rank: int):
+    """(tensors, strides) of the pools for the two kernels (w1 side, w2 side), and the constexpr flags."""
     sides = []
-    for bits, scale, lr, q, qs in ((pools.sign_bits1, pools.sign_scale1, pools.lr1, pools.q1, pools.q_scale1),
-                                   (pools.sign_bits2, pools.sign_scale2, pools.lr2, pools.q2, pools.q_scale2)):
+    for bits, scale, lr, q, qs in ((t.sign_bits1, t.sign_scale1, t.lr1, t.q1, t.q_scale1),
+                                   (t.sign_bits2, t.sign_scale2, t.lr2, t.q2, t.q_scale2)):
         strides = (bits.stride(0), bits.stride(1), scale.stride(0), q.stride(0), q.stride(1), qs.stride(0),
                    qs.stride(1))
         sides.append(((bits, scale, lr, q, qs), strides))
-    flags = {"HAS_SIGN": pools.has("sign1"), "HAS_LR": pools.has("lowrank"), "HAS_INT4": pools.has("int4"),
-             "BLOCK_R": max(16, triton.next_power_of_2(max(1, pools.max_rank))), "GROUP": INT4_GROUP}
+    flags = {"HAS_SIGN": t.sign_bits1.numel() > 0, "HAS_LR": t.lr1.numel() > 0 and max_rank > 0,
+             "HAS_INT4": t.q1.numel() > 0, "BLOCK_R": max(16, triton.next_power_of_2(max(1, max_rank))),
+             "GROUP": INT4_GROUP}
     return sides, flags
 
 
 def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_weights: torch.Tensor,
-                           w1: torch.Tensor, w2: torch.Tensor, gated: bool, pools: DeltaPools,
+                           w1: torch.Tensor, w2: torch.Tensor, gated: bool, pools, max_rank: int | None = None,
                            config: dict | None = None, workspace: dict | None = None, activation: str | None = None,
                            alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
     """The fused-MoE contract over expert ids (dense slots and deltas, ``multimoe_rt.delta``). Returns [T, H].
 
-    ``workspace``: as ``fused_moe_triton``'s, sized for ``pools.num_ids`` ids, plus "delta_keys" (int32, T*K)
-    (``allocate_delta_workspace``); the result is then a view of workspace["out"].
+    ``pools``: a ``DeltaPools`` or its ``DeltaTensors`` (then ``max_rank``, the largest lowrank rank in the
+    pools, must be given: it sizes the rank tile). ``workspace``: as ``fused_moe_triton``'s, sized for
+    ``num_ids`` ids, plus "delta_keys" (int32, T*K) (``allocate_delta_workspace``); the result is then a view
+    of workspace["out"].
     """
     check_moe_inputs(hidden, expert_ids, topk_weights, w1, w2, gated, check_slots=False)
-    pools.check_slab(w1, w2)
+    if isinstance(pools, DeltaPools):
+        pools.check_slab(w1, w2)
+        max_rank = pools.max_rank if max_rank is None else max_rank
+    elif max_rank is None:
+        raise DeltaError("fused_moe_delta_triton: give max_rank with raw delta tensors")
+    t = as_tensors(pools)
     activation = resolve_activation(activation, gated)
     check_activation_args(activation, alpha, limit)
     T, H = hidden.shape
@@ -307,8 +315,8 @@ def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_
     N1 = w1.shape[1]
     device = hidden.device
     check_launchable(device, "fused_moe_delta_triton")
-    if pools.desc_sorted.device != device:
-        raise DeltaError(f"delta pools live on {pools.desc_sorted.device}, the inputs on {device}")
+    if t.desc_sorted.device != device:
+        raise DeltaError(f"delta pools live on {t.desc_sorted.device}, the inputs on {device}")
     upcast = interpreting(device)
     precision = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"
     cfg = select_config(T * K, config)
@@ -318,10 +326,10 @@ def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_
     out = _work(workspace, "out", (T, H), hidden.dtype, device)
     if T == 0:
         return out
-    n_ids = pools.num_ids
+    n_ids = t.num_ids
     # sort keys: pairs of one base slot adjacent (DeltaPools.sort_rank); desc_sorted[key] = desc[id]
     keys = _work(workspace, "delta_keys", (T, K), torch.int32, device)
-    torch.index_select(pools.sort_rank, 0, expert_ids.reshape(-1).long(), out=keys.view(-1))
+    torch.index_select(t.sort_rank, 0, expert_ids.reshape(-1).long(), out=keys.view(-1))
     sorted_ids, block_key, _ = align_triton(keys, n_ids, bm, workspace=workspace, chunk=cfg["align"]["CHUNK"])
     num_blocks = block_key.numel()
     inter = _work(workspace, "intermediate", (T * K, I), hidden.dtype, device)
@@ -329,9 +337,9 @@ def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_
     weights = topk_weights.reshape(-1)
     if not weights.is_contiguous():
         weights = weights.contiguous()
-    sides, flags = _pool_args(pools)
+    sides, flags = _pool_args(t, max_rank)
     (p1, s1), (p2, s2) = sides
-    desc = pools.desc_sorted
+    desc = t.desc_sorted
 
     _delta_up_kernel[(num_blocks, triton.cdiv(I, bn))](
         hidden, w1, inter, sorted_ids, block_key, desc, *p1,

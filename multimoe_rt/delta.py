@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -392,41 +393,21 @@ class DeltaPools:
             raise DeltaError(f"{len(unset)} delta ids were sized but never added (first: {unset[0]})")
         self._sync_desc()
 
-    # ---- reading one entry
-    def factors(self, expert_id: int):
-        """Views of one entry's parts: ``{"sign1": (bits1, scale1, bits2, scale2), "lowrank": (U1, V1, U2, V2),
-        "int4": (...)}`` for the parts it has."""
-        base, si, start, rank, qi = self._desc_host[expert_id]
-        out = {}
-        if si >= 0:
-            out["sign1"] = (self.sign_bits1[si], self.sign_scale1[si], self.sign_bits2[si], self.sign_scale2[si])
-        if rank > 0:
-            H, I, n1 = self.hidden, self.intermediate, self.n1
-            o1, o2 = start * (n1 + H), start * (H + I)
-            out["lowrank"] = (self.lr1[o1:o1 + n1 * rank].view(n1, rank),
-                              self.lr1[o1 + n1 * rank:o1 + (n1 + H) * rank].view(rank, H),
-                              self.lr2[o2:o2 + H * rank].view(H, rank),
-                              self.lr2[o2 + H * rank:o2 + (H + I) * rank].view(rank, I))
-        if qi >= 0:
-            out["int4"] = (self.q1[qi], self.q_scale1[qi], self.q2[qi], self.q_scale2[qi])
-        return out
+    # ---- reading entries
+    def view(self) -> "DeltaTensors":
+        """The device tables and pools: all the kernels and the op need."""
+        return DeltaTensors(*self.tensors())
+
+    def factors(self, expert_id: int) -> dict:
+        """Views of one entry's parts (``entry_parts``)."""
+        return entry_parts(self.view(), self._desc_host[expert_id], self.n1, self.hidden, self.intermediate)
 
     def effective(self, w1: torch.Tensor, w2: torch.Tensor, expert_id: int, dtype=torch.float64):
         """``(w1(id), w2(id))`` materialised in ``dtype``: base + decoded delta."""
-        base = self._desc_host[expert_id][0]
-        e1, e2 = w1[base].to(dtype).clone(), w2[base].to(dtype).clone()
-        f = self.factors(expert_id)
-        for m, (e, k) in enumerate(((e1, self.hidden), (e2, self.intermediate))):
-            if "lowrank" in f:
-                e += f["lowrank"][2 * m].to(dtype) @ f["lowrank"][2 * m + 1].to(dtype)
-            if "int4" in f:
-                e += int4_decode(f["int4"][2 * m], f["int4"][2 * m + 1], k, dtype)
-            if "sign1" in f:
-                e += sign1_decode(f["sign1"][2 * m], f["sign1"][2 * m + 1], k, dtype)
-        return e1, e2
+        return effective_weights(self.view(), self._desc_host[expert_id], w1, w2, dtype)
 
     def materialize(self, w1: torch.Tensor, w2: torch.Tensor, dtype=torch.float64):
-        """Every id's effective weights ``[num_ids, N1, H]``, ``[num_ids, H, I]`` (tests, the reference)."""
+        """Every id's effective weights ``[num_ids, N1, H]``, ``[num_ids, H, I]`` (tests)."""
         pairs = [self.effective(w1, w2, i, dtype) for i in range(self.num_ids)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
@@ -445,13 +426,72 @@ POOL_NAMES = ("desc_sorted", "sort_rank", "sign_bits1", "sign_scale1", "sign_bit
               "q1", "q_scale1", "q2", "q_scale2")
 
 
-def check_ids(expert_ids: torch.Tensor, pools: DeltaPools) -> None:
-    """Every id names a filled entry (a host sync: callers with a validated table skip it)."""
+class DeltaTensors(NamedTuple):
+    """The device side of ``DeltaPools`` (``POOL_NAMES``): what the backends read, so a custom op can carry it
+    as a list of tensors. ``desc_sorted[key]`` is the descriptor row of the id whose sort key
+    ``sort_rank[id]`` is ``key`` (keys order ids by base slot)."""
+    desc_sorted: torch.Tensor
+    sort_rank: torch.Tensor
+    sign_bits1: torch.Tensor
+    sign_scale1: torch.Tensor
+    sign_bits2: torch.Tensor
+    sign_scale2: torch.Tensor
+    lr1: torch.Tensor
+    lr2: torch.Tensor
+    q1: torch.Tensor
+    q_scale1: torch.Tensor
+    q2: torch.Tensor
+    q_scale2: torch.Tensor
+
+    @property
+    def num_ids(self) -> int:
+        return self.sort_rank.shape[0]
+
+
+def as_tensors(pools) -> DeltaTensors:
+    return pools.view() if isinstance(pools, DeltaPools) else DeltaTensors(*pools)
+
+
+def entry_parts(t: DeltaTensors, row, n1: int, H: int, I: int) -> dict:
+    """Views of one entry's parts from its descriptor ``row`` = (base, sign1 index, lowrank start, rank, int4
+    index): ``{"sign1": (bits1, scale1, bits2, scale2), "lowrank": (U1, V1, U2, V2), "int4": (codes1, scales1,
+    codes2, scales2)}`` for the parts it has (none for a dense id)."""
+    _, si, start, rank, qi = (int(x) for x in row)
+    out = {}
+    if si >= 0:
+        out["sign1"] = (t.sign_bits1[si], t.sign_scale1[si], t.sign_bits2[si], t.sign_scale2[si])
+    if rank > 0:
+        o1, o2 = start * (n1 + H), start * (H + I)
+        out["lowrank"] = (t.lr1[o1:o1 + n1 * rank].view(n1, rank), t.lr1[o1 + n1 * rank:o1 + (n1 + H) * rank].view(rank, H),
+                          t.lr2[o2:o2 + H * rank].view(H, rank), t.lr2[o2 + H * rank:o2 + (H + I) * rank].view(rank, I))
+    if qi >= 0:
+        out["int4"] = (t.q1[qi], t.q_scale1[qi], t.q2[qi], t.q_scale2[qi])
+    return out
+
+
+def effective_weights(t: DeltaTensors, row, w1: torch.Tensor, w2: torch.Tensor, dtype=torch.float64):
+    """``(w1(id), w2(id))`` of the id with descriptor ``row``, materialised in ``dtype``."""
+    n1, H, I = w1.shape[1], w2.shape[1], w2.shape[2]
+    base = int(row[0])
+    e1, e2 = w1[base].to(dtype).clone(), w2[base].to(dtype).clone()
+    f = entry_parts(t, row, n1, H, I)
+    for m, (e, k) in enumerate(((e1, H), (e2, I))):
+        if "lowrank" in f:
+            e += f["lowrank"][2 * m].to(dtype) @ f["lowrank"][2 * m + 1].to(dtype)
+        if "int4" in f:
+            e += int4_decode(f["int4"][2 * m], f["int4"][2 * m + 1], k, dtype)
+        if "sign1" in f:
+            e += sign1_decode(f["sign1"][2 * m], f["sign1"][2 * m + 1], k, dtype)
+    return e1, e2
+
+
+def check_ids(expert_ids: torch.Tensor, num_ids: int) -> None:
+    """Every id names an entry of the pools (a host sync: callers with a validated table skip it)."""
     if expert_ids.numel():
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
-        if lo < 0 or hi >= pools.num_ids:
-            raise IndexError(f"expert id out of range: ids span [{lo}, {hi}] but the slab has {pools.num_ids} ids "
-                             f"({pools.num_slots} dense slots + {pools.num_ids - pools.num_slots} deltas)")
+        if lo < 0 or hi >= num_ids:
+            raise IndexError(f"expert id out of range: ids span [{lo}, {hi}] but the slab has {num_ids} ids "
+                             f"(dense slots, then deltas)")
 
 
 # ------------------------------------------------------------------------------------------ the MoE with deltas
@@ -476,32 +516,31 @@ def _delta_terms(x: torch.Tensor, parts: dict, m: int, k: int, acc) -> torch.Ten
     return out
 
 
-def _runs(expert_ids: torch.Tensor, pools: DeltaPools, base_once: bool):
-    """Pairs sorted by (base slot, id): ``(order, tokens, [(base, start, n, [(id, start, n), ...]), ...])``."""
+def _runs(expert_ids: torch.Tensor, t: DeltaTensors, base_once: bool):
+    """Pairs sorted by sort key (base slot, then id): ``(order, tokens, [(base, start, n, [(row, start, n), ...])])``
+    with each used id's descriptor row; one host sync (the used keys, their counts and rows)."""
     K = expert_ids.shape[1]
-    flat = expert_ids.reshape(-1).long()
-    order = torch.sort(pools.sort_rank[flat], stable=True).indices
-    counts = torch.bincount(flat, minlength=pools.num_ids).tolist()  # one host sync per call
+    keys = t.sort_rank[expert_ids.reshape(-1).long()].long()
+    order = torch.sort(keys, stable=True).indices
+    used, counts = torch.unique_consecutive(keys[order], return_counts=True)
+    rows = torch.cat([t.desc_sorted[used].long(), counts[:, None]], 1).tolist()
     groups, start = [], 0
-    for i in pools.order_by_base:
-        n = counts[i]
-        if not n:
-            continue
-        base = pools._desc_host[i][0]
+    for *row, n in rows:
+        base = row[0]
         if base_once and groups and groups[-1][0] == base:
-            b, s, total, subs = groups[-1]
-            subs.append((i, start, n))
-            groups[-1] = (b, s, total + n, subs)
+            b, s0, total, subs = groups[-1]
+            subs.append((row, start, n))
+            groups[-1] = (b, s0, total + n, subs)
         else:
-            groups.append((base, start, n, [(i, start, n)]))
+            groups.append((base, start, n, [(row, start, n)]))
         start += n
     return order, order // K, groups
 
 
-def moe_torch_delta(hidden, expert_ids, topk_weights, w1, w2, gated: bool, pools: DeltaPools,
+def moe_torch_delta(hidden, expert_ids, topk_weights, w1, w2, gated: bool, pools,
                     activation: str | None = None, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT,
                     base_once: bool = True) -> torch.Tensor:
-    """The dense contract with deltas (module docstring), pure PyTorch.
+    """The dense contract with deltas (module docstring), pure PyTorch; ``pools`` a DeltaPools or its tensors.
 
     ``base_once`` (default): one base matmul per base slot over every pair that reads it, whatever its id,
     then each delta's terms on its own rows (the "base GEMM + segmented delta GEMM" design); False runs the
@@ -509,37 +548,48 @@ def moe_torch_delta(hidden, expert_ids, topk_weights, w1, w2, gated: bool, pools
     Delta terms: lowrank as two thin matmuls, sign1 as a matmul with the +-1 matrix unpacked by table
     lookup and scaled per row, int4 dequantised. The up projection and the deltas are summed in fp32.
     """
+    t = as_tensors(pools)
     T, K = expert_ids.shape
-    order, tokens, groups = _runs(expert_ids, pools, base_once)
-    x = hidden[tokens]
+    H, I, n1 = w2.shape[1], w2.shape[2], w1.shape[1]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    H, I = pools.hidden, pools.intermediate
-    pair_out = torch.empty(T * K, hidden.shape[1], dtype=acc, device=hidden.device)
+    out = torch.empty(T * K, H, dtype=acc, device=hidden.device)
+    if T == 0:
+        return out.view(T, K, H).sum(1).to(hidden.dtype)
+    order, tokens, groups = _runs(expert_ids, t, base_once)
+    x = hidden[tokens]
     for base, start, n, subs in groups:
         xs = x[start:start + n]
         h = (xs @ w1[base].T).to(acc)
-        parts_of = {}
-        for i, s0, m in subs:
-            if i < pools.num_slots:
-                continue
-            parts_of[i] = parts = pools.factors(i)
-            d = _delta_terms(xs[s0 - start:s0 - start + m], parts, 0, H, acc)
-            if d is not None:
-                h[s0 - start:s0 - start + m] += d
+        parts_of = []
+        for row, s0, m in subs:
+            parts = entry_parts(t, row, n1, H, I)
+            if parts:
+                a0 = s0 - start
+                parts_of.append((parts, a0, m))
+                h[a0:a0 + m] += _delta_terms(xs[a0:a0 + m], parts, 0, H, acc)
         a = apply_activation(h, gated, activation, alpha, limit).to(hidden.dtype)
         y = (a @ w2[base].T).to(acc)
-        for i, s0, m in subs:
-            if i in parts_of:
-                d = _delta_terms(a[s0 - start:s0 - start + m], parts_of[i], 1, I, acc)
-                if d is not None:
-                    y[s0 - start:s0 - start + m] += d
-        pair_out[order[start:start + n]] = y
-    pair_out *= topk_weights.reshape(-1, 1).to(acc)
-    return pair_out.view(T, K, hidden.shape[1]).sum(1).to(hidden.dtype)
+        for parts, a0, m in parts_of:
+            y[a0:a0 + m] += _delta_terms(a[a0:a0 + m], parts, 1, I, acc)
+        out[order[start:start + n]] = y
+    out *= topk_weights.reshape(-1, 1).to(acc)
+    return out.view(T, K, H).sum(1).to(hidden.dtype)
 
 
-def moe_reference_delta(hidden, expert_ids, topk_weights, w1, w2, gated: bool, pools: DeltaPools,
-                        activation: str | None = None, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
-    """The float64 reference: every id's effective weights materialised in float64, then the dense reference."""
-    e1, e2 = pools.materialize(w1, w2, torch.float64)
-    return moe_reference(hidden, expert_ids, topk_weights, e1, e2, gated, activation, alpha, limit)
+def moe_reference_delta(hidden, expert_ids, topk_weights, w1, w2, gated: bool, pools,
+                        activation: str | None = None, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT
+                        ) -> torch.Tensor:
+    """The float64 reference: each used id's effective weights materialised in float64 (base + decoded delta),
+    then one token-expert pair at a time as ``torch_moe.moe_reference``."""
+    t = as_tensors(pools)
+    ids = expert_ids.long()
+    used = torch.unique(ids).tolist()
+    rows = t.desc_sorted[t.sort_rank[torch.tensor(used, dtype=torch.long, device=ids.device)].long()].tolist() \
+        if used else []
+    e1 = torch.zeros(max(1, len(used)), w1.shape[1], w1.shape[2], dtype=torch.float64, device=hidden.device)
+    e2 = torch.zeros(max(1, len(used)), w2.shape[1], w2.shape[2], dtype=torch.float64, device=hidden.device)
+    remap = torch.zeros(t.num_ids, dtype=torch.long, device=ids.device)
+    for j, (i, row) in enumerate(zip(used, rows)):
+        e1[j], e2[j] = effective_weights(t, row, w1, w2, torch.float64)
+        remap[i] = j
+    return moe_reference(hidden, remap[ids], topk_weights, e1, e2, gated, activation, alpha, limit)
