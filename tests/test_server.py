@@ -56,7 +56,8 @@ def save_text_variants(tmp_path, n=3):
 def start_server(dirs, *extra, timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(dirs[0].parent / f"server-{time.monotonic_ns()}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "multimoe_rt.cli", "serve", *map(str, dirs), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "multimoe_rt.integrations.serve_cli", *map(str, dirs),
+                             "--port", "0",
                              "--max-batch", str(MAX_BATCH), "--max-len", str(MAX_LEN), "--log-level", "warning",
                              *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     lines: queue.Queue = queue.Queue()
