@@ -194,3 +194,19 @@ def test_op_called_positionally_as_before():
     assert rel_err(out, moe_reference(x, s, w, w1, w2, True, "silu")) <= 1e-5
     gx = torch.autograd.grad(out.sum(), x)[0]
     assert rel_err(gx, reference_grads(x, s, w, w1, w2, True, "silu", torch.ones_like(out))[0]) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated,activation", GATED_ACTS)
+def test_gpu_triton_forward_with_backward(gated, activation, dtype):
+    K = 2 if gated else 1
+    x, s, w, w1, w2 = make_case(300, K, 16, 256, 352, gated, dtype, seed=12)
+    x, w, w1, w2 = (t.detach().cuda().requires_grad_() for t in (x, w, w1, w2))
+    out = ops.fused_moe(x, s.cuda(), w, w1, w2, gated, activation=activation, limit=LIMIT)
+    assert ops.choose_backend(x.device) == "triton"
+    grad_out = torch.randn(out.shape, device="cuda", dtype=dtype)
+    got = torch.autograd.grad(out, (x, w, w1, w2), grad_out)
+    want = reference_grads(x, s.cuda(), w, w1, w2, gated, activation, grad_out)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= TOL[dtype]
