@@ -109,10 +109,14 @@ def read_safetensors_header(path: Path) -> dict[str, _Entry]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}': {info!r}") from e
-        if dtype not in _DTYPES:
+        if not ok or begin > end:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}': shape and "
+                                  f"data_offsets must be integers >= 0 with begin <= end, got {info!r}")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {dtype!r}")
         want = math.prod(shape) * _DTYPES[dtype][1]
         if end - begin != want:
@@ -329,7 +333,23 @@ class Variant:
         return h
 
     def _read(self, name: str) -> torch.Tensor:
-        return self._finite(name, self._handle(self._entries[name].file).get_tensor(name))
+        file = self._entries[name].file
+        try:
+            t = self._handle(file).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' own error types: a file that changed or lies about its layout
+            raise CheckpointError(f"{file}: tensor '{name}': cannot read: {e}") from e
+        return self._finite(name, t)
+
+    def _slice(self, name: str, index: int) -> torch.Tensor:
+        file = self._entries[name].file
+        try:
+            return self._handle(file).get_slice(name)[index]
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file}: tensor '{name}': cannot read row {index}: {e}") from e
 
     def _finite(self, name: str, t: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """``t`` (tensor ``name``, or its slice for ``expert``) once checked for NaN/Inf, when checking is on."""
@@ -356,8 +376,7 @@ class Variant:
         kind = self._layout[layer]
         if kind[0] == "fused":
             _, gate_up, down = kind
-            w1 = self._handle(self._entries[gate_up].file).get_slice(gate_up)[expert]
-            w2 = self._handle(self._entries[down].file).get_slice(down)[expert]
+            w1, w2 = self._slice(gate_up, expert), self._slice(down, expert)
             return self._finite(gate_up, w1, expert), self._finite(down, w2, expert)
         if kind[0] == "legacy":
             p = f"{kind[1]}.experts.{expert}"
