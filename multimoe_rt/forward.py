@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import transformers
 from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 
-from . import ops
+from . import ops, torch_moe
 
 
 @dataclass
@@ -134,8 +134,6 @@ class BatchedMixtral:
 
     def __init__(self, config: dict, weights, slab, table, kv, backend: str | None = None):
         cfg = transformers.MixtralConfig.from_dict(dict(config))
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"the batched forward runs SwiGLU (silu) experts; the config says {cfg.hidden_act!r}")
         self.cfg, self.weights, self.slab, self.table, self.kv = cfg, weights, slab, table, kv
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
@@ -143,6 +141,7 @@ class BatchedMixtral:
         self.top_k, self.eps, self.window = cfg.num_experts_per_tok, cfg.rms_norm_eps, cfg.sliding_window
         self.rotary = MixtralRotaryEmbedding(cfg).to(slab.device)
         self.backend = ops.choose_backend(slab.device, backend)
+        self.activation = torch_moe.resolve_activation(cfg.hidden_act, gated=True)  # raises, naming an unsupported one
         self._busy = threading.Lock()
 
     def batch(self, entries: list[BatchEntry]) -> Batch:
@@ -195,10 +194,10 @@ class BatchedMixtral:
     def _moe(self, layer, L, h, b: Batch):
         probs = torch.softmax(grouped_linear(h, L["router"], b.segments).float(), dim=-1)
         top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)
-        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(h.dtype)
+        top_w = top_w / top_w.sum(-1, keepdim=True)  # fp32, as transformers' router hands them to the experts
         slots = self.table.resolve(layer, top_ids, b.variants)
         if self.slab.host_tier is not None:
             slots = self.slab.host_tier.translate(slots)
         workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
         return ops.fused_moe(h, slots, top_w, self.slab.w1, self.slab.w2, True, backend=self.backend,
-                             check_slots=False, workspace=workspace)
+                             check_slots=False, workspace=workspace, activation=self.activation)

@@ -87,14 +87,17 @@ def test_shared_experts_follow_the_table_like_the_transformers_skeleton(dirs):
     assert rel_err(logits[1], own_logits(dirs[1], prompts[1][1])) > 1e-3  # sharing changed variant 1
 
 
-def test_sliding_window_matches_transformers(tmp_path):
+@pytest.mark.parametrize("override", [{"sliding_window": 4}, {"hidden_act": "gelu"}], ids=["window", "gelu"])
+def test_config_variants_match_transformers(tmp_path, override):
     torch.manual_seed(0)
-    model = T.MixtralForCausalLM(T.MixtralConfig(**{**MIXTRAL, "sliding_window": 4}))
-    model.save_pretrained(tmp_path / "sw")
-    m = build([tmp_path / "sw"])
+    model = T.MixtralForCausalLM(T.MixtralConfig(**{**MIXTRAL, **override}))
+    with torch.no_grad():  # larger weights, so the wrong activation would show in the logits
+        model.model.layers[0].mlp.experts.gate_up_proj.mul_(20)
+    model.save_pretrained(tmp_path / "m")
+    m = build([tmp_path / "m"])
     p = torch.randint(0, 64, (11,)).tolist()
     lg = m.forward(m.batch([BatchEntry(0, 0, 0, p, 0)]))
-    assert rel_err(lg[0], own_logits(tmp_path / "sw", p)) <= FP32_TOL
+    assert rel_err(lg[0], own_logits(tmp_path / "m", p)) <= FP32_TOL
 
 
 def test_triton_backend_matches_torch_on_a_mixed_batch(dirs):
