@@ -252,10 +252,9 @@ def _zoo_dirs(recipe: str, small: bool, cache=None, data=None, quiet=False) -> d
         if bad is not None:
             _usage(f"the zoo cache entry {entry} is damaged ({bad}); delete it (multimoe-rt zoo clean "
                    f"--entry {entry.name}, or rm -r {entry}) and run again to rebuild it")
-    if not quiet:
-        print(f"zoo: {entry}" + ("" if built else f"  (not built yet: training {recipe}"
-                                 f"{' --small, about 15 s' if small else ', about 10 minutes on 2 cores'})"),
-              flush=True)
+    print(f"zoo: {entry}" + ("" if built else f"  (not built yet: training {recipe}"
+                             f"{' --small, about 15 s' if small else ', about 10 minutes on 2 cores'})"),
+          file=sys.stderr if quiet else sys.stdout, flush=True)
     return zoo.build(recipe, small=small, data_dir=data, cache_dir=cache, progress=not quiet)
 
 
@@ -623,8 +622,23 @@ What the table says
     for k, v in out["files"].items():
         if k != "json":
             print(f"Plot ({k}): {v}")
-    print(f"(whole demo: {time.perf_counter() - t0:.0f} s; longer sweep: multimoe-rt bench-qos --help)")
+    print("\nThe same variants served all at once: continuous batching, every variant in one forward "
+          "(multimoe_rt.engine), against the batch-1 engine above, per-variant batching and transformers' own "
+          "batched generate.\n")
+    batching = _bench_module("batching")
+    bout = batching.run(batching.zoo_dirs(args.small, len(out["variants"]), not args.quiet), shapes=("paper",),
+                        n_sat=64, n_sweep=32, progress=not args.quiet, tag="demo-batching")
+    print(batching.table(bout))
+    print(f"Results: {bout['files']['json']}\nPlot: {bout['files']['plot']}")
+    print(f"(whole demo: {time.perf_counter() - t0:.0f} s; longer sweeps: multimoe-rt bench-qos --help, "
+          f"multimoe-rt bench-batch --help)")
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .integrations import server
+
+    return server.main(args)
 
 
 def cmd_bench_reliability(args) -> int:
@@ -790,6 +804,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     # ---- serving QoS benchmark and the demo (multimoe_rt/serve.py, lab/baselines.py, bench/serve_qos.py)
+    bb = add("bench-batch", add_help=False, help="continuous batching of mixed variants vs batch-1, "
+             "per-variant batching and transformers (bench/batching.py; its own --help)")
+    bb.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bb.set_defaults(func=lambda a: _bench_module("batching").main(a.bench_args))
+
     q = add("bench-qos", help="QoS sweep over arrival rates: ours vs partitioned (MIG-like), swap, resident")
     _serve_qos_args(q)
     q.set_defaults(func=cmd_bench_qos)
@@ -801,6 +820,32 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_qos_args(d, demo=True)
     d.set_defaults(func=cmd_demo)
 
+    # ---- serve: OpenAI-compatible HTTP server, variant = model (multimoe_rt/integrations/server.py, ray_serve.py)
+    sv = add("serve", help="OpenAI-compatible HTTP server over the batching engine (variant = model)")
+    sv.add_argument("variant_dirs", nargs="*", help="checkpoint directories; the first is the base")
+    sv.add_argument("--names", default=None, help="comma-separated model names (default: directory names)")
+    how = sv.add_mutually_exclusive_group()
+    how.add_argument("--plan", default=None, help="plan JSON from `multimoe-rt plan`")
+    how.add_argument("--share", type=float, default=None, help="fraction of fine-tuned experts shared with the base")
+    how.add_argument("--budget", default=None, help="device bytes for experts, e.g. 30MiB")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when listening)")
+    sv.add_argument("--max-batch", type=int, default=64, help="sequences running at once (KV slots)")
+    sv.add_argument("--max-queue", type=int, default=4096, help="waiting requests before 429")
+    sv.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's, <= 2048)")
+    sv.add_argument("--max-step-tokens", type=int, default=256, help="token budget of one batched step")
+    sv.add_argument("--resident-sets", type=int, default=None, help="non-expert sets on the device (default: all)")
+    sv.add_argument("--default-max-tokens", type=int, default=16, help="a completion's max_tokens when not given")
+    sv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM lets in-flight requests run")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    sv.add_argument("--log-level", default="info")
+    sv.add_argument("--ray", action="store_true", help="Ray Serve: replicas hold variant groups (ray extra)")
+    sv.add_argument("--group", action="append", default=None,
+                    help="with --ray: a comma-separated variant group (directories); repeat per group")
+    sv.add_argument("--replicas", type=int, default=None, help="with --ray: engine replicas (default: one per group)")
+    sv.set_defaults(func=cmd_serve)
+
     # ---- reliability: bursts, faults, fuzzing (bench/reliability.py)
     r = add("bench-reliability", help="reliability suite: bursts with bad requests, shutdown, foreign prefetch, "
                                      "injected faults, reader fuzzing, RSS over switches; prints one table")
@@ -809,7 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--switches", type=_pos_int, default=1000, help="switches for the RSS measurement")
     r.add_argument("--fuzz-files", type=_pos_int, default=500, help="mutated safetensors files")
     r.add_argument("--fuzz-plans", type=_pos_int, default=200, help="mutated plans")
-    r.add_argument("--small", action="store_true", help="the small zoo (default; the full one is bigger)")
+    r.add_argument("--full", action="store_true", help="the full mixtral-tiny zoo (default: the small one)")
     r.add_argument("--quick", action="store_true", help="a fast pass: small counts everywhere (what CI runs)")
     r.add_argument("--out", type=_out_dir, default=None,
                    help=f"results folder (default ${RESULTS_ENV}, else ~/.cache/multimoe_rt/results)")
@@ -848,10 +893,16 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+PASS_THROUGH = {"bench-batch": "batching", "simulate": "simulate"}
+
+
 def main(argv=None) -> int:
     # Idle OpenMP threads yield instead of spinning: on a shared, loaded machine spinning made each training
     # step ~5x slower with 2 threads. Only effective before torch starts its thread pool (commands import late).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASS_THROUGH:  # harnesses with their own parser, --help included
+        return _bench_module(PASS_THROUGH[argv[0]]).main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("MULTIMOE_DEBUG", "") not in ("", "0")
     prog = f"{PROG} {args.command}"
