@@ -626,8 +626,11 @@ What the table says
           "(multimoe_rt.engine), against the batch-1 engine above, per-variant batching and transformers' own "
           "batched generate.\n")
     batching = _bench_module("batching")
-    bout = batching.run(batching.zoo_dirs(args.small, len(out["variants"]), not args.quiet), shapes=("paper",),
-                        n_sat=64, n_sweep=32, progress=not args.quiet, tag="demo-batching")
+    own = {Path(d).name: Path(d) for d in args.dirs or []}
+    bdirs = {v: own[v] for v in out["variants"]} if own else \
+        batching.zoo_dirs(args.small, len(out["variants"]), not args.quiet)
+    bout = batching.run(bdirs, shapes=("paper",),
+                        n_sat=64, n_sweep=32, progress=not args.quiet, tag="demo-batching", out_dir=_results(args))
     print(batching.table(bout))
     print(f"Results: {bout['files']['json']}\nPlot: {bout['files']['plot']}")
     print(f"(whole demo: {time.perf_counter() - t0:.0f} s; longer sweeps: multimoe-rt bench-qos --help, "

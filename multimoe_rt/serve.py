@@ -181,7 +181,8 @@ class OursSystem:
 
     def stats(self) -> dict:
         s = self.mv.store.stats
-        return {"switches": s["switches"], "bytes_copied": s["bytes_copied"]}
+        return {"switches": s["switches"], "bytes_copied": s["bytes_copied"],
+                "bytes_discarded": s["bytes_discarded"]}  # copied by a prefetch that was then not used
 
     def memory_footprint(self) -> dict:
         return dict(self.mv.memory_footprint())
