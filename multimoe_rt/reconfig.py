@@ -261,7 +261,13 @@ class NonExpertStore:
     def _flip(self, pending: _Pending) -> float:
         """Caller holds ``lock`` and has claimed ``pending`` (so it is still the pending copy)."""
         t0 = time.perf_counter()
-        pending.done.wait()
+        try:
+            pending.done.wait()
+        except BaseException:  # interrupted while waiting (Ctrl-C): release the claim so others can go on
+            with self._cv:
+                pending.claimed = False
+                self._cv.notify_all()
+            raise
         waited = time.perf_counter() - t0
         with self._cv:
             self.pending = None
