@@ -23,6 +23,7 @@ from torch import nn
 
 from . import plan as plan_mod
 from .checkpoint import VariantSet
+from .errors import RequestError
 from .experts import ActiveVariant, SlabExperts, moe_layer_prefixes
 from .reconfig import NonExpertStore
 
@@ -147,7 +148,7 @@ class MultiVariantModel:
             input_ids = input_ids.to(self.device)
             if self.family == "switch":
                 if decoder_input_ids is None:
-                    raise ValueError("Switch variants need decoder_input_ids for a forward pass")
+                    raise RequestError("Switch variants need decoder_input_ids for a forward pass")
                 return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids.to(self.device),
                                   **kwargs).logits
             return self.model(input_ids=input_ids, **kwargs).logits
@@ -158,8 +159,13 @@ class MultiVariantModel:
     def generate(self, variant, input_ids, max_new_tokens: int = 25, eos_token_id=None, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, attention_mask=None, **kwargs):
         """Prefill + decode with a KV cache (transformers' generate) as ``variant``; returns new token ids."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        try:
+            n = None if isinstance(max_new_tokens, bool) else int(max_new_tokens.__index__())
+        except (AttributeError, TypeError):
+            n = None
+        if n is None or n < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        max_new_tokens = n
         with self.lock:
             self.use(variant)
             mask = None if attention_mask is None else attention_mask.to(self.device)

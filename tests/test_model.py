@@ -140,8 +140,11 @@ def test_unknown_variant_and_bad_generation_settings(tmp_path):
     mv = MultiVariantModel.from_pretrained(save_variants(tmp_path, "mixtral", n=2))
     with pytest.raises(KeyError, match="unknown variant 'nope'"):
         mv.forward("nope", torch.zeros(1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        mv.generate("mixtral-v0", torch.zeros(1, 3, dtype=torch.long), max_new_tokens=0)
+    for bad in (0, True, 2.0, "2", None, torch.tensor(2.0)):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            mv.generate("mixtral-v0", torch.zeros(1, 3, dtype=torch.long), max_new_tokens=bad)
+    with pytest.raises(KeyError, match="a variant is a name or an index"):
+        mv.forward(["mixtral-v0"], torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_triton_backend_inside_the_model(tmp_path):
