@@ -5,15 +5,9 @@ Only safetensors are read (through `safe_open`, memory-mapped); nothing is unpic
 checkpoint runs. Every header is parsed and checked against the file size before anything is opened, so a
 truncated download fails here with the file named instead of deep inside a kernel.
 
-Families (by config["model_type"]):
-  mixtral              gated act(gate) * up, top-k (hidden_act: silu, gelu, gelu_tanh forms, relu). transformers-5 fused naming
-                         model.layers.{i}.mlp.experts.gate_up_proj [E, 2I, H], .down_proj [E, H, I], mlp.gate.weight
-                       or the per-expert naming of the published Mixtral checkpoints
-                         model.layers.{i}.block_sparse_moe.experts.{e}.w1/w3 [I, H], .w2 [H, I], block_sparse_moe.gate.weight
-                       (w1 = gate, w3 = up, so w13 = cat([w1, w3]) matches gate_up_proj rows).
-  switch_transformers  act(x) (dense_act_fn: relu, silu, gelu forms), top-1, encoder and decoder sparse layers
-                         {encoder,decoder}.block.{b}.layer.{l}.mlp.experts.expert_{e}.wi.weight [I, H], .wo.weight [H, I]
-                         ...mlp.router.classifier.weight [E, H]
+Families (by config["model_type"]): see ``families.py``, the one place that knows each family's config
+fields, MoE layers and expert naming (both transformers-5 fused tensors and the per-expert naming of
+published checkpoints); ``Variant`` asks its ``Family`` to index the files, and reads experts through it.
 Non-expert tensors are always named as transformers 5 names them.
 """
 
@@ -22,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .torch_moe import UnsupportedActivationError, resolve_activation
-
 from .errors import CheckpointError  # defined with the other error classes; re-exported here
+from .families import MODEL_TYPES, Family, UnknownFamilyError, family_for_config  # noqa: F401 (re-exported)
 
 # safetensors dtype strings -> (torch dtype, bytes per element)
 _DTYPES = {
@@ -44,7 +36,7 @@ _DTYPES = {
 # Headers of real checkpoints are well under a megabyte per shard; anything huge is a corrupt length field.
 _MAX_HEADER = 100 * 1024 * 1024
 
-FAMILIES = {"mixtral": "mixtral", "switch_transformers": "switch"}
+FAMILIES = MODEL_TYPES  # config model_type -> family name (families.FAMILIES has the adapters)
 
 
 @dataclass(frozen=True)
@@ -180,44 +172,22 @@ class Variant:
             self.config = json.loads(cfg_path.read_text())
         except ValueError as e:
             raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from e
-        model_type = self.config.get("model_type")
-        if model_type not in FAMILIES:
-            raise CheckpointError(
-                f"{cfg_path}: unknown family: model_type {model_type!r}, expected one of {sorted(FAMILIES)}")
-        self.family = FAMILIES[model_type]
+        self.adapter: Family = family_for_config(self.config, cfg_path)
+        self.family = self.adapter.name
         self._entries = _load_index(self.path)
         self._handles = {}
-        # per MoE layer: how to read expert e: ("fused", gate_up, down) | ("legacy", prefix) | ("switch", prefix)
-        self._layout: list[tuple] = []
-        # v5 name -> name in the file, for every non-expert tensor
+        # Filled by the adapter: sizes, activation (+ alpha, limit), moe_layers, per MoE layer an ExpertSource
+        # (families.FusedExperts | PerExpert) in _layout, _expert_names, and _nonexpert (v5 name -> name in the file)
+        self._layout: list = []
         self._nonexpert: dict[str, str] = {}
-        if self.family == "mixtral":
-            self._init_mixtral()
-        else:
-            self._init_switch()
-        self._check_required()
+        self.adapter.index(self)
+        self._n1 = 2 * self.intermediate_size if self.gated else self.intermediate_size
+        self._check_dtypes()
         self.expert_nbytes = (self._n1 * self.hidden_size + self.hidden_size * self.intermediate_size) * \
             _DTYPES[self._expert_dtype][1]
         self.dtype = _DTYPES[self._expert_dtype][0]
 
-    # ---- config / layout ----
-    def _cfg(self, key, *alts):
-        for k in (key,) + alts:
-            if k in self.config and self.config[k] is not None:
-                return self.config[k]
-        raise CheckpointError(f"{self.path / 'config.json'}: missing config key '{key}' for family {self.family}")
-
-    def _activation(self, key: str, default: str, gated: bool) -> str:
-        """The experts' activation from config[key], as the fused MoE op names it (torch_moe.ACTIVATIONS)."""
-        act = self.config.get(key) or default
-        try:
-            name = resolve_activation(act, gated)
-        except UnsupportedActivationError as e:
-            raise CheckpointError(f"{self.path / 'config.json'}: {key} {act!r}: {e}") from None
-        if name == "swiglu_oai":  # GPT-OSS's clamped SwiGLU is not a transformers hidden_act of these families
-            raise CheckpointError(f"{self.path / 'config.json'}: {key} {act!r}: not an activation of {self.family}")
-        return name
-
+    # ---- layout (the adapter calls these) ----
     def _expect(self, name: str, shape) -> _Entry:
         e = self._entries.get(name)
         if e is None:
@@ -226,93 +196,9 @@ class Variant:
             raise CheckpointError(f"{e.file}: tensor '{name}': expected shape {_fmt(shape)}, found {_fmt(e.shape)}")
         return e
 
-    def _init_mixtral(self):
-        self.activation = self._activation("hidden_act", "silu", gated=True)
-        H, I = self._cfg("hidden_size"), self._cfg("intermediate_size")
-        E, K = self._cfg("num_local_experts", "num_experts"), self._cfg("num_experts_per_tok")
-        L = self._cfg("num_hidden_layers")
-        self.hidden_size, self.intermediate_size, self.num_experts, self.top_k = H, I, E, K
-        self.vocab_size, self.gated, self._n1 = self._cfg("vocab_size"), True, 2 * I
-        self.moe_layers = [f"model.layers.{i}.mlp" for i in range(L)]
-        expert_names = set()
-        for i in range(L):
-            fused = f"model.layers.{i}.mlp.experts.gate_up_proj"
-            legacy = f"model.layers.{i}.block_sparse_moe"
-            if fused in self._entries:
-                down = f"model.layers.{i}.mlp.experts.down_proj"
-                self._expect(fused, (E, 2 * I, H))
-                self._expect(down, (E, H, I))
-                self._layout.append(("fused", fused, down))
-                expert_names |= {fused, down}
-            elif f"{legacy}.experts.0.w1.weight" in self._entries:
-                for e in range(E):
-                    for w, shape in (("w1", (I, H)), ("w3", (I, H)), ("w2", (H, I))):
-                        n = f"{legacy}.experts.{e}.{w}.weight"
-                        self._expect(n, shape)
-                        expert_names.add(n)
-                self._layout.append(("legacy", legacy))
-            else:
-                raise CheckpointError(
-                    f"{self.path}: missing tensor '{fused}' (expected shape {_fmt((E, 2 * I, H))}) "
-                    f"or legacy '{legacy}.experts.0.w1.weight' for MoE layer {i}")
-        for n in self._entries:
-            if n in expert_names:
-                continue
-            m = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.(weight|bias)", n)
-            self._nonexpert[f"model.layers.{m.group(1)}.mlp.gate.{m.group(2)}" if m else n] = n
-        self._expert_names = expert_names
-
-    def _init_switch(self):
-        self.activation = self._activation("dense_act_fn", "relu", gated=False)
-        H, I, E = self._cfg("d_model", "hidden_size"), self._cfg("d_ff"), self._cfg("num_experts")
-        self.hidden_size, self.intermediate_size, self.num_experts, self.top_k = H, I, E, 1
-        self.vocab_size, self.gated, self._n1 = self._cfg("vocab_size"), False, I
-        n_enc = self._cfg("num_layers", "num_hidden_layers")
-        n_dec = self.config.get("num_decoder_layers") or n_enc
-        # Same placement rule as transformers' SwitchTransformersStack (sparse_step from the config counts).
-        self.moe_layers = []
-        for stack, n, n_sparse, ff in (("encoder", n_enc, self._cfg("num_sparse_encoder_layers"), 1),
-                                       ("decoder", n_dec, self._cfg("num_sparse_decoder_layers"), 2)):
-            step = n // n_sparse if n_sparse > 0 else n
-            for b in range(n):
-                if step > 0 and (b % step == 1 or step == 1):
-                    self.moe_layers.append(f"{stack}.block.{b}.layer.{ff}.mlp")
-        expert_names = set()
-        for prefix in self.moe_layers:
-            for e in range(E):
-                for w, shape in (("wi", (I, H)), ("wo", (H, I))):
-                    n = f"{prefix}.experts.expert_{e}.{w}.weight"
-                    self._expect(n, shape)
-                    expert_names.add(n)
-            self._layout.append(("switch", prefix))
-        extra = sorted(n for n in self._entries if re.search(r"\.mlp\.experts\.expert_\d+\.", n) and n not in expert_names)
-        if extra:
-            raise CheckpointError(
-                f"{self._entries[extra[0]].file}: tensor '{extra[0]}' is an expert outside the sparse layers the "
-                f"config describes ({self.moe_layers})")
-        self._nonexpert = {n: n for n in self._entries if n not in expert_names}
-        self._expert_names = expert_names
-
-    def _check_required(self):
-        E, H, V = self.num_experts, self.hidden_size, self.vocab_size
-        for i, prefix in enumerate(self.moe_layers):
-            router = f"{prefix}.gate.weight" if self.family == "mixtral" else f"{prefix}.router.classifier.weight"
-            if router not in self._nonexpert:
-                raise CheckpointError(f"{self.path}: missing tensor '{router}' (router of MoE layer {i}, "
-                                      f"expected shape {_fmt((E, H))})")
-            e = self._entries[self._nonexpert[router]]
-            if tuple(e.shape) != (E, H):
-                raise CheckpointError(f"{e.file}: tensor '{self._nonexpert[router]}': expected shape "
-                                      f"{_fmt((E, H))}, found {_fmt(e.shape)}")
-        embeds = ["model.embed_tokens.weight"] if self.family == "mixtral" else \
-            ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
-        present = [n for n in embeds if n in self._nonexpert]
-        if not present:
-            raise CheckpointError(f"{self.path}: missing tensor '{embeds[0]}' (expected shape {_fmt((V, H))})")
-        for n in present + [n for n in ("lm_head.weight",) if n in self._nonexpert]:
-            e = self._entries[n]
-            if tuple(e.shape) != (V, H):
-                raise CheckpointError(f"{e.file}: tensor '{n}': expected shape {_fmt((V, H))}, found {_fmt(e.shape)}")
+    def _check_dtypes(self):
+        if not self._expert_names:
+            raise CheckpointError(f"{self.path}: no MoE layers: the config describes none ({self.family})")
         dtypes = {self._entries[n].dtype for n in self._expert_names}
         if len(dtypes) != 1:
             first = sorted(self._expert_names)[0]
@@ -368,22 +254,22 @@ class Variant:
         return t
 
     def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w1, w2) of one expert: w1 [2I, H] (gate rows then up rows) or [I, H] (Switch wi); w2 [H, I]."""
+        """(w1, w2) of one expert in the slab's layout: w1 [2I, H] (gate rows then up rows) or [I, H] (Switch wi);
+        w2 [H, I]. Families that store experts otherwise (GPT-OSS) are converted here (``families``)."""
         if not 0 <= layer < len(self.moe_layers):
             raise IndexError(f"variant '{self.name}': MoE layer {layer} out of range [0, {len(self.moe_layers)})")
         if not 0 <= expert < self.num_experts:
             raise IndexError(f"variant '{self.name}': expert {expert} out of range [0, {self.num_experts})")
-        kind = self._layout[layer]
-        if kind[0] == "fused":
-            _, gate_up, down = kind
-            w1, w2 = self._slice(gate_up, expert), self._slice(down, expert)
-            return self._finite(gate_up, w1, expert), self._finite(down, w2, expert)
-        if kind[0] == "legacy":
-            p = f"{kind[1]}.experts.{expert}"
-            w13 = torch.cat([self._read(f"{p}.w1.weight"), self._read(f"{p}.w3.weight")], dim=0)
-            return w13, self._read(f"{p}.w2.weight")
-        p = f"{kind[1]}.experts.expert_{expert}"
-        return self._read(f"{p}.wi.weight"), self._read(f"{p}.wo.weight")
+        return self._layout[layer].read(self, expert)
+
+    def expert_bias(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(b1 [2I], b2 [H]) of one expert in the slab's layout (gate then up), or None for families without
+        expert biases."""
+        return self._layout[layer].read_bias(self, expert)
+
+    @property
+    def has_expert_bias(self) -> bool:
+        return self.adapter.expert_bias
 
     def non_expert_names(self) -> list[str]:
         return list(self._nonexpert)
@@ -444,6 +330,8 @@ class VariantSet:
         self.hidden_size, self.intermediate_size = ref.hidden_size, ref.intermediate_size
         self.gated, self.top_k, self.vocab_size, self.dtype = ref.gated, ref.top_k, ref.vocab_size, ref.dtype
         self.activation = ref.activation  # the experts' activation (torch_moe.ACTIVATIONS), the same in every variant
+        self.alpha, self.limit = ref.alpha, ref.limit  # the clamped SwiGLU's parameters (swiglu_oai only)
+        self.adapter = ref.adapter  # families.Family: what the family's layers, routers and tensors are
         self.moe_layers = list(ref.moe_layers)
 
     @classmethod
@@ -472,7 +360,7 @@ def _check_compatible(ref: Variant, v: Variant):
                               f"{what}: expected {expected}, found {found}")
 
     for attr in ("family", "num_experts", "hidden_size", "intermediate_size", "top_k", "vocab_size", "gated", "dtype",
-                 "activation"):
+                 "activation", "alpha", "limit"):
         if getattr(ref, attr) != getattr(v, attr):
             fail(attr, getattr(ref, attr), getattr(v, attr))
     if len(ref.moe_layers) != len(v.moe_layers):

@@ -1,7 +1,7 @@
 """Continuous batching over every variant at once: the scheduler, request handles and the step loop.
 
 Each step the engine (1) finishes weight-set loads whose copy landed, (2) admits waiting requests
-whose variant is resident, while KV slots last, (3) runs ONE ``BatchedMixtral`` forward over every
+whose variant is resident, while KV slots last, (3) runs ONE ``BatchedModel`` forward over every
 running sequence: a decode token for each, plus prompt chunks within the step's token budget, all
 variants mixed, (4) samples each sequence with its own settings and generator, streams the token,
 and retires finished sequences (EOS, stop sequence, max tokens, cancel), freeing their KV slot.
@@ -28,7 +28,7 @@ from collections import deque
 
 import torch
 
-from .forward import BatchedMixtral, BatchEntry
+from .forward import BatchedModel, BatchEntry
 from .kv_cache import KVCache
 from .sampling import sample
 from .serve import EngineClosed, RequestError
@@ -150,14 +150,14 @@ class _Sequence:
 
 
 class Engine:
-    """Continuous batching of mixed-variant requests over one ``BatchedMixtral``.
+    """Continuous batching of mixed-variant requests over one ``BatchedModel`` (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE).
 
     ``max_seqs``: sequences running at once (KV slots). ``max_step_tokens``: token budget of one
     step (decodes first, then prompt chunks). ``mix_variants=False`` is the per-variant batching
     baseline: a batch holds one variant; the next variant starts when the batch drains.
     """
 
-    def __init__(self, model: BatchedMixtral, max_step_tokens: int = 256, max_queue: int = 4096,
+    def __init__(self, model: BatchedModel, max_step_tokens: int = 256, max_queue: int = 4096,
                  mix_variants: bool = True, eos_token_id: int | None = None):
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
@@ -195,10 +195,10 @@ class Engine:
         weights = VariantWeights.from_variant_set(vs, resident_sets or len(vs), device=device, dtype=dtype)
         cfg = vs[0].config
         heads = cfg["num_attention_heads"]
-        kv = KVCache(vs.num_layers, max_seqs, max_len, cfg.get("num_key_value_heads") or heads,
+        kv = KVCache(cfg["num_hidden_layers"], max_seqs, max_len, cfg.get("num_key_value_heads") or heads,
                      cfg.get("head_dim") or cfg["hidden_size"] // heads, dtype=dtype, device=device)
         engine_kwargs.setdefault("eos_token_id", cfg.get("eos_token_id"))
-        return cls(BatchedMixtral(cfg, weights, slab, table, kv, backend), **engine_kwargs)
+        return cls(BatchedModel(cfg, weights, slab, table, kv, backend), **engine_kwargs)
 
     # -- submission (any thread) --------------------------------------------------------------
     def submit(self, variant: str, prompt, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,

@@ -1,7 +1,7 @@
 """The core experts layer: ``SlabExperts`` reads a shared ExpertSlab through a SlotTable.
 
 ``ActiveVariant`` is the table row every SlabExperts of one model reads; ``moe_layer_prefixes``
-finds the MoE blocks of a Mixtral or SwitchTransformers model in checkpoint order;
+finds the MoE blocks of a model of any supported family (``families``) in checkpoint order;
 ``experts_activation`` reads the activation of a transformers experts module.
 """
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .families import BLOCK_CLASSES
 from .torch_moe import (SWIGLU_ALPHA, SWIGLU_LIMIT, UnsupportedActivationError, activation_of_module,
                         check_activation_args, resolve_activation)
 
@@ -27,13 +28,10 @@ class ActiveVariant:
 
 
 def moe_layer_prefixes(model: nn.Module) -> list[str]:
-    """Module names of the MoE blocks in checkpoint order (the ``layer`` index of the table)."""
-    names = []
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if kind.endswith("SparseMoeBlock") or kind == "SwitchTransformersSparseMLP":
-            names.append(name)
-    return names
+    """Module names of the MoE blocks in checkpoint order (the ``layer`` index of the table): the modules of a
+    family's ``block_classes`` (``families.FAMILIES``) that hold an ``experts`` module."""
+    return [name for name, module in model.named_modules()
+            if type(module).__name__ in BLOCK_CLASSES and isinstance(getattr(module, "experts", None), nn.Module)]
 
 
 def experts_activation(experts: nn.Module) -> tuple[str, float, float]:

@@ -1,4 +1,5 @@
-"""One batched Mixtral forward whose sequences may belong to different variants.
+"""One batched decoder forward whose sequences may belong to different variants (Mixtral, Qwen3-MoE, OLMoE,
+Qwen2-MoE: the families whose ``families.Family.batched`` says what their layers add to Mixtral's).
 
 The variant is an explicit input: every sequence of a ``Batch`` names its variant (the row of the
 slot table its experts come from) and the device set holding that variant's non-expert weights
@@ -20,10 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import transformers
-from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 
 from . import ops, torch_moe
+from .families import family_for_config, route_softmax_topk
 
 
 @dataclass
@@ -129,20 +129,62 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-class BatchedMixtral:
-    """The Mixtral forward over ``weights`` (non-expert sets), ``slab``/``table`` (experts) and ``kv``."""
+def _rotary_class(family):
+    """The family's rotary-embedding module class (the one its transformers model builds)."""
+    import sys
+
+    module = sys.modules[family.classes()[1].__module__]
+    names = [n for n in vars(module) if n.endswith("RotaryEmbedding")]
+    if len(names) != 1:
+        raise RuntimeError(f"{module.__name__}: expected one *RotaryEmbedding class, found {names}")
+    return getattr(module, names[0])
+
+
+class BatchedModel:
+    """A decoder family's forward over ``weights`` (non-expert sets), ``slab``/``table`` (experts) and ``kv``.
+
+    The family adapter (``families.Family.batched``) says what a layer adds to Mixtral's: q/k norms (per head,
+    Qwen3; over the whole projection, OLMoE, with its optional ``clip_qkv``), q/k/v biases and a gated shared
+    expert (Qwen2-MoE), the router (Mixtral's renormalised softmax top-k, or the Qwen family's with
+    ``norm_topk_prob``), and which layers are dense MLPs (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step``).
+    """
 
     def __init__(self, config: dict, weights, slab, table, kv, backend: str | None = None):
-        cfg = transformers.MixtralConfig.from_dict(dict(config))
-        self.cfg, self.weights, self.slab, self.table, self.kv = cfg, weights, slab, table, kv
+        self.family = family_for_config(config)
+        spec = self.family.batched
+        if spec is None:
+            from .weights import batched_families
+            raise ValueError(f"the batched forward does not cover the {self.family.name} family; it covers "
+                             f"{', '.join(batched_families())} (use MultiVariantModel for the others)")
+        cfg = self.family.hf_config(config)
+        self.spec, self.cfg, self.weights, self.slab, self.table, self.kv = spec, cfg, weights, slab, table, kv
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
         self.scaling = self.head_dim ** -0.5
-        self.top_k, self.eps, self.window = cfg.num_experts_per_tok, cfg.rms_norm_eps, cfg.sliding_window
-        self.rotary = MixtralRotaryEmbedding(cfg).to(slab.device)
+        self.top_k, self.eps = cfg.num_experts_per_tok, cfg.rms_norm_eps
+        self.window = self._window(cfg)
+        self.clip_qkv = getattr(cfg, "clip_qkv", None)
+        self.normalize = True if spec.router == "mixtral" else bool(cfg.norm_topk_prob)
+        # decoder layer -> MoE ordinal (the slot table's layer), None for a dense MLP layer
+        moe = self.family.moe_layer_indices(cfg.to_dict())
+        self.moe_index = [moe.index(i) if i in moe else None for i in range(cfg.num_hidden_layers)]
+        self.rotary = _rotary_class(self.family)(cfg).to(slab.device)
         self.backend = ops.choose_backend(slab.device, backend)
-        self.activation = torch_moe.resolve_activation(cfg.hidden_act, gated=True)  # raises, naming an unsupported one
+        act, self.alpha, self.limit = self.family.activation(cfg.to_dict())  # raises, naming an unsupported one
+        self.activation = act
         self._busy = threading.Lock()
+
+    def _window(self, cfg) -> int | None:
+        """The attention window every layer applies (None: causal); configs that mix kinds are refused."""
+        kinds = set(getattr(cfg, "layer_types", None) or [])
+        if not kinds:
+            return getattr(cfg, "sliding_window", None) or None
+        if kinds == {"full_attention"}:
+            return None
+        if kinds == {"sliding_attention"}:
+            return cfg.sliding_window
+        raise ValueError(f"the batched forward applies one attention window to every layer; this "
+                         f"{self.family.name} config mixes {sorted(kinds)}")
 
     def batch(self, entries: list[BatchEntry]) -> Batch:
         return make_batch(entries, self.slab.device, self.window, self.kv.max_len)
@@ -155,8 +197,8 @@ class BatchedMixtral:
         than interleave its cache writes with the first's.
         """
         if not self._busy.acquire(blocking=False):
-            raise RuntimeError("BatchedMixtral.forward is already running in another thread; it is driven by "
-                               "one thread (the engine's)")
+            raise RuntimeError(f"{type(self).__name__}.forward is already running in another thread; it is driven "
+                               f"by one thread (the engine's)")
         try:
             return self._forward(b)
         finally:
@@ -170,18 +212,36 @@ class BatchedMixtral:
         cos, sin = cos[0, :, None], sin[0, :, None]
         for layer, L in enumerate(W.layers):
             x = x + self._attention(layer, L, rms_norm(x, L["ln1"][b.sets], self.eps), b, cos, sin)
-            x = x + self._moe(layer, L, rms_norm(x, L["ln2"][b.sets], self.eps), b)
+            h = rms_norm(x, L["ln2"][b.sets], self.eps)
+            moe = self.moe_index[layer]
+            x = x + (self._dense_mlp(L, h, b) if moe is None else self._moe(moe, L, h, b))
         x = rms_norm(x[b.logit_rows], W.norm[b.sets[b.logit_rows]], self.eps)
         return grouped_linear(x, W.lm_head, b.logit_segments)
 
-    def _attention(self, layer, L, h, b: Batch, cos, sin):
+    def _qkv(self, L, h, b: Batch):
+        """Queries ``[T, heads, d]``, keys and values ``[T, kv_heads, d]`` before the rotary embedding."""
         T, d = h.shape[0], self.head_dim
-        q, k, v = grouped_linear(h, L["qkv"], b.segments).split([self.nh * d, self.nkv * d, self.nkv * d], -1)
-        q = rotate(q.view(T, self.nh, d), cos, sin)
-        k = rotate(k.view(T, self.nkv, d), cos, sin)
+        qkv = grouped_linear(h, L["qkv"], b.segments)
+        if self.spec.qkv_bias:
+            qkv = qkv + L["qkv_bias"][b.sets]
+        q, k, v = qkv.split([self.nh * d, self.nkv * d, self.nkv * d], -1)
+        if self.spec.qk_norm == "full":  # OLMoE: over the whole projection, then the optional clip
+            q, k = rms_norm(q, L["q_norm"][b.sets], self.eps), rms_norm(k, L["k_norm"][b.sets], self.eps)
+            if self.clip_qkv is not None:
+                q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k, v = q.reshape(T, self.nh, d), k.reshape(T, self.nkv, d), v.reshape(T, self.nkv, d)
+        if self.spec.qk_norm == "head":  # Qwen3: over each head's dim
+            q = rms_norm(q, L["q_norm"][b.sets][:, None], self.eps)
+            k = rms_norm(k, L["k_norm"][b.sets][:, None], self.eps)
+        return q, k, v
+
+    def _attention(self, layer, L, h, b: Batch, cos, sin):
+        d = self.head_dim
+        q, k, v = self._qkv(L, h, b)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         ck, cv = self.kv.k[layer], self.kv.v[layer]
         ck[b.token_slots, b.positions] = k
-        cv[b.token_slots, b.positions] = v.view(T, self.nkv, d)
+        cv[b.token_slots, b.positions] = v
         ctx = b.mask.shape[-1]
         keys = ck[b.seq_slots, :ctx].transpose(1, 2)    # [B, kv_heads, ctx, d]
         values = cv[b.seq_slots, :ctx].transpose(1, 2)
@@ -191,13 +251,30 @@ class BatchedMixtral:
         out = out.transpose(1, 2).reshape(-1, self.nh * d)[b.token_row]
         return grouped_linear(out, L["o"], b.segments)
 
+    def _route(self, L, h, b: Batch):
+        logits = grouped_linear(h, L["router"], b.segments)
+        # Mixtral hands fp32 weights to its experts; the Qwen family casts them to the model dtype
+        return route_softmax_topk(logits, self.top_k, self.normalize,
+                                  None if self.spec.router == "mixtral" else logits.dtype)
+
     def _moe(self, layer, L, h, b: Batch):
-        probs = torch.softmax(grouped_linear(h, L["router"], b.segments).float(), dim=-1)
-        top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(-1, keepdim=True)  # fp32, as transformers' router hands them to the experts
+        top_w, top_ids = self._route(L, h, b)
         slots = self.table.resolve(layer, top_ids, b.variants)
         if self.slab.host_tier is not None:
             slots = self.slab.host_tier.translate(slots)
         workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
-        return ops.fused_moe(h, slots, top_w, self.slab.w1, self.slab.w2, True, backend=self.backend,
-                             check_slots=False, workspace=workspace, activation=self.activation)
+        out = ops.fused_moe(h, slots, top_w, self.slab.w1, self.slab.w2, True, backend=self.backend,
+                            check_slots=False, workspace=workspace, activation=self.activation)
+        if self.spec.shared_expert == "sigmoid_gate":  # Qwen2-MoE: a dense MLP per variant, gated per token
+            gate = torch.sigmoid(grouped_linear(h, L["shared_gate"], b.segments))
+            out = out + gate * self._mlp(h, L["shared_gate_up"], L["shared_down"], b)
+        return out
+
+    def _dense_mlp(self, L, h, b: Batch):
+        return self._mlp(h, L["mlp_gate_up"], L["mlp_down"], b)
+
+    def _mlp(self, h, gate_up, down, b: Batch):
+        a = torch_moe.apply_activation(grouped_linear(h, gate_up, b.segments), True, self.activation)
+        return grouped_linear(a, down, b.segments)
+
+BatchedMixtral = BatchedModel  # the name of the Mixtral-only first version

@@ -15,28 +15,40 @@ a cache, never an input.
 
 from __future__ import annotations
 
+import re
 import threading
+from collections.abc import Mapping
 
 import torch
-import transformers
 from torch import nn
 
 from . import plan as plan_mod
 from .checkpoint import VariantSet
 from .errors import RequestError
 from .experts import ActiveVariant, SlabExperts, moe_layer_prefixes
+from .families import FAMILIES, get_family
 from .reconfig import NonExpertStore
 
-MODEL_CLASSES = {
-    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
-    "switch": (transformers.SwitchTransformersConfig, transformers.SwitchTransformersForConditionalGeneration),
-}
+class _ModelClasses(Mapping):
+    """family name -> (transformers config class, model class), resolved on access (``families.Family.classes``)."""
+
+    def __getitem__(self, family):
+        return get_family(family).classes()
+
+    def __iter__(self):
+        return iter(FAMILIES)
+
+    def __len__(self):
+        return len(FAMILIES)
+
+
+MODEL_CLASSES = _ModelClasses()
 
 
 def new_tokens(out: torch.Tensor, family: str, prompt_len: int) -> torch.Tensor:
     """The generated ids of a transformers ``generate`` output: Switch returns the decoder sequence
-    (after its start token), Mixtral prompt + continuation."""
-    return out[:, 1:] if family == "switch" else out[:, prompt_len:]
+    (after its start token), decoder-only families prompt + continuation."""
+    return get_family(family).new_tokens(out, prompt_len)
 
 
 @torch.inference_mode()
@@ -55,18 +67,21 @@ def hf_generate(model, family: str, input_ids, max_new_tokens=25, eos_token_id=N
 
 def build_skeleton(variant_set: VariantSet, slab, table, active: ActiveVariant, device, dtype, backend=None) -> nn.Module:
     """The family's transformers model with slab-backed experts and uninitialised non-expert parameters."""
-    config_cls, model_cls = MODEL_CLASSES[variant_set.family]
-    config = config_cls.from_dict(dict(variant_set[0].config))
+    adapter = variant_set.adapter
+    config = adapter.hf_config(variant_set[0].config)
     with torch.device("meta"):
-        model = model_cls(config)
+        model = adapter.classes()[1](config)
     layers = moe_layer_prefixes(model)
     if layers != variant_set.moe_layers:
         raise ValueError(f"the {variant_set.family} model's MoE blocks {layers} do not match the checkpoint's "
                          f"{variant_set.moe_layers}")
     for i, name in enumerate(layers):
         model.get_submodule(name).experts = SlabExperts(slab, table, i, active, variant_set.num_experts, backend,
-                                                        activation=variant_set.activation)
+                                                        activation=variant_set.activation, alpha=variant_set.alpha,
+                                                        limit=variant_set.limit)
+    _checkpoint_buffers_as_parameters(model, set(variant_set[0].non_expert_names()))
     model = model.to_empty(device=device).to(dtype)
+    _keep_fp32(model, dtype)
     # Non-persistent buffers (rotary frequencies) were lost on the meta device: rebuild those modules.
     for name, module in list(model.named_modules()):
         if hasattr(module, "inv_freq"):
@@ -75,6 +90,32 @@ def build_skeleton(variant_set: VariantSet, slab, table, active: ActiveVariant, 
             setattr(model.get_submodule(parent) if parent else model, child, fresh)
     model.tie_weights()
     return model.eval()
+
+
+def _checkpoint_buffers_as_parameters(model: nn.Module, names: set) -> None:
+    """Persistent buffers that the checkpoint stores per variant (DeepSeek-V3's router correction bias) become
+    frozen parameters, so the non-expert store swaps them with the rest of a variant's set."""
+    for mod_name, module in model.named_modules():
+        for b_name, buf in list(module._buffers.items()):
+            full = f"{mod_name}.{b_name}" if mod_name else b_name
+            if buf is not None and full in names and b_name not in module._non_persistent_buffers_set:
+                del module._buffers[b_name]
+                module.register_parameter(b_name, nn.Parameter(buf, requires_grad=False))
+
+
+def _keep_fp32(model: nn.Module, dtype) -> None:
+    """Parameters transformers keeps in fp32 whatever the model dtype (``_keep_in_fp32_modules(_strict)``,
+    e.g. DeepSeek-V3's router), kept in fp32 here too, so a 16-bit model routes as transformers' does."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or []) + \
+        list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if not keep:
+        return
+    pattern = re.compile("|".join(re.escape(k) for k in keep))
+    for name, p in model.named_parameters():
+        if pattern.search(name):
+            p.data = p.data.float()
 
 
 class MultiVariantModel:
@@ -146,7 +187,7 @@ class MultiVariantModel:
         with self.lock:
             self.use(variant)
             input_ids = input_ids.to(self.device)
-            if self.family == "switch":
+            if self.variant_set.adapter.encoder_decoder:
                 if decoder_input_ids is None:
                     raise RequestError("Switch variants need decoder_input_ids for a forward pass")
                 return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids.to(self.device),

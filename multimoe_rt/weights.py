@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .checkpoint import CheckpointError
+from .families import FAMILIES, get_family
 
 
 class WeightLoadError(RuntimeError):
@@ -29,26 +30,60 @@ class WeightLoadError(RuntimeError):
 
 
 def mixtral_tensor_names(num_layers: int, tied: bool) -> dict[str, list[str]]:
-    """Stacked tensor key -> checkpoint tensor names concatenated (along dim 0) to build it."""
+    """Stacked tensor key -> checkpoint tensor names concatenated (along dim 0) to build it (Mixtral)."""
+    cfg = {"model_type": "mixtral", "num_hidden_layers": num_layers}
+    return batched_tensor_names(get_family("mixtral"), cfg, tied)
+
+
+def batched_tensor_names(family, config: dict, tied: bool) -> dict[str, list[str]]:
+    """Stacked tensor key -> checkpoint tensor names concatenated (along dim 0) to build it, for a decoder
+    family the batched forward covers (``families.Family.batched``).
+
+    Every layer: ``ln1``, ``qkv``, ``o``, ``ln2``; MoE layers ``router`` (dense layers ``mlp_gate_up``,
+    ``mlp_down``); as the family has them: ``q_norm``/``k_norm``, ``qkv_bias``, and a shared expert's
+    ``shared_gate_up``/``shared_down``/``shared_gate``."""
+    family = get_family(family)
+    spec = family.batched
+    if spec is None:
+        raise CheckpointError(f"the batched forward does not cover the {family.name} family; it covers "
+                              f"{', '.join(batched_families())}")
+    moe = set(family.moe_layer_indices(config))
     names = {"embed": ["model.embed_tokens.weight"], "norm": ["model.norm.weight"]}
-    for i in range(num_layers):
+    for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
         names[f"{i}.ln1"] = [f"{p}.input_layernorm.weight"]
         names[f"{i}.qkv"] = [f"{p}.self_attn.{x}_proj.weight" for x in "qkv"]
+        if spec.qkv_bias:
+            names[f"{i}.qkv_bias"] = [f"{p}.self_attn.{x}_proj.bias" for x in "qkv"]
+        if spec.qk_norm:
+            names[f"{i}.q_norm"] = [f"{p}.self_attn.q_norm.weight"]
+            names[f"{i}.k_norm"] = [f"{p}.self_attn.k_norm.weight"]
         names[f"{i}.o"] = [f"{p}.self_attn.o_proj.weight"]
         names[f"{i}.ln2"] = [f"{p}.post_attention_layernorm.weight"]
-        names[f"{i}.router"] = [f"{p}.mlp.gate.weight"]
+        if i in moe:
+            names[f"{i}.router"] = [f"{p}.mlp.gate.weight"]
+            if spec.shared_expert:
+                s = f"{p}.mlp.{family.shared_expert}"
+                names[f"{i}.shared_gate_up"] = [f"{s}.gate_proj.weight", f"{s}.up_proj.weight"]
+                names[f"{i}.shared_down"] = [f"{s}.down_proj.weight"]
+                names[f"{i}.shared_gate"] = [f"{p}.mlp.{family.shared_expert}_gate.weight"]
+        else:
+            names[f"{i}.mlp_gate_up"] = [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"]
+            names[f"{i}.mlp_down"] = [f"{p}.mlp.down_proj.weight"]
     if not tied:
         names["lm_head"] = ["lm_head.weight"]
     return names
 
 
+def batched_families() -> list[str]:
+    """The families the batched mixed-variant forward covers."""
+    return [name for name, f in FAMILIES.items() if f.batched is not None]
+
+
 def read_host_sets(variant_set, dtype=torch.float32) -> list[dict[str, torch.Tensor]]:
-    """Every variant's non-expert tensors as the stacked keys of ``mixtral_tensor_names`` (host, ``dtype``)."""
-    if variant_set.family != "mixtral":
-        raise CheckpointError(f"the batched forward serves the mixtral family; got {variant_set.family!r}")
+    """Every variant's non-expert tensors as the stacked keys of ``batched_tensor_names`` (host, ``dtype``)."""
     tied = bool(variant_set[0].config.get("tie_word_embeddings", False))
-    sources = mixtral_tensor_names(variant_set.num_layers, tied)
+    sources = batched_tensor_names(variant_set.adapter, variant_set[0].config, tied)
     needed = {n for parts in sources.values() for n in parts}
     sets = []
     for v in variant_set:
@@ -56,7 +91,7 @@ def read_host_sets(variant_set, dtype=torch.float32) -> list[dict[str, torch.Ten
         unused = sorted(available - needed - {"lm_head.weight"})
         if unused:  # e.g. attention biases: silently ignoring them would serve the wrong function
             raise CheckpointError(f"{v.path}: non-expert tensor {unused[0]!r} is not used by the batched "
-                                  f"mixtral forward ({len(unused)} such tensors)")
+                                  f"{variant_set.family} forward ({len(unused)} such tensors)")
         host = {}
         for key, parts in sources.items():
             missing = [n for n in parts if n not in available]
@@ -74,7 +109,7 @@ def read_host_sets(variant_set, dtype=torch.float32) -> list[dict[str, torch.Ten
 class VariantWeights:
     """Host copies of every variant's non-expert set and ``num_sets`` device sets, LRU-managed.
 
-    ``host``: one dict per variant with the keys of ``mixtral_tensor_names`` (``read_host_sets`` builds it
+    ``host``: one dict per variant with the keys of ``batched_tensor_names`` (``read_host_sets`` builds it
     from checkpoints; benchmarks may pass random tensors).
     """
 
@@ -95,7 +130,8 @@ class VariantWeights:
 
         self.stacked = {k: torch.zeros((self.num_sets, *t.shape), dtype=dtype, device=self.device)
                         for k, t in self.host[0].items()}
-        self.layers = [{part: self.stacked[f"{i}.{part}"] for part in ("ln1", "qkv", "o", "ln2", "router")}
+        # per decoder layer: its stacked tensors by part name (ln1, qkv, o, ln2, router | mlp_*, q_norm, ...)
+        self.layers = [{k.partition(".")[2]: t for k, t in self.stacked.items() if k.partition(".")[0] == str(i)}
                        for i in range(self.num_layers)]
         self.embed, self.norm = self.stacked["embed"], self.stacked["norm"]
         self.lm_head = self.embed if self.tied else self.stacked["lm_head"]

@@ -3,8 +3,9 @@ implementation.
 
 Two routes:
 
-* ``patch(model, slab, table, variant)`` replaces every experts module of a loaded Mixtral or
-  SwitchTransformers model with a ``SlabExperts`` that reads the slab through the table (the
+* ``patch(model, slab, table, variant)`` replaces every experts module of a loaded model of any supported
+  family (``multimoe_rt.families``: Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V3, GPT-OSS, Switch) with a
+  ``SlabExperts`` that reads the slab through the table (the
   original expert weights are freed); the rest of the model and ``generate()`` are untouched.
 * ``register()`` adds ``"multimoe"`` to transformers' ``ExpertsInterface``, so
   ``from_pretrained(..., experts_implementation="multimoe")`` runs our fused MoE op on the
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import ops
+from .. import families, ops
 from ..experts import ActiveVariant, SlabExperts, experts_activation, moe_layer_prefixes, routing_weights
 
 
@@ -32,7 +33,8 @@ def patch(model: nn.Module, slab, table, variant=0, backend=None, active: Active
     """
     layers = moe_layer_prefixes(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no Mixtral or SwitchTransformers MoE blocks to patch")
+        raise ValueError(f"{type(model).__name__} has no MoE blocks of a supported family to patch (supported model "
+                         f"types: {families.supported()}; blocks: {', '.join(sorted(families.BLOCK_CLASSES))})")
     if len(layers) != table.shape[1]:
         raise ValueError(f"the model has {len(layers)} MoE layers but the slot table has {table.shape[1]}")
     table.validate(slab)

@@ -70,11 +70,8 @@ def calibration_from_text(variant, text: str, max_tokens: int = 512, seq_len: in
     if not ids:
         raise PlanError("calibration text is empty")
     batches = [torch.tensor([ids[i:i + seq_len]]) for i in range(0, len(ids), seq_len)]
-    if variant.family == "mixtral":
-        from transformers import MixtralForCausalLM as cls
-        inputs = [{"input_ids": b} for b in batches]
-    else:
-        from transformers import SwitchTransformersForConditionalGeneration as cls
-        inputs = [{"input_ids": b, "decoder_input_ids": b} for b in batches]
+    cls = variant.adapter.classes()[1]
+    inputs = [{"input_ids": b, "decoder_input_ids": b} if variant.adapter.encoder_decoder else {"input_ids": b}
+              for b in batches]
     model = cls.from_pretrained(str(variant.path), dtype=torch.float32, use_safetensors=True).eval()
     return record_calibration(model, variant.moe_layers, inputs, max_tokens=max_tokens)

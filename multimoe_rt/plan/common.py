@@ -9,12 +9,13 @@ import re
 import torch
 
 from ..errors import PlanError  # defined with the other error classes; re-exported here
+from ..families import FAMILIES as _FAMILIES
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METRICS = ("l2", "cosine", "output", "random", "loss")
 SCOPES = ("global", "per_layer")
 REPRESENTATIVES = ("anchor", "mean")
-FAMILIES = ("mixtral", "switch")
+FAMILIES = tuple(_FAMILIES)  # every family adapter (multimoe_rt.families)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,

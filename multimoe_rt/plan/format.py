@@ -10,6 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..delta import DeltaError, canonical_spec
+from ..families import get_family
 from .common import DTYPE_NAMES, FAMILIES, METRICS, REPRESENTATIVES, SCOPES, PlanError, format_size
 from .fingerprint import checkpoint_fingerprint
 
@@ -229,7 +230,7 @@ class Plan:
         inter = _int("intermediate_size", self.intermediate_size, 1)
         if not isinstance(self.gated, bool):
             _fail("gated", f"expected true or false, got {_desc(self.gated)}")
-        if self.gated != (self.family == "mixtral"):
+        if self.gated != get_family(self.family).gated:
             _fail("gated", f"{self.gated} does not match family {self.family!r}")
         _int("anchor", self.anchor, 0, V)
         _str("dtype", self.dtype, DTYPE_NAMES)

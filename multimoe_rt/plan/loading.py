@@ -78,6 +78,8 @@ def load_slab(plan: Plan, variant_set, device="cpu", dtype=None, progress: bool 
     from ..slab import ExpertSlab, HostTier, SlotTable
 
     plan.validate(variant_set)
+    if variant_set.adapter.expert_bias:
+        raise PlanError(f"the {variant_set.family} family's experts carry biases, which the slab does not hold yet")
     slab_dtype = to_dtype(dtype if dtype is not None else plan.dtype)
     n_dev = plan.num_device_slots
     slab = ExpertSlab(n_dev + plan.cache_slots, plan.hidden_size, plan.intermediate_size, plan.gated,
