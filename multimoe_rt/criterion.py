@@ -112,7 +112,8 @@ def _variant_model(variant_set, v: int):
     if layers != vs.moe_layers:
         raise PlanError(f"variant {vs.names[v]!r}: MoE blocks {layers} do not match the checkpoint's {vs.moe_layers}")
     for i, name in enumerate(layers):
-        model.get_submodule(name).experts = SlabExperts(slab, table, i, active, E, backend="torch")
+        model.get_submodule(name).experts = SlabExperts(slab, table, i, active, E, backend="torch",
+                                                        activation=vs.activation, alpha=vs.alpha, limit=vs.limit)
     return model, slab, table, probe
 
 

@@ -137,9 +137,11 @@ def _sign_lut(dtype, device) -> torch.Tensor:
 
 
 def sign1_signs(bits: torch.Tensor, k: int, dtype) -> torch.Tensor:
-    """The +-1 matrix ``[N, K]`` of packed sign bits (one table lookup per byte)."""
+    """The +-1 matrix ``[N, K]`` of packed sign bits: one row of a [256, 8] table per byte (index_select:
+    on a CPU about 8x faster than shifting and masking, or than F.embedding)."""
     n = bits.shape[0]
-    return F.embedding(bits.long(), _sign_lut(dtype, bits.device)).view(n, -1)[:, :k]
+    rows = torch.index_select(_sign_lut(dtype, bits.device), 0, bits.reshape(-1).to(torch.int32))
+    return rows.view(n, -1)[:, :k]
 
 
 def sign1_decode(bits: torch.Tensor, scale: torch.Tensor, k: int, dtype=torch.float32) -> torch.Tensor:
@@ -178,10 +180,21 @@ def int4_encode(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.contiguous(), scale
 
 
+_INT4_LUT = {}
+
+
 def int4_decode(codes: torch.Tensor, scales: torch.Tensor, k: int, dtype=torch.float32) -> torch.Tensor:
-    n = codes.shape[0]
-    q = torch.stack([codes & 15, codes >> 4], dim=-1).view(n, -1)[:, :k].to(dtype) - 8
-    return q * scales.to(dtype).repeat_interleave(INT4_GROUP, dim=1)[:, :k]
+    """``[N, K]`` in ``dtype``: both codes of a byte from one row of a [256, 2] table, times the group scale."""
+    n, g = codes.shape[0], scales.shape[1]
+    key = (dtype, codes.device)
+    if key not in _INT4_LUT:
+        b = torch.arange(256, device=codes.device)
+        _INT4_LUT[key] = torch.stack([(b & 15) - 8, (b >> 4) - 8], 1).to(dtype)
+    q = torch.index_select(_INT4_LUT[key], 0, codes.reshape(-1).to(torch.int32)).view(n, -1)
+    if q.shape[1] < g * INT4_GROUP:
+        q = F.pad(q, (0, g * INT4_GROUP - q.shape[1]))
+    q = q[:, :g * INT4_GROUP].view(n, g, INT4_GROUP) * scales.to(dtype)[:, :, None]
+    return q.view(n, -1)[:, :k]
 
 
 @dataclass
