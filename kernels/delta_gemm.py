@@ -275,6 +275,20 @@ def allocate_delta_workspace(max_tokens, top_k, hidden, intermediate, num_ids, d
                                                             dtype, config).items()}
 
 
+_DUMMY: dict = {}
+
+
+def _nonempty(x: torch.Tensor) -> torch.Tensor:
+    """An empty pool's stand-in: one element of its dtype on its device (never read: its branch is compiled
+    out), so no kernel argument is a null pointer."""
+    if x.numel():
+        return x
+    key = (x.dtype, x.device)
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.zeros(1, dtype=x.dtype, device=x.device)
+    return _DUMMY[key]
+
+
 def _pool_args(t, max_rank: int):
     """(tensors, strides) of the pools for the two kernels (w1 side, w2 side), and the constexpr flags."""
     sides = []
@@ -282,7 +296,7 @@ def _pool_args(t, max_rank: int):
                                    (t.sign_bits2, t.sign_scale2, t.lr2, t.q2, t.q_scale2)):
         strides = (bits.stride(0), bits.stride(1), scale.stride(0), q.stride(0), q.stride(1), qs.stride(0),
                    qs.stride(1))
-        sides.append(((bits, scale, lr, q, qs), strides))
+        sides.append((tuple(_nonempty(x) for x in (bits, scale, lr, q, qs)), strides))
     flags = {"HAS_SIGN": t.sign_bits1.numel() > 0, "HAS_LR": t.lr1.numel() > 0 and max_rank > 0,
              "HAS_INT4": t.q1.numel() > 0, "BLOCK_R": max(16, triton.next_power_of_2(max(1, max_rank))),
              "GROUP": INT4_GROUP}
