@@ -69,12 +69,13 @@ def _activate(v, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr,
+def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr, b1_ptr,
                    num_pairs, H, I,
-                   stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ip,
+                   stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ip, stride_bs,
                    alpha, limit,
                    TOP_K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.load(block_slot_ptr + pid_m)
@@ -109,6 +110,11 @@ def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr,
             acc_u = tl.dot(x, u, acc_u, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
         g_ptrs += BLOCK_K * stride_wh
+    if HAS_BIAS:  # b1[slot] is [N1]: gate then up, like w1's rows
+        b_ptrs = b1_ptr + slot.to(tl.int64) * stride_bs + offs_n
+        acc_g += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_ptrs + I, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 4:  # clamped SwiGLU (GPT-OSS), gated only
         gate = tl.minimum(acc_g, limit)
         up = tl.minimum(tl.maximum(acc_u, -limit), limit)
@@ -122,11 +128,12 @@ def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr,
 
 
 @triton.jit
-def _moe_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block_slot_ptr,
+def _moe_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block_slot_ptr, b2_ptr,
                      num_pairs, H, I,
-                     stride_ip, stride_ws, stride_wh, stride_wi, stride_op,
+                     stride_ip, stride_ws, stride_wh, stride_wi, stride_op, stride_bs,
                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.load(block_slot_ptr + pid_m)
@@ -153,6 +160,8 @@ def _moe_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block_s
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wi
+    if HAS_BIAS:  # b2[slot] is [H]
+        acc += tl.load(b2_ptr + slot.to(tl.int64) * stride_bs + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     weight = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * weight[:, None]
     out_ptrs = out_ptr + pair[:, None] * stride_op + offs_n[None, :]
@@ -256,8 +265,11 @@ def allocate_workspace(max_tokens, top_k, hidden, intermediate, num_slots, dtype
 def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
                      w1: torch.Tensor, w2: torch.Tensor, gated: bool, config: dict | None = None,
                      workspace: dict | None = None, activation: str | None = None, alpha: float = SWIGLU_ALPHA,
-                     limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+                     limit: float = SWIGLU_LIMIT, b1: torch.Tensor | None = None,
+                     b2: torch.Tensor | None = None) -> torch.Tensor:
     """Contract fused_moe on the slab. Returns [T, H] in hidden.dtype.
+
+    b1 [S, N1] / b2 [S, H] (optional, together): expert biases, added in fp32 in the epilogues.
 
     activation: torch_moe.ACTIVATIONS (or a transformers name); None = SiLU gated, ReLU ungated.
 
@@ -266,7 +278,12 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
     (float32, T*K*H), "out" (hidden.dtype, T*H) and the align buffers "sorted_ids", "block_slot",
     "num_padded", "align_counts" (int32). The returned tensor is then a view of workspace["out"].
     """
-    check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated, check_slots=False)
+    check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated, check_slots=False, b1=b1, b2=b2)
+    if (b1 is None) != (b2 is None):
+        raise ValueError("fused_moe_triton: expert biases b1 and b2 go together")
+    has_bias = b1 is not None
+    if has_bias:
+        b1, b2 = b1.contiguous(), b2.contiguous()
     activation = resolve_activation(activation, gated)
     check_activation_args(activation, alpha, limit)
     T, H = hidden.shape
@@ -296,17 +313,19 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
         weights = weights.contiguous()
 
     _moe_up_kernel[(num_blocks, triton.cdiv(I, bn))](
-        hidden, w1, inter, sorted_ids, block_slot,
+        hidden, w1, inter, sorted_ids, block_slot, b1 if has_bias else w1,
         T * K, H, I,
         hidden.stride(0), hidden.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), inter.stride(0),
+        b1.stride(0) if has_bias else 0,
         float(alpha), float(limit),
         TOP_K=K, GATED=bool(gated), ACTIVATION=_ACT_CODE[activation], UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=has_bias, **launch)
     _moe_down_kernel[(num_blocks, triton.cdiv(H, bn))](
-        inter, w2, weights, pair_out, sorted_ids, block_slot,
+        inter, w2, weights, pair_out, sorted_ids, block_slot, b2 if has_bias else w2,
         T * K, H, I,
         inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0),
-        UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
+        b2.stride(0) if has_bias else 0,
+        UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=has_bias, **launch)
     if K > 1:
         bh = min(cfg["reduce"]["BLOCK_H"], triton.next_power_of_2(H))
         _reduce_k_kernel[(T, triton.cdiv(H, bh))](

@@ -121,6 +121,66 @@ def _fused_moe_backward(ctx, grad_out):
 _fused_moe_op.register_autograd(_fused_moe_backward, setup_context=_fused_moe_setup_context)
 
 
+# Experts with biases (GPT-OSS): the same contract plus ``b1 [S, N1]`` (added before the activation) and
+# ``b2 [S, H]`` (added before the routing weight), as two more ops so the unbiased ops keep their schema.
+@torch.library.custom_op("multimoe_rt::fused_moe_bias", mutates_args=())
+def _fused_moe_bias_op(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, gated: bool,
+                       backend: str, activation: str, alpha: float, limit: float) -> torch.Tensor:
+    activation = resolve_activation(activation, gated)
+    if backend == "triton":
+        from .kernels.grouped_gemm import fused_moe_triton
+        return fused_moe_triton(hidden, slot_ids, topk_weights, w1, w2, gated, activation=activation,
+                                alpha=alpha, limit=limit, b1=b1, b2=b2)
+    if backend == "reference":
+        return torch_moe.moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit,
+                                       b1=b1, b2=b2).to(hidden.dtype)
+    return torch_moe.moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit, b1=b1, b2=b2)
+
+
+@_fused_moe_bias_op.register_fake
+def _(hidden, slot_ids, topk_weights, w1, w2, b1, b2, gated, backend, activation, alpha, limit):
+    return hidden.new_empty(hidden.shape[0], w2.shape[1])
+
+
+@torch.library.custom_op("multimoe_rt::fused_moe_bias_backward", mutates_args=())
+def _fused_moe_bias_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor, slot_ids: torch.Tensor,
+                                topk_weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor,
+                                b2: torch.Tensor, gated: bool, backend: str, activation: str, alpha: float,
+                                limit: float, needs: list[bool]) -> list[torch.Tensor]:
+    """Gradients for (hidden, topk_weights, w1, w2, b1, b2); one not asked for is an empty tensor."""
+    grads = torch_moe.moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated,
+                                         resolve_activation(activation, gated), alpha, limit, needs=tuple(needs),
+                                         b1=b1, b2=b2)
+    return [g if g is not None else like.new_empty(0)
+            for g, like in zip(grads, (hidden, topk_weights, w1, w2, b1, b2))]
+
+
+@_fused_moe_bias_backward_op.register_fake
+def _(grad_out, hidden, slot_ids, topk_weights, w1, w2, b1, b2, gated, backend, activation, alpha, limit, needs):
+    return [torch.empty_like(t) if need else t.new_empty(0)
+            for t, need in zip((hidden, topk_weights, w1, w2, b1, b2), needs)]
+
+
+def _fused_moe_bias_setup_context(ctx, inputs, output):
+    hidden, slot_ids, topk_weights, w1, w2, b1, b2, *args = inputs
+    ctx.save_for_backward(hidden, slot_ids, topk_weights, w1, w2, b1, b2)
+    ctx.args = args
+
+
+def _fused_moe_bias_backward(ctx, grad_out):
+    hidden, slot_ids, topk_weights, w1, w2, b1, b2 = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[2], n[3], n[4], n[5], n[6]]
+    grads = torch.ops.multimoe_rt.fused_moe_bias_backward(grad_out.contiguous(), hidden, slot_ids, topk_weights, w1,
+                                                          w2, b1, b2, *ctx.args, needs)
+    d_hidden, d_topk, d_w1, d_w2, d_b1, d_b2 = (g if need else None for g, need in zip(grads, needs))
+    return (d_hidden, None, d_topk, d_w1, d_w2, d_b1, d_b2) + (None,) * len(ctx.args)
+
+
+_fused_moe_bias_op.register_autograd(_fused_moe_bias_backward, setup_context=_fused_moe_bias_setup_context)
+
+
 @torch.library.custom_op("multimoe_rt::align", mutates_args=())
 def _align_op(slot_ids: torch.Tensor, num_slots: int, block_m: int,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +203,7 @@ def _(slot_ids, num_slots, block_m, backend):
 
 def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str | None = None,
               check_slots: bool = True, workspace: dict | None = None, activation: str | None = None,
-              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None) -> torch.Tensor:
     """Route each token's top-k (slot, weight) pairs through the slab experts; returns ``[T, H]``.
 
     ``activation``: one of ``ACTIVATIONS`` or a transformers config name (``"gelu_pytorch_tanh"``...);
@@ -153,6 +213,9 @@ def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str 
     Differentiable (hidden, topk_weights, w1, w2). float64 inputs run on the torch and reference
     backends (for gradcheck); the triton backend takes fp32/fp16/bf16.
 
+    ``b1 [S, N1]`` / ``b2 [S, H]``: optional expert biases (GPT-OSS), added before the activation and before the
+    routing weight; given together (a zero tensor stands for a missing one), differentiable like the weights.
+
     ``workspace`` (triton backend only): preallocated work buffers (``ExpertSlab.workspace``) so the
     expert path does not allocate per step; that eager path skips the custom op, which
     ``torch.compile`` traces without it, and is taken only when no gradient is being recorded.
@@ -161,8 +224,20 @@ def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str 
     check_activation_args(activation, alpha, limit)
     backend = choose_backend(hidden.device, backend)
     check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated, check_slots,
-                     dtypes=FLOAT_DTYPES if backend == "triton" else OP_DTYPES)
+                     dtypes=FLOAT_DTYPES if backend == "triton" else OP_DTYPES, b1=b1, b2=b2)
     alpha, limit = float(alpha), float(limit)
+    if b1 is not None or b2 is not None:
+        if b1 is None or b2 is None:
+            raise ValueError("fused_moe: expert biases b1 and b2 go together (pass zeros for a missing one)")
+        if workspace is not None and backend == "triton" and not torch.compiler.is_compiling() and not (
+                torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, topk_weights, w1, w2, b1, b2))):
+            from .kernels.grouped_gemm import fused_moe_triton
+            return fused_moe_triton(hidden.contiguous(), slot_ids.contiguous(), topk_weights.contiguous(), w1, w2,
+                                    gated, workspace=workspace, activation=activation, alpha=alpha, limit=limit,
+                                    b1=b1, b2=b2)
+        return torch.ops.multimoe_rt.fused_moe_bias(hidden.contiguous(), slot_ids.contiguous(),
+                                                    topk_weights.contiguous(), w1, w2, b1, b2, gated, backend,
+                                                    activation, alpha, limit)
     if workspace is not None and backend == "triton" and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, topk_weights, w1, w2))):
         from .kernels.grouped_gemm import fused_moe_triton

@@ -19,10 +19,11 @@ class ExpertSlab:
 
     Gated (SwiGLU, Mixtral): ``w1[slot, 2I, H]`` holds [gate; up], ``w2[slot, H, I]`` down.
     ReLU (Switch):           ``w1[slot, I, H]``,  ``w2[slot, H, I]``.
+    With ``bias`` (GPT-OSS): ``b1[slot, 2I]`` ([gate; up], like w1's rows) and ``b2[slot, H]``; else both None.
     """
 
     def __init__(self, num_slots: int, hidden: int, intermediate: int, gated: bool,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 dtype: torch.dtype = torch.float32, device="cpu", bias: bool = False):
         if num_slots <= 0 or hidden <= 0 or intermediate <= 0:
             raise ValueError(f"ExpertSlab needs positive sizes, got num_slots={num_slots}, "
                              f"hidden={hidden}, intermediate={intermediate}")
@@ -33,6 +34,8 @@ class ExpertSlab:
         n1 = 2 * intermediate if gated else intermediate
         self.w1 = torch.empty(num_slots, n1, hidden, dtype=dtype, device=self.device)
         self.w2 = torch.empty(num_slots, hidden, intermediate, dtype=dtype, device=self.device)
+        self.b1 = torch.empty(num_slots, n1, dtype=dtype, device=self.device) if bias else None
+        self.b2 = torch.empty(num_slots, hidden, dtype=dtype, device=self.device) if bias else None
         self.written = torch.zeros(num_slots, dtype=torch.bool)  # host-side: checked before kernels run
         self.host_tier: HostTier | None = None
         self.deltas = None  # multimoe_rt.delta.DeltaPools: ids past num_slots are base slot + compressed delta
@@ -54,7 +57,14 @@ class ExpertSlab:
             self._workspace, self._workspace_pairs = ws, pairs
         return self._workspace
 
+    @property
+    def has_bias(self) -> bool:
+        return self.b1 is not None
+
     def attach_host_tier(self, tier: "HostTier") -> None:
+        if self.has_bias:
+            raise ValueError("a slab with expert biases cannot have a host tier (offloading biased experts is not "
+                             "supported)")
         if self.deltas is not None:
             raise ValueError("a slab with deltas cannot have a host tier (deltas keep every expert on the device)")
         self.host_tier = tier
@@ -63,6 +73,8 @@ class ExpertSlab:
         """Serve ids ``num_slots ..`` as base slot + compressed delta (``multimoe_rt.delta.DeltaPools``)."""
         if self.host_tier is not None:
             raise ValueError("a slab with a host tier cannot take deltas")
+        if self.has_bias:
+            raise ValueError("a slab with expert biases cannot take deltas")
         pools.check_slab(self.w1, self.w2)
         self.deltas = pools
         self._workspace, self._workspace_pairs = None, 0
@@ -76,22 +88,32 @@ class ExpertSlab:
 
     @property
     def slot_nbytes(self) -> int:
-        return (self.w1[0].numel() + self.w2[0].numel()) * self.w1.element_size()
+        n = self.w1[0].numel() + self.w2[0].numel()
+        if self.has_bias:
+            n += self.b1[0].numel() + self.b2[0].numel()
+        return n * self.w1.element_size()
 
     @property
     def nbytes(self) -> int:
         """Device bytes of the dense slots and the delta pools."""
         return self.slot_nbytes * self.num_slots + (0 if self.deltas is None else self.deltas.nbytes)
 
-    def write(self, slot: int, w1: torch.Tensor, w2: torch.Tensor, stream=None) -> None:
-        """Copy one expert into ``slot``.
+    def write(self, slot: int, w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor | None = None,
+              b2: torch.Tensor | None = None, stream=None) -> None:
+        """Copy one expert into ``slot`` (with its biases ``b1``/``b2`` on a slab with ``bias``).
 
         On CUDA the copy goes through pinned host memory with ``non_blocking`` on ``stream``
         (so it can overlap compute); the caller synchronises the stream before using the slot.
         """
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
-        for name, src, dst in (("w1", w1, self.w1), ("w2", w2, self.w2)):
+        if (b1 is not None or b2 is not None) != self.has_bias or (b1 is None) != (b2 is None):
+            raise ValueError(f"ExpertSlab.write: this slab {'holds' if self.has_bias else 'has no'} expert biases; "
+                             f"got b1={'set' if b1 is not None else None}, b2={'set' if b2 is not None else None}")
+        pairs = [("w1", w1, self.w1), ("w2", w2, self.w2)]
+        if self.has_bias:
+            pairs += [("b1", b1, self.b1), ("b2", b2, self.b2)]
+        for name, src, dst in pairs:
             if tuple(src.shape) != tuple(dst.shape[1:]):
                 raise ValueError(f"ExpertSlab.write: {name} has shape {tuple(src.shape)}, "
                                  f"expected {tuple(dst.shape[1:])}")
@@ -99,13 +121,13 @@ class ExpertSlab:
                 raise TypeError(f"ExpertSlab.write: {name} must be floating point, got {src.dtype}")
         if self.device.type == "cuda":
             with torch.cuda.stream(stream if stream is not None else torch.cuda.current_stream(self.device)):
-                for src, dst in ((w1, self.w1), (w2, self.w2)):
+                for _, src, dst in pairs:
                     if src.device.type == "cpu" and not src.is_pinned():
                         src = src.to(self.dtype).pin_memory()
                     dst[slot].copy_(src, non_blocking=True)
         else:
-            self.w1[slot].copy_(w1)
-            self.w2[slot].copy_(w2)
+            for _, src, dst in pairs:
+                dst[slot].copy_(src)
         self.written[slot] = True
 
 

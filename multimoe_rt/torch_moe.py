@@ -6,6 +6,9 @@ Both compute the function every backend must agree on (see ``ops.fused_moe``):
            = act(x @ w1[s].T)                            (not gated; Switch)
     out[t] = sum_k topk_weights[t, k] * (a @ w2[s].T),   s = slot_ids[t, k]
 
+Optional expert biases (GPT-OSS): ``b1[s]`` ``[N1]`` is added to ``x @ w1[s].T`` before the activation and
+``b2[s]`` ``[H]`` to ``a @ w2[s].T`` before the routing weight.
+
 ``act`` is one of ``ACTIVATIONS``: ``silu`` (the gated default), ``gelu`` (exact, erf), ``gelu_tanh``,
 ``relu`` (the ungated default) and ``swiglu_oai``, GPT-OSS's clamped SwiGLU (gated only), which
 replaces the whole gated product:
@@ -106,7 +109,7 @@ class MoEInputTypeError(TypeError, ValueError):
 
 
 def check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated: bool, check_slots: bool = True,
-                     dtypes=FLOAT_DTYPES) -> None:
+                     dtypes=FLOAT_DTYPES, b1=None, b2=None) -> None:
     """Validate at the boundary so bad input raises here, never inside a kernel: the one check of the
     fused-MoE contract, used by ``ops.fused_moe`` (``dtypes=OP_DTYPES``: float64 too, on the torch and
     reference backends) and by the Triton kernel's entry point (``FLOAT_DTYPES``)."""
@@ -131,6 +134,15 @@ def check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated: bool, check_
             raise MoEInputTypeError(f"{name} must be one of {dtypes}, got {t.dtype}")
     if not (hidden.dtype == w1.dtype == w2.dtype):
         raise MoEInputTypeError(f"hidden, w1, w2 must share a dtype, got {hidden.dtype}, {w1.dtype}, {w2.dtype}")
+    for name, b, shape in (("b1", b1, (S, n1)), ("b2", b2, (S, H))):
+        if b is None:
+            continue
+        if tuple(b.shape) != shape:
+            raise ValueError(f"{name} (expert bias) must be {list(shape)}, got {tuple(b.shape)}")
+        if b.dtype != hidden.dtype:
+            raise MoEInputTypeError(f"{name} must have the experts' dtype {hidden.dtype}, got {b.dtype}")
+        if b.device != hidden.device:
+            raise ValueError(f"all MoE inputs must be on one device, got {b.device} for {name}, {hidden.device}")
     devices = {t.device for t in (hidden, slot_ids, topk_weights, w1, w2)}
     if len(devices) != 1:
         raise ValueError(f"all MoE inputs must be on one device, got {sorted(map(str, devices))}")
@@ -215,9 +227,11 @@ def activation_backward(h: torch.Tensor, grad_a: torch.Tensor, gated: bool, acti
 
 
 def expert_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gated: bool, activation: str | None = None,
-                   alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
-    """One expert on rows of ``x`` (the contract's function for one slot, routing weight 1)."""
-    return apply_activation(x @ w1.T, gated, activation, alpha, limit) @ w2.T
+                   alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None) -> torch.Tensor:
+    """One expert on rows of ``x`` (the contract's function for one slot, routing weight 1; biases optional)."""
+    h = x @ w1.T if b1 is None else x @ w1.T + b1
+    y = apply_activation(h, gated, activation, alpha, limit) @ w2.T
+    return y if b2 is None else y + b2
 
 
 def padded_size(num_pairs: int, num_slots: int, block_m: int) -> int:
@@ -259,7 +273,7 @@ def align_torch(slot_ids: torch.Tensor, num_slots: int, block_m: int):
 
 
 def moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
-                  alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+                  alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None) -> torch.Tensor:
     """The float64 reference: one token-expert pair at a time, no sorting, no tricks. Differentiable
     with torch.autograd (the tests' gradient reference)."""
     x = hidden.double()
@@ -267,8 +281,12 @@ def moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activatio
     for k in range(slot_ids.shape[1]):
         s = slot_ids[:, k].long()
         h = torch.einsum("th,tnh->tn", x, w1[s].double())
+        if b1 is not None:
+            h = h + b1[s].double()
         a = apply_activation(h, gated, activation, alpha, limit)
         y = torch.einsum("ti,thi->th", a, w2[s].double())
+        if b2 is not None:
+            y = y + b2[s].double()
         out = out + topk_weights[:, k].double()[:, None] * y
     return out
 
@@ -288,7 +306,7 @@ def _slot_runs(slot_ids: torch.Tensor, num_slots: int):
 
 
 def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
-              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None) -> torch.Tensor:
     """Sort pairs by slot, run one matmul per contiguous slot run, reduce over top-k in fp32.
 
     ``torch._grouped_mm`` would fuse the per-run matmuls but it needs CUDA (and bf16 on most
@@ -301,23 +319,26 @@ def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: s
     pair_out = torch.empty(T * K, hidden.shape[1], dtype=acc, device=hidden.device)
     for slot, start, n in runs:
         xs = x[start : start + n]
-        a = apply_activation(xs @ w1[slot].T, gated, activation, alpha, limit)
-        pair_out[order[start : start + n]] = (a @ w2[slot].T).to(acc)
+        h = xs @ w1[slot].T if b1 is None else torch.addmm(b1[slot], xs, w1[slot].T)
+        a = apply_activation(h, gated, activation, alpha, limit)
+        y = a @ w2[slot].T if b2 is None else torch.addmm(b2[slot], a, w2[slot].T)
+        pair_out[order[start : start + n]] = y.to(acc)
     pair_out *= topk_weights.reshape(-1, 1).to(acc)
     return pair_out.view(T, K, hidden.shape[1]).sum(1).to(hidden.dtype)  # explicit H: T may be 0
 
 
 def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
                        alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT,
-                       needs=(True, True, True, True)):
-    """Gradients of ``moe_torch``'s function: ``(d hidden, d topk_weights, d w1, d w2)``; an entry whose
-    ``needs`` flag is False comes back as None (not computed).
+                       needs=(True, True, True, True), b1=None, b2=None):
+    """Gradients of ``moe_torch``'s function: ``(d hidden, d topk_weights, d w1, d w2)``, and with six ``needs``
+    flags (expert biases) ``(..., d b1, d b2)``; an entry whose ``needs`` flag is False comes back as None.
 
     Recomputes the up projection per slot run (nothing is saved from the forward but its inputs).
     Matmuls run in the input dtype, the activation's derivative and the routing weight's dot
     product in fp32 (fp64 for fp64 inputs); d hidden sums over k in that precision.
     """
-    need_h, need_w, need_w1, need_w2 = needs
+    need_h, need_w, need_w1, need_w2 = needs[:4]
+    need_b1, need_b2 = (tuple(needs[4:]) + (False, False))[:2]
     T, K = slot_ids.shape
     H, dtype, device = hidden.shape[1], hidden.dtype, hidden.device
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -327,24 +348,36 @@ def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: 
     d_weight = torch.zeros(T * K, dtype=acc, device=device) if need_w else None
     d_w1 = torch.zeros_like(w1) if need_w1 else None
     d_w2 = torch.zeros_like(w2) if need_w2 else None
+    d_b1 = torch.zeros_like(b1) if need_b1 else None
+    d_b2 = torch.zeros_like(b2) if need_b2 else None
     for slot, start, n in runs:
         pairs, tok = order[start : start + n], tokens[start : start + n]
         xs, gs = hidden[tok], grad_out[tok]
         ws = flat_w[pairs].to(acc)[:, None]
         h = (xs @ w1[slot].T).to(acc)
+        if b1 is not None:
+            h = h + b1[slot].to(acc)
         g_w2 = (gs @ w2[slot]).to(acc)  # d loss / d a for routing weight 1: [n, I]
         if need_w or need_w2:
             a = apply_activation(h, gated, activation, alpha, limit)
-            if need_w:  # d loss / d w[t, k] = g[t] . (a @ w2.T) = (g[t] @ w2) . a
+            if need_w:  # d loss / d w[t, k] = g[t] . (a @ w2.T + b2) = (g[t] @ w2) . a + g[t] . b2
                 d_weight[pairs] = (g_w2 * a).sum(-1)
+                if b2 is not None:
+                    d_weight[pairs] += (gs.to(acc) * b2[slot].to(acc)).sum(-1)
             if need_w2:
                 d_w2[slot] = ((gs.to(acc) * ws).T @ a).to(w2.dtype)
-        if need_h or need_w1:
+        if need_b2:
+            d_b2[slot] = (gs.to(acc) * ws).sum(0).to(b2.dtype)
+        if need_h or need_w1 or need_b1:
             d_h = activation_backward(h, g_w2 * ws, gated, activation, alpha, limit).to(dtype)  # [n, N1]
             if need_w1:
                 d_w1[slot] = d_h.T @ xs
+            if need_b1:
+                d_b1[slot] = d_h.to(acc).sum(0).to(b1.dtype)
             if need_h:
                 d_pair[pairs] = (d_h @ w1[slot]).to(acc)
     d_hidden = d_pair.view(T, K, H).sum(1).to(dtype) if need_h else None
     d_topk = d_weight.view(T, K).to(topk_weights.dtype) if need_w else None
+    if len(needs) > 4:
+        return d_hidden, d_topk, d_w1, d_w2, d_b1, d_b2
     return d_hidden, d_topk, d_w1, d_w2
