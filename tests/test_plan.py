@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import pytest
@@ -619,6 +620,8 @@ def test_hand_edited_source_of_an_own_copy_is_refused(vs, dist, tmp_path):
     (lambda d: dict(d, extra_field=1), "extra_field"),
     (lambda d: dict(d, metric=3), "metric"),
     (lambda d: dict(d, slots=[[[True] * E] * L] * 4), r"slots\[0\]\[0\]\[0\]"),
+    (lambda d: dict(d, policy=dict(d["policy"], cache_slots=2**70)), "policy.cache_slots"),  # a huge allocation
+    (lambda d: dict(d, policy=dict(d["policy"], cache_slots=1.5)), "policy.cache_slots"),
 ])
 def test_malformed_plans_raise_plan_error_naming_the_field(vs, dist, tmp_path, edit, field):
     """Old code: AttributeError, IndexError or TypeError from deep inside loading."""
@@ -664,7 +667,9 @@ def test_fuzzed_plans_only_raise_plan_error_and_never_serve_wrong_weights(vs, di
     all_paths = [p for p in paths(doc) if p]
     outcomes = {"refused": 0, "loaded": 0}
 
-    @settings(max_examples=220, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=int(os.environ.get("MULTIMOE_FUZZ_EXAMPLES", 220)), deadline=None,
+              suppress_health_check=list(HealthCheck), database=None,
+              derandomize=not os.environ.get("MULTIMOE_FUZZ_EXAMPLES"))  # CI: the same cases every run
     @given(st.data())
     def one(data):
         kind = data.draw(st.sampled_from(["set", "delete", "truncate", "swap"]))

@@ -303,9 +303,12 @@ class Plan:
         for key in ("share", "threshold"):
             if self.policy.get(key) is not None:
                 _finite(f"policy.{key}", self.policy[key])
-        if "host" in locs and self.cache_slots < E:
-            _fail("policy.cache_slots", f"{self.cache_slots}: host-tier slots need a device cache of at least "
-                                        f"one layer's experts ({E})")
+        if "host" in locs and not E <= self.cache_slots <= L * E:
+            _fail("policy.cache_slots", f"{self.cache_slots}: host-tier slots need a device cache of one layer's "
+                                        f"experts ({E}) up to every expert ({L * E})")
+        if "host" not in locs and self.cache_slots != 0:
+            _fail("policy.cache_slots", f"{self.cache_slots}: a plan without host-tier slots has no device cache for "
+                                        f"them (0)")
         if self.calibration is not None:
             _str("calibration", self.calibration)
         if self.choice is not None:
