@@ -271,6 +271,13 @@ class Variant:
     def has_expert_bias(self) -> bool:
         return self.adapter.expert_bias
 
+    def expert_tensors(self, layer: int, expert: int) -> tuple:
+        """Everything a slab slot holds for one expert: ``(w1, w2)``, or ``(w1, w2, b1, b2)`` for families with
+        expert biases. What plans hash and compare, and what ``ExpertSlab.write`` takes."""
+        w = self.expert(layer, expert)
+        b = self.expert_bias(layer, expert)
+        return w if b is None else (*w, *b)
+
     def non_expert_names(self) -> list[str]:
         return list(self._nonexpert)
 

@@ -102,8 +102,9 @@ class SlabExperts(nn.Module):
         workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
         return ops.fused_moe(hidden_states, slots, routing_weights(hidden_states, top_k_weights), self.slab.w1,
                              self.slab.w2, self.slab.gated, backend=self.backend, check_slots=False, workspace=workspace,
-                             activation=self.activation, alpha=self.alpha, limit=self.limit)
+                             activation=self.activation, alpha=self.alpha, limit=self.limit, b1=self.slab.b1,
+                             b2=self.slab.b2)
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, slab_slots={self.slab.num_slots}, gated={self.slab.gated}, "
-                f"activation={self.activation}")
+                f"activation={self.activation}, bias={self.slab.has_bias}")

@@ -52,9 +52,6 @@ CONFIGS = {
                                      layer_types=["sliding_attention", "full_attention"])),
 }
 FAMILIES = list(CONFIGS)
-# slab-backed routes need expert biases in the slab (GPT-OSS): pending
-SLAB_FAMILIES = [pytest.param(f, marks=pytest.mark.xfail(raises=Exception, strict=True, reason="expert biases"))
-                 if f == "gpt_oss" else f for f in FAMILIES]
 EXPERT_BIAS = {"gpt_oss"}  # families whose experts carry biases
 
 
@@ -184,7 +181,7 @@ def test_gpt_oss_experts_are_deinterleaved_and_transposed_once_at_read(zoo):
 
 
 # ---- MultiVariantModel, patch, ExpertsInterface ----------------------------------------------------------
-@pytest.mark.parametrize("family", SLAB_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_model_logits_and_greedy_generations_equal_transformers(zoo, family):
     dirs = zoo(family)
     mv = MultiVariantModel.from_pretrained(dirs, share=0.0)
@@ -197,7 +194,7 @@ def test_model_logits_and_greedy_generations_equal_transformers(zoo, family):
         assert mv.generate(v, ids[:1], max_new_tokens=8).tolist() == greedy(ref, ids[:1])
 
 
-@pytest.mark.parametrize("family", SLAB_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_patch_and_multimoe_experts_implementation_equal_eager(zoo, family):
     dirs = zoo(family)
     vs = VariantSet.from_dirs(dirs)
@@ -216,7 +213,7 @@ def test_patch_and_multimoe_experts_implementation_equal_eager(zoo, family):
         assert greedy(patched, ids[:1]) == greedy(eager, ids[:1]) == greedy(ours, ids[:1])
 
 
-@pytest.mark.parametrize("family", SLAB_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_two_variants_switching_in_random_order_stay_exact(zoo, family):
     dirs = zoo(family)
     mv = MultiVariantModel.from_pretrained(dirs, share=0.0)
@@ -233,7 +230,7 @@ def test_two_variants_switching_in_random_order_stay_exact(zoo, family):
     assert rel_err(want[0], want[1]) > 1e-2  # the variants really differ
 
 
-@pytest.mark.parametrize("family", SLAB_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_plan_at_half_sharing_round_trips_and_serves(zoo, family, tmp_path):
     dirs = zoo(family)
     vs = VariantSet.from_dirs(dirs)

@@ -65,6 +65,7 @@ def compute_distances(variant_set, anchor: int = 0, output: bool = False,
         if calib is None:
             fallback = gaussian_calibration(variant_set.hidden_size, calib_tokens, seed)
     bar = progress_bar(L * E, "expert distances", progress)
+    act = (variant_set.activation, variant_set.alpha, variant_set.limit)  # the experts' own activation
     w1_shape = w2_shape = None
     ck_dtype = None
     for layer in range(L):
@@ -75,37 +76,38 @@ def compute_distances(variant_set, anchor: int = 0, output: bool = False,
                                 f"(got layers {sorted(calib)})")
             x = _float32(x).reshape(-1, variant_set.hidden_size)
         for e in range(E):
-            a1, a2 = variant_set[anchor].expert(layer, e)
+            a = variant_set[anchor].expert_tensors(layer, e)  # (w1, w2) or, with expert biases, (w1, w2, b1, b2)
+            a1, a2 = a[:2]
             w1_shape, w2_shape, ck_dtype = tuple(a1.shape), tuple(a2.shape), a1.dtype
-            hashes[anchor][layer][e] = expert_hash(a1, a2)
-            a1f, a2f = _float32(a1), _float32(a2)
-            a_sq = a1f.pow(2).sum() + a2f.pow(2).sum()
-            a_norm = a_sq.sqrt()
+            hashes[anchor][layer][e] = expert_hash(*a)
+            af = [_float32(t) for t in a]
+            a_norm = sum(t.pow(2).sum() for t in af).sqrt()
             if output:
-                ya = expert_forward(x, a1f, a2f, gated)
+                ya = expert_forward(x, af[0], af[1], gated, *act, *af[2:])
                 ya_norm = ya.norm(dim=-1).clamp_min(1e-12)
             for v in range(V):
                 if v == anchor:
                     continue
-                b1, b2 = variant_set[v].expert(layer, e)
+                b = variant_set[v].expert_tensors(layer, e)
+                b1, b2 = b[:2]
                 if tuple(b1.shape) != w1_shape or tuple(b2.shape) != w2_shape:
                     raise PlanError(f"variant {variant_set.names[v]!r} layer {layer} expert {e}: "
                                     f"shapes {tuple(b1.shape)}, {tuple(b2.shape)}; anchor has "
                                     f"{w1_shape}, {w2_shape}")
-                hv = expert_hash(b1, b2)
+                hv = expert_hash(*b)
                 hashes[v][layer][e] = hv
                 # hash equality is confirmed with an exact compare: both are in memory anyway
                 if hv == hashes[anchor][layer][e] and b1.dtype == a1.dtype \
-                        and torch.equal(b1, a1) and torch.equal(b2, a2):
+                        and all(torch.equal(p, q) for p, q in zip(b, a)):
                     dup[v][layer][e] = True
                     continue
-                b1f, b2f = _float32(b1), _float32(b2)
-                l2[v][layer][e] = relative_l2((b1f, b2f), (a1f, a2f), a_norm)
-                dot = (b1f * a1f).sum() + (b2f * a2f).sum()
-                b_norm = (b1f.pow(2).sum() + b2f.pow(2).sum()).sqrt()
+                bf = [_float32(t) for t in b]
+                l2[v][layer][e] = relative_l2(bf, af, a_norm)
+                dot = sum((p * q).sum() for p, q in zip(bf, af))
+                b_norm = sum(t.pow(2).sum() for t in bf).sqrt()
                 cos[v][layer][e] = float(1.0 - dot / (a_norm * b_norm).clamp_min(1e-30))
                 if output:
-                    yb = expert_forward(x, b1f, b2f, gated)
+                    yb = expert_forward(x, bf[0], bf[1], gated, *act, *bf[2:])
                     outd[v][layer][e] = float(((yb - ya).norm(dim=-1) / ya_norm).mean())
             bar.update(1)
     bar.close()

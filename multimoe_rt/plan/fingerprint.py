@@ -13,9 +13,10 @@ from ..checkpoint import raw_safetensors_header, safetensors_data_bytes, tensor_
 from .common import PlanError
 
 
-def expert_hash(w1: torch.Tensor, w2: torch.Tensor) -> str:
-    """blake2b of the raw bytes (plus dtype and shapes, so equal bytes of another layout differ)."""
-    return tensor_digest(w1, w2)
+def expert_hash(w1: torch.Tensor, w2: torch.Tensor, *biases: torch.Tensor) -> str:
+    """blake2b of the raw bytes (plus dtype and shapes, so equal bytes of another layout differ); the expert's
+    biases, for families that have them (``Variant.expert_tensors``), are part of it."""
+    return tensor_digest(w1, w2, *biases)
 
 
 # Files up to this size are hashed whole; larger ones are sampled (a fine-tune changes nearly

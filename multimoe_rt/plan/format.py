@@ -106,7 +106,7 @@ class Plan:
     gated: bool
     anchor: int
     dtype: str                 # slab dtype
-    slot_nbytes: int           # bytes of one slot in the slab dtype (w1 + w2), from tensor shapes
+    slot_nbytes: int           # bytes of one slot in the slab dtype (w1 + w2, + b1 + b2 with expert biases)
     slots: list                # [V][L][E] -> slot
     slot_sources: list         # [S] dicts
     slot_location: list        # [S] "device" | "host"
@@ -235,7 +235,8 @@ class Plan:
         _int("anchor", self.anchor, 0, V)
         _str("dtype", self.dtype, DTYPE_NAMES)
         itemsize = DTYPE_NAMES[self.dtype].itemsize
-        want = ((2 * inter if self.gated else inter) * H + H * inter) * itemsize
+        n1 = 2 * inter if self.gated else inter
+        want = (n1 * H + H * inter + ((n1 + H) if get_family(self.family).expert_bias else 0)) * itemsize
         if _int("slot_nbytes", self.slot_nbytes, 1) != want:
             _fail("slot_nbytes", f"{self.slot_nbytes} B, but one {self.dtype} expert of hidden_size {H} and "
                                  f"intermediate_size {inter} is {want} B")

@@ -10,29 +10,30 @@ from .fingerprint import expert_hash
 from .format import Plan
 
 
-def _read_expert(plan: Plan, variant_set, v: int, l: int, e: int):
-    w1, w2 = variant_set[v].expert(l, e)
-    if expert_hash(w1, w2) != plan.hashes[v][l][e]:
+def _read_expert(plan: Plan, variant_set, v: int, l: int, e: int) -> tuple:
+    tensors = variant_set[v].expert_tensors(l, e)  # (w1, w2) or, with expert biases, (w1, w2, b1, b2)
+    if expert_hash(*tensors) != plan.hashes[v][l][e]:
         raise PlanError(f"stale plan: variant {plan.variant_names[v]!r} layer {l} expert {e} "
                         f"differs from when the plan was made; re-run `multimoe-rt plan`")
-    return w1, w2
+    return tensors
 
 
-def source_expert(plan: Plan, variant_set, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weights a slot holds, read from the checkpoints (mean in float32, one member at a time)."""
+def source_expert(plan: Plan, variant_set, slot: int) -> tuple:
+    """The weights a slot holds, read from the checkpoints (mean in float32, one member at a time):
+    ``(w1, w2)``, or ``(w1, w2, b1, b2)`` for families with expert biases."""
     src = plan.slot_sources[slot]
     l, e, members = src["layer"], src["expert"], src["variants"]
     if src["kind"] == "variant":
         return _read_expert(plan, variant_set, members[0], l, e)
-    acc1 = acc2 = None
+    acc = None
     for v in members:
-        w1, w2 = _read_expert(plan, variant_set, v, l, e)
-        if acc1 is None:
-            acc1, acc2 = w1.to(torch.float32).clone(), w2.to(torch.float32).clone()
+        tensors = _read_expert(plan, variant_set, v, l, e)
+        if acc is None:
+            acc = [t.to(torch.float32).clone() for t in tensors]
         else:
-            acc1 += w1.to(torch.float32)
-            acc2 += w2.to(torch.float32)
-    return acc1 / len(members), acc2 / len(members)
+            for a, t in zip(acc, tensors):
+                a += t.to(torch.float32)
+    return tuple(a / len(members) for a in acc)
 
 
 def _load_deltas(plan: Plan, variant_set, slab, progress: bool):
@@ -78,16 +79,17 @@ def load_slab(plan: Plan, variant_set, device="cpu", dtype=None, progress: bool 
     from ..slab import ExpertSlab, HostTier, SlotTable
 
     plan.validate(variant_set)
-    if variant_set.adapter.expert_bias:
-        raise PlanError(f"the {variant_set.family} family's experts carry biases, which the slab does not hold yet")
+    bias = variant_set.adapter.expert_bias  # the slab then holds b1/b2 per slot too
+    if bias and (plan.num_host_slots or plan.deltas):
+        raise PlanError(f"the {variant_set.family} family's experts carry biases: its plans can share and keep "
+                        f"experts, but neither offload them (host tier) nor store deltas")
     slab_dtype = to_dtype(dtype if dtype is not None else plan.dtype)
     n_dev = plan.num_device_slots
     slab = ExpertSlab(n_dev + plan.cache_slots, plan.hidden_size, plan.intermediate_size, plan.gated,
-                      dtype=slab_dtype, device=device)
+                      dtype=slab_dtype, device=device, bias=bias)
     bar = progress_bar(len(plan.slot_location), "loading experts", progress)
     for s in range(n_dev):
-        w1, w2 = source_expert(plan, variant_set, s)
-        slab.write(s, w1.to(slab_dtype), w2.to(slab_dtype))
+        slab.write(s, *(t.to(slab_dtype) for t in source_expert(plan, variant_set, s)))
         bar.update(1)
     if plan.num_host_slots:
         host = [source_expert(plan, variant_set, s) for s in range(n_dev, len(plan.slot_location))]

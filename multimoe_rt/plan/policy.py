@@ -167,6 +167,8 @@ def make_plan(variant_set, *, budget_bytes: int | str | None = None, share: floa
     slab_dtype = to_dtype(dtype if dtype is not None else dist.checkpoint_dtype)
     itemsize = torch.empty((), dtype=slab_dtype).element_size()
     slot_nbytes = (math.prod(dist.w1_shape) + math.prod(dist.w2_shape)) * itemsize
+    if variant_set.adapter.expert_bias:  # b1 [N1] + b2 [H] per slot
+        slot_nbytes += (dist.w1_shape[0] + dist.w2_shape[0]) * itemsize
     base_slots = L * E
     capacity = None if budget is None else (budget - non_expert) // slot_nbytes
     if capacity is not None and capacity < base_slots and not offload:
