@@ -261,7 +261,9 @@ def write(out: dict, out_dir, tag: str) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--small", action="store_true", help="the small mixtral-tiny zoo (quick)")
+    p.add_argument("--small", action="store_true", help="the small zoo (quick)")
+    p.add_argument("--recipe", default="mixtral-tiny", choices=["mixtral-tiny", "qwen3-moe-tiny"],
+                   help="zoo recipe (a decoder family)")
     p.add_argument("--variants", default="base,ptb,shakespeare,pycode", help="zoo variants to serve")
     p.add_argument("--rates", default=None, help="comma-separated λ values (req/s); default: 0.3,0.7,1.1 x "
                                                  "the fastest system's idle service rate")
@@ -279,7 +281,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main_args(args, tag="serve_qos") -> dict:
     from multimoe_rt.lab import zoo
 
-    dirs = zoo.build("mixtral-tiny", small=args.small, progress=not args.quiet)
+    dirs = zoo.build(getattr(args, "recipe", "mixtral-tiny"), small=args.small, progress=not args.quiet)
     want = [v.strip() for v in args.variants.split(",") if v.strip()]
     missing = [v for v in want if v not in dirs]
     if missing:

@@ -273,6 +273,10 @@ def _remove_own_zoo_temp(cache=None) -> list[Path]:
     return gone
 
 
+# zoo recipe names (lab/recipes/*.json), read without importing the lab (and torch) to build the parser
+_RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parent / "lab" / "recipes").glob("*.json"))
+
+
 def cmd_zoo_build(args) -> int:
     import time
 
@@ -555,7 +559,7 @@ def _qos_inputs(args):
         if len(dirs) != len(args.dirs):
             _usage("--dirs: two directories have the same name; the directory name is the variant name")
     else:
-        dirs = _zoo_dirs("mixtral-tiny", args.small, quiet=args.quiet)
+        dirs = _zoo_dirs(getattr(args, "recipe", None) or "mixtral-tiny", args.small, quiet=args.quiet)
     if want:
         missing = [v for v in want if v not in dirs]
         if missing:
@@ -651,7 +655,9 @@ def cmd_bench_reliability(args) -> int:
 
 
 def _serve_qos_args(p, demo: bool = False) -> None:
-    p.add_argument("--small", action="store_true", help="the small mixtral-tiny zoo (builds in about 15 s)")
+    p.add_argument("--small", action="store_true", help="the small zoo (builds in about 15 s)")
+    p.add_argument("--recipe", choices=[r for r in _RECIPES if r != "switch-tiny"], default="mixtral-tiny",
+                   help="the zoo recipe to serve: a decoder family (default mixtral-tiny)")
     p.add_argument("--dirs", nargs="+", type=_existing_dir, default=None, metavar="DIR",
                    help="your own HF checkpoint directories instead of the zoo, base first (names = dir names)")
     p.add_argument("--variants", default=None,
@@ -704,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_help = "cache root (default: $MULTIMOE_CACHE or ~/.cache/multimoe_rt/zoo)"
     b = zoo_sub.add_parser("build", parents=[common],
                            help="train (or reuse from the cache) a zoo recipe and print its summary")
-    b.add_argument("--recipe", choices=["mixtral-tiny", "switch-tiny", "all"], default="all")
+    b.add_argument("--recipe", choices=_RECIPES + ["all"], default="all")
     b.add_argument("--small", action="store_true", help="the small set used by tests (under a minute)")
     b.add_argument("--data", type=_existing_dir, default=None,
                    help="copy of shared/data (default: $MULTIMOE_DATA or shared/data above)")
@@ -716,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     zl.set_defaults(func=cmd_zoo_list)
     zp = zoo_sub.add_parser("path", parents=[common],
                             help="where the zoo lives: the cache root, or a recipe's entry (built or not)")
-    zp.add_argument("--recipe", choices=["mixtral-tiny", "switch-tiny"], default=None)
+    zp.add_argument("--recipe", choices=_RECIPES, default=None)
     zp.add_argument("--small", action="store_true")
     zp.add_argument("--data", type=_existing_dir, default=None, help="copy of shared/data")
     zp.add_argument("--cache", default=None, help=cache_help)

@@ -309,3 +309,28 @@ def test_batched_forward_refuses_a_family_it_does_not_cover(zoo, family):
     vs = VariantSet.from_dirs(zoo(family)[:1])
     with pytest.raises(CheckpointError, match=f"does not cover the {family} family; it covers mixtral"):
         VariantWeights.from_variant_set(vs, 1)
+
+
+# ---- the qwen3-moe-tiny zoo recipe ------------------------------------------------------------------------
+def test_qwen3_moe_tiny_zoo_small_builds_and_serves(tmp_path):
+    from multimoe_rt.engine import Engine
+    from multimoe_rt.lab import zoo
+
+    dirs = zoo.build("qwen3-moe-tiny", small=True, cache_dir=tmp_path, progress=False)
+    assert list(dirs) == ["base", "ptb", "shakespeare", "pycode"]
+    manifest = zoo.load_manifest(dirs["base"].parent)
+    assert manifest["params"]["family"] == "qwen3_moe"
+    for name, row in manifest["summary"].items():
+        if name != "base":
+            assert row["ppl"] < row["base_ppl"], name  # each fine-tune moved toward its own domain
+    vs = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
+    assert vs.family == "qwen3_moe"
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_variant(dirs["ptb"])._expert_names  # fused naming
+    engine = Engine.from_pretrained(vs, share=0.5, max_seqs=4, max_len=64)
+    try:
+        ids = prompts(9, batch=1, length=8)
+        mv = MultiVariantModel.from_pretrained(vs, share=0.5)
+        want = mv.generate("shakespeare", ids, max_new_tokens=5).tolist()[0]
+        assert engine.generate("shakespeare", ids[0].tolist(), max_new_tokens=5, ignore_eos=True) == want
+    finally:
+        engine.shutdown()

@@ -12,6 +12,8 @@ the zoo code version. A built entry is reused as is.
   mixtral-tiny   byte-level Mixtral (SwiGLU, 8 experts top-2). base: WikiText-2; variants ptb, shakespeare,
                  pycode fine-tuned from it; ptb-frozen: PTB with the experts of the first half of the layers
                  frozen (their bytes equal the base's, as in attention/router-only fine-tunes).
+  qwen3-moe-tiny byte-level Qwen3-MoE (q/k norms, 8 experts top-2, norm_topk_prob), trained like mixtral-tiny:
+                 base on WikiText-2, variants ptb, shakespeare, pycode.
   switch-tiny    byte-level SwitchTransformers (ReLU, 8 experts top-1, every FF layer sparse). base: span
                  corruption on WikiText-2; variants: span corruption on ptb, shakespeare, pycode, and
                  wiki-continue (the encoder reads a prefix, the decoder writes the continuation).
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 from . import data as data_mod
+from ..families import get_family
 from ..tokenizer import ByteTokenizer
 
 # Bump when the training code changes in a way that changes the weights: it is part of the cache hash.
@@ -197,15 +200,19 @@ def _seq2seq_batch(ids, task: str, p, tok: ByteTokenizer, g):
 
 # ---------------------------------------------------------------- models
 
-def _make_model(params, tok: ByteTokenizer):
-    if params["family"] == "mixtral":
-        from transformers import MixtralConfig, MixtralForCausalLM
+def _causal(params) -> bool:
+    """A decoder-only recipe (Mixtral, Qwen3-MoE, ...: next-token windows) rather than Switch's seq2seq."""
+    return not get_family(params["family"]).encoder_decoder
 
-        cfg = MixtralConfig(vocab_size=tok.vocab_size, max_position_embeddings=4 * params["seq"],
-                            tie_word_embeddings=False, router_aux_loss_coef=params["router_aux_loss_coef"],
-                            pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
-                            **params["model"])
-        return MixtralForCausalLM(cfg)
+
+def _make_model(params, tok: ByteTokenizer):
+    if _causal(params):
+        config_cls, model_cls = get_family(params["family"]).classes()
+        cfg = config_cls(vocab_size=tok.vocab_size, max_position_embeddings=4 * params["seq"],
+                         tie_word_embeddings=False, router_aux_loss_coef=params["router_aux_loss_coef"],
+                         pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
+                         **params["model"])
+        return model_cls(cfg)
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     m = params["model"]
@@ -219,7 +226,7 @@ def _make_model(params, tok: ByteTokenizer):
 
 
 def _loss(model, params, batch):
-    if params["family"] == "mixtral":
+    if _causal(params):
         out = model(input_ids=batch, labels=batch, output_router_logits=True)
     else:
         src, tgt = batch
@@ -228,9 +235,9 @@ def _loss(model, params, batch):
 
 
 def _expert_params(model, params, layers):
-    if params["family"] == "mixtral":
+    if _causal(params):
         return [p for i in layers for p in model.model.layers[i].mlp.experts.parameters()]
-    raise ZooError("expert freezing is implemented for the mixtral recipe only")
+    raise ZooError("expert freezing is implemented for decoder-only recipes only")
 
 
 def _train(model, params, phase: dict, batch_fn, desc: str, progress: bool, frozen=()):
@@ -276,7 +283,7 @@ def _eval_ppl(model, params, held_out, task, tok, seed) -> float:
 
     nll, count = 0.0, 0
     with torch.no_grad():
-        if params["family"] == "mixtral":
+        if _causal(params):
             L = params["seq"]
             n = min(params["eval_windows"], len(held_out) // L)
             x = held_out[:n * L].view(n, L)
@@ -373,7 +380,7 @@ def build(recipe: str, small: bool = False, data_dir=None, cache_dir=None, progr
     def batch_fn_for(phase_index: int, phase: dict):
         g = torch.Generator().manual_seed(seed * 1000 + phase_index)
         train = data[phase["domain"]][0]
-        if params["family"] == "mixtral":
+        if _causal(params):
             return lambda step: _windows(train, params["batch"], params["seq"], g)
         return lambda step: _seq2seq_batch(train, phase["task"], params, tok, g)
 
