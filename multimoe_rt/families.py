@@ -334,6 +334,30 @@ class Family:
     def embedding_names(self) -> list[str]:
         return ["model.embed_tokens.weight"]
 
+    def expert_state(self, prefix: str, w1: torch.Tensor, w2: torch.Tensor, b1=None, b2=None) -> dict:
+        """The inverse of reading: one MoE layer's experts, stacked in the slab layout (``w1 [E, N1, H]``,
+        ``w2 [E, H, I]``, biases ``[E, N1]``, ``[E, H]``), as the family's transformers-5 tensors (for writing a
+        merged or converted checkpoint that ``from_pretrained`` loads)."""
+        if self.fused is None:  # Switch: per-expert tensors
+            gate, _, down = self.per_expert
+            out = {}
+            for e in range(w1.shape[0]):
+                out[f"{prefix}.{gate.format(e=e)}"] = w1[e]
+                out[f"{prefix}.{down.format(e=e)}"] = w2[e]
+            return out
+        gate_up, down = (f"{prefix}.{n}" for n in self.fused)
+        if self.fused_transposed:  # GPT-OSS: interleave gate/up columns, [E, H, 2I] and [E, I, H]
+            def interleave(t):
+                half = t.shape[1] // 2
+                out = torch.empty_like(t)
+                out[:, 0::2], out[:, 1::2] = t[:, :half], t[:, half:]
+                return out
+            state = {gate_up: interleave(w1).transpose(1, 2).contiguous(), down: w2.transpose(1, 2).contiguous()}
+            if self.expert_bias:
+                state[f"{gate_up}_bias"], state[f"{down}_bias"] = interleave(b1), b2
+            return state
+        return {gate_up: w1, down: w2}
+
     # -- models ------------------------------------------------------------------------------------
     def new_tokens(self, out: torch.Tensor, prompt_len: int) -> torch.Tensor:
         """The generated ids of a transformers ``generate`` output (decoder-only: after the prompt)."""

@@ -246,6 +246,23 @@ def test_plan_at_half_sharing_round_trips_and_serves(zoo, family, tmp_path):
     assert rel_err(mv.forward(0, ids), base) <= TOL  # the anchor keeps its own experts
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_checkpoint_is_written_in_the_familys_naming_and_loads_strict(zoo, family, tmp_path):
+    """The merging baselines go through the adapter too: the average of two variants, written back in the family's
+    transformers-5 naming (GPT-OSS: re-interleaved, transposed, with biases), equals averaging the models."""
+    from multimoe_rt.lab.merge import merge_variants, save_merged
+
+    dirs = zoo(family)
+    out = save_merged(merge_variants(VariantSet.from_dirs(dirs), "average"), tmp_path / "avg", dirs[0])
+    merged = T.AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager").eval()
+    sds = [reference(d).state_dict() for d in dirs]
+    manual = reference(dirs[0])
+    manual.load_state_dict({k: (sds[0][k] + sds[1][k]) / 2 for k in sds[0]})
+    ids = prompts(4)
+    with torch.no_grad():
+        assert rel_err(merged(ids).logits, manual(ids).logits) <= TOL
+
+
 # ---- the batched mixed-variant forward ------------------------------------------------------------------
 def build_batched(dirs, sets=None, max_seqs=8):
     vs = VariantSet.from_dirs(dirs)

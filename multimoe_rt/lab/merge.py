@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ..families import get_family
+
 __all__ = [
     "LazyStateDict",
     "average",
@@ -309,30 +311,30 @@ def merge_variants(variant_set, method: str, base: int | str = 0, **kw) -> dict[
         if list(v.moe_layers) != moe_layers:
             raise ValueError(f"merge_variants: {labels[0]} and variant {v.name!r} have different MoE layers")
     num_experts = variants[0].num_experts
+    adapter = get_family(family)  # where the family's expert tensors go, and whether gate and up are separate
+    gated = adapter.gated
     for layer, prefix in enumerate(moe_layers):
-        w1s, w2s = [], []
+        stacks = None  # per expert tensor kind (w1, w2[, b1, b2]): the merged experts of this layer
         for e in range(num_experts):
-            pairs = [v.expert(layer, e) for v in variants]
+            # slab layout; with biases (GPT-OSS) 4 tensors (duck-typed variants may offer expert() only)
+            experts = [getattr(v, "expert_tensors", v.expert)(layer, e) for v in variants]
             tag = f"{prefix} expert {e}"
-            w2s.append(_merge_one(method, [p[1] for p in pairs], base_index, f"{tag} w2", kw))
-            if family == "mixtral":
-                # trim gate and up separately: they are separate matrices (w1/w3) in the original checkpoints
-                rows = pairs[0][0].shape[0]
-                if rows % 2:
-                    raise ValueError(f"merge_variants: {tag} w1 has {rows} rows; gated experts need 2*I")
-                i = rows // 2
-                gate = _merge_one(method, [p[0][:i] for p in pairs], base_index, f"{tag} gate", kw)
-                up = _merge_one(method, [p[0][i:] for p in pairs], base_index, f"{tag} up", kw)
-                w1s.append(torch.cat([gate, up], dim=0))
-            else:
-                w1s.append(_merge_one(method, [p[0] for p in pairs], base_index, f"{tag} w1", kw))
-        if family == "mixtral":
-            out[f"{prefix}.experts.gate_up_proj"] = torch.stack(w1s)
-            out[f"{prefix}.experts.down_proj"] = torch.stack(w2s)
-        else:
-            for e in range(num_experts):
-                out[f"{prefix}.experts.expert_{e}.wi.weight"] = w1s[e]
-                out[f"{prefix}.experts.expert_{e}.wo.weight"] = w2s[e]
+            merged = []
+            for k, kind in enumerate(("w1", "w2", "b1", "b2")[:len(experts[0])]):
+                parts = [x[k] for x in experts]
+                if gated and kind in ("w1", "b1"):
+                    # trim gate and up separately: they are separate matrices (w1/w3) in the original checkpoints
+                    rows = parts[0].shape[0]
+                    if rows % 2:
+                        raise ValueError(f"merge_variants: {tag} {kind} has {rows} rows; gated experts need 2*I")
+                    i = rows // 2
+                    gate = _merge_one(method, [t[:i] for t in parts], base_index, f"{tag} gate", kw)
+                    up = _merge_one(method, [t[i:] for t in parts], base_index, f"{tag} up", kw)
+                    merged.append(torch.cat([gate, up], dim=0))
+                else:
+                    merged.append(_merge_one(method, parts, base_index, f"{tag} {kind}", kw))
+            stacks = [[t] for t in merged] if stacks is None else [s + [t] for s, t in zip(stacks, merged)]
+        out.update(adapter.expert_state(prefix, *(torch.stack(s) for s in stacks)))
     return out
 
 
