@@ -60,7 +60,7 @@ def text_batches(variant, text: str, seq_len: int = 256, max_tokens: int = 4096)
     """Causal-LM batches of ``text`` with the zoo's byte tokenizer saved next to the variant."""
     from .tokenizer import TOKENIZER_FILE, ByteTokenizer
 
-    if variant.family != "mixtral":
+    if variant.adapter.encoder_decoder:
         raise PlanError("text_batches builds causal-LM batches; for Switch variants pass seq2seq_batches")
     if not (Path(variant.path) / TOKENIZER_FILE).exists():
         raise PlanError(f"{variant.path}: no {TOKENIZER_FILE}; build calibration batches with your own tokenizer "
@@ -96,6 +96,9 @@ def _variant_model(variant_set, v: int):
 
     vs = variant_set
     L, E = vs.num_layers, vs.num_experts
+    if vs.adapter.expert_bias:
+        raise PlanError(f"measured costs (metric 'loss', codecs) cover experts without biases; the {vs.family} "
+                        f"family's carry biases")
     model = MODEL_CLASSES[vs.family][1].from_pretrained(str(vs[v].path), dtype=torch.float32,
                                                         use_safetensors=True).eval()
     slab = ExpertSlab(L * E + 1, vs.hidden_size, vs.intermediate_size, vs.gated, dtype=torch.float32)
