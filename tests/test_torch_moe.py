@@ -36,6 +36,23 @@ def test_moe_torch_matches_reference(T, gated, K, dtype):
     assert rel_err(out, moe_reference(x, s, w, w1, w2, gated)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated,K", [(True, 2), (False, 1)])
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_grouped_matmul_path_and_slot_loop_both_match_reference(T, gated, K, dtype, monkeypatch):
+    """16-byte aligned shapes take the torch._grouped_mm path; the per-slot loop is the fallback."""
+    import multimoe_rt.torch_moe as tm
+
+    x, s, w, w1, w2 = make_case(T, K, H=32, I=24, S=9, gated=gated, dtype=dtype, seed=T + K)
+    ref = moe_reference(x, s, w, w1, w2, gated)
+    if tm._grouped_pairs(x, s, w1, w2, gated, None, 1.0, 1.0, None, None) is None:
+        pytest.skip("this torch build has no CPU torch._grouped_mm for these shapes")
+    grouped = moe_torch(x, s, w, w1, w2, gated)
+    monkeypatch.setattr(tm, "_grouped_pairs", lambda *args: None)
+    looped = moe_torch(x, s, w, w1, w2, gated)
+    assert rel_err(grouped, ref) <= TOL[dtype] and rel_err(looped, ref) <= TOL[dtype]
+
+
 def test_all_tokens_on_one_slot_and_empty_slots():
     T, K = 64, 2
     slots = torch.full((T, K), 3)
