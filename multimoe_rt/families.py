@@ -301,6 +301,11 @@ class Family:
                         v._expect(up.format(e=e), (I, H))
                     v._expect(down.format(e=e), (H, I))
                 return PerExpert(gate, up, down, E)
+        if self.fused is not None and f"{prefix}.{self.fused[0]}_blocks" in v._entries:
+            raise CheckpointError(f"{v.path}: MoE layer {i} stores MXFP4-quantised experts "
+                                  f"('{prefix}.{self.fused[0]}_blocks'/'_scales'); dequantise them first (transformers: "
+                                  f"from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)), then "
+                                  f"save_pretrained)")
         expected = []
         if self.fused is not None:
             shape = (E, H, n1) if self.fused_transposed else (E, n1, H)

@@ -166,6 +166,22 @@ def test_both_namings_read_the_same_experts_and_the_plan_hashes_agree(zoo, famil
         assert a.moe_layers == expected  # dense layers are not MoE layers
 
 
+def test_gpt_oss_mxfp4_experts_are_refused_with_the_way_out(zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    d = zoo("gpt_oss")[0]
+    q = tmp_path / "mxfp4"
+    q.mkdir()
+    (q / "config.json").write_text((d / "config.json").read_text())
+    sd = load_file(d / "model.safetensors")
+    for k in [k for k in sd if k.endswith("experts.gate_up_proj")]:
+        sd[k + "_blocks"] = torch.zeros(4, 8, 16, dtype=torch.uint8)
+        del sd[k]
+    save_file(sd, q / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"MXFP4-quantised experts .*dequantise them first"):
+        load_variant(q)
+
+
 def test_gpt_oss_experts_are_deinterleaved_and_transposed_once_at_read(zoo):
     d = zoo("gpt_oss")[0]
     v = load_variant(d)
