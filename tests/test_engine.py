@@ -197,3 +197,16 @@ def test_per_variant_batching_mode_gives_the_same_tokens(dirs, refs):
         hs = [(names[i % 4], p, eng.submit(names[i % 4], p, max_new_tokens=5, eos_token_id=-1)) for i, p in enumerate(ps)]
         for v, p, h in hs:
             assert h.result(timeout=60).tokens == own_greedy(refs, v, p, 5)
+
+
+def test_affinity_keeps_new_variants_out_until_their_wait_bound(dirs, refs):
+    a, b = dirs[0].name, dirs[1].name
+    with Engine.from_pretrained(dirs, max_seqs=8, max_len=128, affinity_wait_s=0.3) as eng:
+        ha = eng.submit(a, [1, 2, 3], max_new_tokens=100, eos_token_id=-1)
+        next(iter(ha))
+        hb = eng.submit(b, [4, 5, 6], max_new_tokens=2, eos_token_id=-1)
+        hb.result(timeout=30)
+        assert hb.admitted - hb.arrival >= 0.3 or ha.done  # held back while a's sequence ran alone
+        assert hb.tokens == own_greedy(refs, b, [4, 5, 6], 2)
+    with pytest.raises(ValueError, match="affinity_wait_s"):
+        Engine.from_pretrained(dirs, affinity_wait_s=-1.0)
