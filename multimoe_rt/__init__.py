@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 # Importing ops defines the torch.library custom ops torch.ops.multimoe_rt.{align, fused_moe} (and loads
 # the C++ extension's ops when it was built), so other runtimes can call them after `import multimoe_rt`.
 from . import ops  # noqa: E402,F401
+from . import families  # noqa: E402
 
 
 def runtime_info() -> dict:
@@ -33,6 +34,8 @@ def runtime_info() -> dict:
         "cuda_ops": (_ext.has_cuda_ops, "built with CUDA sources" if _ext.has_cuda_ops else
                      "extension built without CUDA (no CUDA in this PyTorch build)"),
         "default_backend": ops.choose_backend(torch.device("cuda" if cuda else "cpu")),
+        # model families and the routes each supports (multimoe_rt/families.py, README "Model families")
+        "families": {name: f.support() for name, f in families.FAMILIES.items()},
     }
 
 

@@ -371,7 +371,9 @@ class Family:
     def support(self) -> dict:
         """What this family supports, for the README table and ``runtime_info``."""
         return {"loader": True, "plan": True, "model": True, "patch": True,
-                "experts_interface": not self.encoder_decoder, "batched_forward": self.batched is not None}
+                "experts_interface": not self.encoder_decoder, "batched_forward": self.batched is not None,
+                # biased experts (GPT-OSS) are shared or kept, never offloaded or stored as deltas
+                "offload": not self.expert_bias, "deltas": not self.expert_bias}
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,9 @@ def test_every_family_has_one_adapter_with_its_classes():
         assert config_cls.model_type in f.model_types
         assert families.get_family(config_cls.model_type) is f
     assert set(batched_families()) >= {"mixtral", "qwen3_moe"}
+    info = multimoe_rt.runtime_info()["families"]
+    assert {n for n, f in info.items() if f["batched_forward"]} == set(batched_families())
+    assert not info["gpt_oss"]["deltas"] and info["qwen3_moe"]["deltas"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
