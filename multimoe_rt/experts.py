@@ -103,7 +103,7 @@ class SlabExperts(nn.Module):
         return ops.fused_moe(hidden_states, slots, routing_weights(hidden_states, top_k_weights), self.slab.w1,
                              self.slab.w2, self.slab.gated, backend=self.backend, check_slots=False, workspace=workspace,
                              activation=self.activation, alpha=self.alpha, limit=self.limit, b1=self.slab.b1,
-                             b2=self.slab.b2)
+                             b2=self.slab.b2, deltas=self.slab.deltas)
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, slab_slots={self.slab.num_slots}, gated={self.slab.gated}, "

@@ -21,6 +21,7 @@ import functools
 
 import torch
 
+from . import delta as delta_mod
 from . import torch_moe
 from .torch_moe import (  # noqa: F401  (re-exported: the op contract's names)
     ACTIVATIONS, FLOAT_DTYPES, OP_DTYPES, SWIGLU_ALPHA, SWIGLU_LIMIT, MoEInputTypeError, UnsupportedActivationError,
@@ -181,6 +182,30 @@ def _fused_moe_bias_backward(ctx, grad_out):
 _fused_moe_bias_op.register_autograd(_fused_moe_bias_backward, setup_context=_fused_moe_bias_setup_context)
 
 
+@torch.library.custom_op("multimoe_rt::fused_moe_delta", mutates_args=())
+def _fused_moe_delta_op(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        w1: torch.Tensor, w2: torch.Tensor, gated: bool, backend: str, activation: str,
+                        alpha: float, limit: float, deltas: list[torch.Tensor], max_rank: int) -> torch.Tensor:
+    """fused_moe over expert ids that are dense slots or base slot + compressed delta (``multimoe_rt.delta``);
+    ``deltas`` = ``DeltaPools.tensors()`` (``delta.POOL_NAMES``), ``max_rank`` its largest lowrank rank.
+    Forward only: no gradient flows through deltas."""
+    activation = resolve_activation(activation, gated)
+    t = delta_mod.DeltaTensors(*deltas)
+    if backend == "triton":
+        from .kernels.delta_gemm import fused_moe_delta_triton
+        return fused_moe_delta_triton(hidden, expert_ids, topk_weights, w1, w2, gated, t, max_rank=max_rank,
+                                      activation=activation, alpha=alpha, limit=limit)
+    if backend == "reference":
+        return delta_mod.moe_reference_delta(hidden, expert_ids, topk_weights, w1, w2, gated, t, activation, alpha,
+                                             limit).to(hidden.dtype)
+    return delta_mod.moe_torch_delta(hidden, expert_ids, topk_weights, w1, w2, gated, t, activation, alpha, limit)
+
+
+@_fused_moe_delta_op.register_fake
+def _(hidden, expert_ids, topk_weights, w1, w2, gated, backend, activation, alpha, limit, deltas, max_rank):
+    return hidden.new_empty(hidden.shape[0], w2.shape[1])
+
+
 @torch.library.custom_op("multimoe_rt::align", mutates_args=())
 def _align_op(slot_ids: torch.Tensor, num_slots: int, block_m: int,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,7 +228,8 @@ def _(slot_ids, num_slots, block_m, backend):
 
 def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str | None = None,
               check_slots: bool = True, workspace: dict | None = None, activation: str | None = None,
-              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None) -> torch.Tensor:
+              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None,
+              deltas=None) -> torch.Tensor:
     """Route each token's top-k (slot, weight) pairs through the slab experts; returns ``[T, H]``.
 
     ``activation``: one of ``ACTIVATIONS`` or a transformers config name (``"gelu_pytorch_tanh"``...);
@@ -219,7 +245,16 @@ def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str 
     ``workspace`` (triton backend only): preallocated work buffers (``ExpertSlab.workspace``) so the
     expert path does not allocate per step; that eager path skips the custom op, which
     ``torch.compile`` traces without it, and is taken only when no gradient is being recorded.
+
+    ``deltas`` (``ExpertSlab.deltas``, a ``multimoe_rt.delta.DeltaPools``): ``slot_ids`` are then expert ids,
+    dense slots ``< w1.shape[0]`` or base slot + compressed delta above, any mix of codecs in one call
+    (``torch.ops.multimoe_rt.fused_moe_delta``; forward only, no expert biases).
     """
+    if deltas is not None:
+        if b1 is not None or b2 is not None:
+            raise NotImplementedError("fused_moe: compressed deltas with expert biases are not supported")
+        return _fused_moe_deltas(hidden, slot_ids, topk_weights, w1, w2, gated, backend, check_slots, workspace,
+                                 activation, alpha, limit, deltas)
     activation = resolve_activation(activation, gated)
     check_activation_args(activation, alpha, limit)
     backend = choose_backend(hidden.device, backend)
@@ -245,6 +280,30 @@ def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str 
                                 gated, workspace=workspace, activation=activation, alpha=alpha, limit=limit)
     return torch.ops.multimoe_rt.fused_moe(hidden.contiguous(), slot_ids.contiguous(), topk_weights.contiguous(),
                                            w1, w2, gated, backend, activation, alpha, limit)
+
+
+def _fused_moe_deltas(hidden, expert_ids, topk_weights, w1, w2, gated, backend, check_slots, workspace, activation,
+                      alpha, limit, pools) -> torch.Tensor:
+    activation = resolve_activation(activation, gated)
+    check_activation_args(activation, alpha, limit)
+    backend = choose_backend(hidden.device, backend)
+    check_moe_inputs(hidden, expert_ids, topk_weights, w1, w2, gated, check_slots=False,
+                     dtypes=FLOAT_DTYPES if backend == "triton" else OP_DTYPES)
+    pools.check_slab(w1, w2)
+    if check_slots:
+        delta_mod.check_ids(expert_ids, pools.num_ids)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, topk_weights, w1, w2)):
+        raise NotImplementedError("fused_moe with deltas is forward only: no gradient flows through compressed "
+                                  "deltas (run under torch.no_grad() / inference_mode, or use dense slots)")
+    alpha, limit = float(alpha), float(limit)
+    if workspace is not None and backend == "triton" and not torch.compiler.is_compiling():
+        from .kernels.delta_gemm import fused_moe_delta_triton
+        return fused_moe_delta_triton(hidden.contiguous(), expert_ids.contiguous(), topk_weights.contiguous(), w1,
+                                      w2, gated, pools, workspace=workspace, activation=activation, alpha=alpha,
+                                      limit=limit)
+    return torch.ops.multimoe_rt.fused_moe_delta(hidden.contiguous(), expert_ids.contiguous(),
+                                                 topk_weights.contiguous(), w1, w2, gated, backend, activation,
+                                                 alpha, limit, list(pools.tensors()), pools.max_rank)
 
 
 def align(slot_ids, num_slots: int, block_m: int = DEFAULT_BLOCK_M, backend: str | None = None):

@@ -280,3 +280,58 @@ def test_triton_single_codec_pools_and_swiglu():
     for specs in (("sign1",), ("lowrank4",), ("int4",)):
         _check_triton(6, 2, S=2, H=24, I=16, gated=True, specs=specs, seed=len(specs[0]))
     _check_triton(6, 2, S=2, H=24, I=16, gated=True, specs=SPECS, seed=1, activation="swiglu_oai")
+
+
+# ------------------------------------------------------------------------------------------ the op
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_op_dispatch_with_deltas(backend):
+    from multimoe_rt import ops
+
+    w1, w2, pools = make_slab(3, 40, 24, True, SPECS, seed=11)
+    hidden, ids, weights = make_inputs(15, 2, 40, list(range(pools.num_ids)), torch.float32, 11)
+    ref = D.moe_reference_delta(hidden, ids, weights, w1, w2, True, pools)
+    out = ops.fused_moe(hidden, ids, weights, w1, w2, True, backend=backend, deltas=pools)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    with pytest.raises(IndexError, match="expert id out of range"):
+        ops.fused_moe(hidden, ids + pools.num_ids, weights, w1, w2, True, backend=backend, deltas=pools)
+
+
+def test_op_workspace_path_and_slab():
+    pytest.importorskip("triton")
+    from multimoe_rt import ops
+    from multimoe_rt.slab import ExpertSlab
+
+    w1, w2, pools = make_slab(3, 32, 16, True, SPECS, seed=12)
+    slab = ExpertSlab(3, 32, 16, True)
+    for s in range(3):
+        slab.write(s, w1[s], w2[s])
+    slab.attach_deltas(pools)
+    assert slab.num_ids == pools.num_ids and slab.nbytes == 3 * slab.slot_nbytes + pools.nbytes
+    hidden, ids, weights = make_inputs(9, 2, 32, list(range(pools.num_ids)), torch.float32, 12)
+    ws = slab.workspace(9, 2)
+    assert "delta_keys" in ws
+    out = ops.fused_moe(hidden, ids, weights, slab.w1, slab.w2, True, backend="triton", workspace=ws, deltas=pools)
+    ref = D.moe_reference_delta(hidden, ids, weights, w1, w2, True, pools)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+def test_op_is_forward_only_and_traces():
+    from multimoe_rt import ops
+
+    w1, w2, pools = make_slab(2, 16, 8, True, ("sign1", "lowrank2"), seed=13)
+    hidden, ids, weights = make_inputs(4, 2, 16, list(range(pools.num_ids)), torch.float32, 13)
+    with pytest.raises(NotImplementedError, match="forward only"):
+        ops.fused_moe(hidden.requires_grad_(), ids, weights, w1, w2, True, backend="torch", deltas=pools)
+    hidden = hidden.detach()
+    with pytest.raises(NotImplementedError, match="biases"):
+        ops.fused_moe(hidden, ids, weights, w1, w2, True, backend="torch", deltas=pools,
+                      b1=torch.zeros(2, 16), b2=torch.zeros(2, 16))
+    # the fake implementation: shapes for torch.compile / meta tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = torch.ops.multimoe_rt.fused_moe_delta(hidden, ids, weights, w1, w2, True, "torch", "silu", 1.702, 7.0,
+                                                    list(pools.tensors()), pools.max_rank)
+    assert tuple(out.shape) == (4, 16)
