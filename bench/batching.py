@@ -4,6 +4,8 @@ Systems, all in one run, on the same arrival traces:
 
 * ``mixed``       : the continuous-batching engine (``multimoe_rt.engine``), every variant in one batch.
 * ``one_variant`` : the same engine fed one variant only (what mixing costs).
+* ``grouped``     : the mixed engine admitting variant by variant (``group_variants``): loaded steps hold
+                    fewer variants, so they read fewer distinct experts.
 * ``per_variant`` : the same engine batching one variant at a time, one resident non-expert set,
                     switching (partial reconfiguration) between batches.
 * ``batch1``      : the batch-1 engine of round one (``multimoe_rt.serve`` over MultiVariantModel, prefetch).
@@ -200,6 +202,8 @@ def load(dirs: dict, max_seqs: int, max_len: int, share: float, progress):
     vs = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
     progress(f"loading the mixed engine (expert sharing {share})")
     mixed = Engine.from_pretrained(vs, share=share, max_seqs=max_seqs, max_len=max_len)
+    progress("loading the mixed engine with grouped admission")
+    grouped = Engine.from_pretrained(vs, share=share, max_seqs=max_seqs, max_len=max_len, group_variants=True)
     progress("loading the per-variant engine (one resident non-expert set)")
     per_variant = Engine.from_pretrained(vs, share=share, resident_sets=1, mix_variants=False, max_seqs=max_seqs,
                                          max_len=max_len)
@@ -211,11 +215,12 @@ def load(dirs: dict, max_seqs: int, max_len: int, share: float, progress):
     hf_weights = sum(sum(t.numel() * t.element_size() for t in m.parameters()) for m in models.values())
     mem = {"mixed": mixed.memory_footprint()["total_device_bytes"],
            "one_variant": mixed.memory_footprint()["total_device_bytes"],
+           "grouped": grouped.memory_footprint()["total_device_bytes"],
            "per_variant": per_variant.memory_footprint()["total_device_bytes"],
            "batch1": mv.memory_footprint()["total_device_bytes"] + kv // max_seqs,
            "transformers": hf_weights + kv,
            "kv_cache": kv}
-    return mixed, per_variant, mv, models, mem
+    return {"mixed": mixed, "one_variant": mixed, "grouped": grouped, "per_variant": per_variant}, mv, models, mem
 
 
 def run(dirs: dict, shapes=("paper", "long"), n_sat: int = 64, n_sweep: int = 48, rate_factors=(0.2, 0.5, 0.8),
@@ -226,22 +231,20 @@ def run(dirs: dict, shapes=("paper", "long"), n_sat: int = 64, n_sweep: int = 48
     names = list(dirs)
     log = (lambda m: tqdm.write(m)) if progress else (lambda m: None)
     max_len = max(p + n for p, n in (SHAPES[s] for s in shapes)) + 8
-    mixed, per_variant, mv, models, mem = load(dirs, max_seqs, max_len, share, log)
-    vocab = mixed.vocab_size
+    engines, mv, models, mem = load(dirs, max_seqs, max_len, share, log)
+    vocab = engines["mixed"].vocab_size
 
     def replay(system: str, trace, new_tokens: int) -> dict:
         t0 = time.perf_counter()
-        if system in ("mixed", "one_variant"):
-            timings = run_engine(mixed, trace, new_tokens)
-        elif system == "per_variant":
-            timings = run_engine(per_variant, trace, new_tokens)
+        if system in engines:
+            timings = run_engine(engines[system], trace, new_tokens)
         elif system == "batch1":
             timings = run_batch1(mv, trace, new_tokens)
         else:
             timings = run_transformers(models, trace, new_tokens, max_seqs)
         return summarize(timings, time.perf_counter() - t0)
 
-    systems = ("mixed", "one_variant", "per_variant", "batch1", "transformers")
+    systems = ("mixed", "one_variant", "grouped", "per_variant", "batch1", "transformers")
     out = {"machine": machine_info(), "torch_threads": torch.get_num_threads(), "variants": names,
            "max_seqs": max_seqs, "share": share, "device_bytes": mem, "shapes": {}, "ratios": {}}
     steps = len(shapes) * len(systems) * (1 + len(rate_factors))
@@ -273,14 +276,17 @@ def run(dirs: dict, shapes=("paper", "long"), n_sat: int = 64, n_sweep: int = 48
                 bar.update(1)
         out["shapes"][shape] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "saturated": sat, "sweep": sweep}
     bar.close()
-    mixed.shutdown()
-    per_variant.shutdown()
+    for engine in set(engines.values()):
+        engine.shutdown()
     paper = out["shapes"][shapes[0]]["saturated"]
     tps = {k: v["tokens_per_s"] for k, v in paper.items()}
     out["ratios"] = {"shape": shapes[0],
                      "mixed_vs_batch1_throughput": tps["mixed"] / tps["batch1"],
                      "mixed_vs_single_variant_throughput": tps["mixed"] / tps["one_variant"],
                      "mixed_vs_per_variant_throughput": tps["mixed"] / tps["per_variant"],
+                     "grouped_vs_batch1_throughput": tps["grouped"] / tps["batch1"],
+                     "grouped_vs_single_variant_throughput": tps["grouped"] / tps["one_variant"],
+                     "grouped_vs_transformers_throughput": tps["grouped"] / tps["transformers"],
                      "mixed_vs_transformers_throughput": tps["mixed"] / tps["transformers"],
                      "mixed_vs_transformers_device_bytes": mem["mixed"] / mem["transformers"],
                      "mixed_vs_transformers_weight_bytes": (mem["mixed"] - mem["kv_cache"])

@@ -155,21 +155,19 @@ class Engine:
     ``max_seqs``: sequences running at once (KV slots). ``max_step_tokens``: token budget of one
     step (decodes first, then prompt chunks). ``mix_variants=False`` is the per-variant batching
     baseline: a batch holds one variant; the next variant starts when the batch drains.
-    ``affinity_wait_s``: admit a request of a variant that is not running only once it has waited this
-    long (or nothing runs): under load the batch then holds fewer variants, so a step reads fewer
-    distinct experts, while no request waits much past the bound.
+    ``group_variants``: admit waiting requests variant by variant (variants in the order of their oldest
+    request) instead of strictly by arrival. Under load a step then holds fewer variants, so it reads
+    fewer distinct experts; it stays first-come first-served at the level of variants, so nothing starves.
     """
 
     def __init__(self, model: BatchedModel, max_step_tokens: int = 256, max_queue: int = 4096,
-                 mix_variants: bool = True, affinity_wait_s: float | None = None, eos_token_id: int | None = None):
+                 mix_variants: bool = True, group_variants: bool = False, eos_token_id: int | None = None):
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         self.model, self.weights, self.kv = model, model.weights, model.kv
         self.names, self.vocab_size = model.weights.names, model.weights.embed.shape[1]
-        if affinity_wait_s is not None and not affinity_wait_s >= 0:
-            raise ValueError(f"affinity_wait_s must be None or >= 0, got {affinity_wait_s}")
         self.max_step_tokens, self.max_queue, self.mix = max_step_tokens, max_queue, mix_variants
-        self.affinity_wait_s = affinity_wait_s
+        self.group_variants = group_variants
         self.eos_token_id = eos_token_id
         self.device = model.slab.device
         self.waiting: deque[RequestHandle] = deque()
@@ -312,16 +310,17 @@ class Engine:
                 self.stats["cancelled"] += 1
             busy = {s.set for s in self.running}
             only = self.running[0].h.v if (not self.mix and self.running) else None
-            running_variants = {s.h.v for s in self.running}
-            now = time.perf_counter()
-            for h in list(self.waiting):
+            candidates = list(self.waiting)
+            if self.group_variants:  # variants in the order of their oldest request, each one's requests together
+                rank = {}
+                for h in candidates:
+                    rank.setdefault(h.v, len(rank))
+                candidates.sort(key=lambda h: rank[h.v])  # stable: arrival order within a variant
+            for h in candidates:
                 if self.kv.num_free == 0:
                     break
                 if only is not None and h.v != only:
                     continue
-                if self.affinity_wait_s is not None and running_variants and h.v not in running_variants \
-                        and now - h.arrival < self.affinity_wait_s:
-                    continue  # fewer distinct variants per step = fewer distinct expert bytes read
                 s = self.weights.lookup(h.v)
                 if s is None:
                     if self.weights.start_load(h.v, busy):
@@ -335,7 +334,6 @@ class Engine:
                 h.admitted = time.perf_counter()
                 self.running.append(_Sequence(h, s, self.kv.allocate(), self.device))
                 busy.add(s)
-                running_variants.add(h.v)
                 if not self.mix:
                     only = h.v
 

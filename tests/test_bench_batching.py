@@ -22,7 +22,7 @@ def test_batching_bench_runs_every_system_and_writes_the_ratios(tmp_path):
                     max_seqs=8, progress=False, tag="t", out_dir=tmp_path / "res")
     saved = json.loads((tmp_path / "res" / "t.json").read_text())
     paper = saved["shapes"]["paper"]
-    assert set(paper["saturated"]) == {"mixed", "one_variant", "per_variant", "batch1", "transformers"}
+    assert set(paper["saturated"]) == {"mixed", "one_variant", "grouped", "per_variant", "batch1", "transformers"}
     for system, r in paper["saturated"].items():
         assert r["requests"] == 6 and r["tokens"] == 6 * 25, system  # every request got all its tokens
         assert 0 < r["ttft_mean"] <= r["turnaround_mean"]

@@ -199,14 +199,15 @@ def test_per_variant_batching_mode_gives_the_same_tokens(dirs, refs):
             assert h.result(timeout=60).tokens == own_greedy(refs, v, p, 5)
 
 
-def test_affinity_keeps_new_variants_out_until_their_wait_bound(dirs, refs):
-    a, b = dirs[0].name, dirs[1].name
-    with Engine.from_pretrained(dirs, max_seqs=8, max_len=128, affinity_wait_s=0.3) as eng:
-        ha = eng.submit(a, [1, 2, 3], max_new_tokens=100, eos_token_id=-1)
-        next(iter(ha))
-        hb = eng.submit(b, [4, 5, 6], max_new_tokens=2, eos_token_id=-1)
-        hb.result(timeout=30)
-        assert hb.admitted - hb.arrival >= 0.3 or ha.done  # held back while a's sequence ran alone
-        assert hb.tokens == own_greedy(refs, b, [4, 5, 6], 2)
-    with pytest.raises(ValueError, match="affinity_wait_s"):
-        Engine.from_pretrained(dirs, affinity_wait_s=-1.0)
+def test_grouped_admission_takes_variants_in_order_of_their_oldest_request(dirs, refs):
+    names = [d.name for d in dirs]
+    with Engine.from_pretrained(dirs, max_seqs=2, max_len=64, group_variants=True) as eng:
+        for v in names[:2]:  # both resident: only the admission order can differ
+            eng.generate(v, [1], max_new_tokens=1)
+        order = [names[0], names[1], names[0], names[1], names[0]]
+        with eng._cond:  # the engine thread waits here: the queue fills before anything is admitted
+            hs = [eng.submit(v, [1, 2, 3], max_new_tokens=3, eos_token_id=-1) for v in order]
+        for v, h in zip(order, hs):
+            assert h.result(timeout=30).tokens == own_greedy(refs, v, [1, 2, 3], 3)
+    admitted = [order[i] for i in sorted(range(5), key=lambda i: hs[i].admitted)]
+    assert admitted == [names[0], names[0], names[1], names[1], names[0]]  # FIFO would alternate
