@@ -43,7 +43,7 @@ def trace(n: int, rate: float, variants: list, prompt_len: int, vocab_lo: int, v
 
 def summarize(recs: list) -> dict:
     ok = [r for r in recs if r.get("ok")]
-    ttft = np.array([r["ttft"] for r in ok]) if ok else np.array([np.nan])
+    ttft = np.array([r.get("ttft", np.nan) for r in ok]) if ok else np.array([np.nan])
     turn = np.array([r["turnaround"] for r in ok]) if ok else np.array([np.nan])
     span = max((r["at"] + r["turnaround"] for r in ok), default=np.nan) - min((r["at"] for r in recs), default=0)
     return {"completed": len(ok), "lost": len(recs) - len(ok), "ttft_mean": float(ttft.mean()),
@@ -53,7 +53,7 @@ def summarize(recs: list) -> dict:
 
 
 # -- clients --------------------------------------------------------------------------------------
-async def run_http(url: str, reqs: list, new_tokens: int, timeout: float = 120.0) -> list:
+async def run_http(url: str, reqs: list, new_tokens: int, timeout: float = 120.0, stream: bool = True) -> list:
     import httpx
 
     limits = httpx.Limits(max_connections=len(reqs) + 8, max_keepalive_connections=len(reqs) + 8)
@@ -66,6 +66,15 @@ async def run_http(url: str, reqs: list, new_tokens: int, timeout: float = 120.0
             body = {"model": r["variant"], "prompt": r["prompt"], "max_tokens": new_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True}
             out = {"at": r["at"], "ok": False}
+            if not stream:   # one JSON answer: turnaround only (no TTFT)
+                try:
+                    resp = await client.post("/v1/completions", json={**body, "stream": False})
+                    out.update(status=resp.status_code, turnaround=time.perf_counter() - start, ttft=float("nan"))
+                    n = len(resp.json()["choices"][0]["token_ids"]) if resp.status_code == 200 else 0
+                    out.update(ok=n == new_tokens, tokens=n)
+                except Exception as e:  # noqa: BLE001 - counted as lost
+                    out["error"] = repr(e)
+                return out
             try:
                 async with client.stream("POST", "/v1/completions", json=body) as resp:
                     out["status"] = resp.status_code
@@ -123,11 +132,21 @@ async def burst_http(url: str, n: int, variants: list, new_tokens: int) -> dict:
 
 
 # -- servers --------------------------------------------------------------------------------------
-def start_server(dirs, threads: int, max_batch: int, max_len: int):
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), 0 where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def start_server(dirs, threads: int, max_batch: int, max_len: int, stream_interval: int = 1):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "multimoe_rt.integrations.serve_cli", *map(str, dirs),
                              "--port", "0",
-                             "--max-batch", str(max_batch), "--max-len", str(max_len), "--log-level", "warning"],
+                             "--max-batch", str(max_batch), "--max-len", str(max_len), "--log-level", "warning",
+                             "--stream-interval", str(stream_interval)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
@@ -189,48 +208,66 @@ def main_args(args) -> dict:
     rates = [float(x) for x in args.rates.split(",")]
     out = {"machine": machine_info(), "torch_threads": args.threads, "variants": names, "prompt_len": args.prompt_len,
            "new_tokens": args.new_tokens, "requests_per_rate": args.requests, "max_batch": args.max_batch,
+           "stream_interval": args.stream_interval,
            "note": "server and client processes share this machine's cores; TTFT/turnaround measured by the client "
-                   "from each request's scheduled arrival", "rates": []}
+                   "from each request's scheduled arrival; per system and rate the median over repeats of each "
+                   "run's statistic; systems alternate on the same trace", "rates": []}
     # prompts are token ids (printable bytes where the checkpoint has the byte tokenizer): no tokenizer cost
     traces = {rate: trace(args.requests, rate, names, args.prompt_len, 32, vocab_hi, args.seed) for rate in rates}
     warm = trace(8, 50.0, names, args.prompt_len, 32, vocab_hi, args.seed + 1)
 
     engine = Engine.from_pretrained(dirs, max_seqs=args.max_batch, max_len=args.max_len)
+    proc, url = start_server(dirs, args.threads, args.max_batch, args.max_len, args.stream_interval)
+    rurl = None
     try:
-        asyncio.run(run_engine(engine, warm, args.new_tokens))
-        local = {rate: summarize(asyncio.run(run_engine(engine, traces[rate], args.new_tokens))) for rate in rates}
-    finally:
-        engine.shutdown()
-
-    proc, url = start_server(dirs, args.threads, args.max_batch, args.max_len)
-    try:
-        asyncio.run(run_http(url, warm, args.new_tokens))
-        http = {rate: summarize(asyncio.run(run_http(url, traces[rate], args.new_tokens))) for rate in rates}
+        if args.ray:
+            rurl, out["ray_groups"] = start_ray(dirs, names, args.threads, args.max_batch, args.max_len)
+        systems = {"engine": lambda reqs: run_engine(engine, reqs, args.new_tokens),
+                   "http": lambda reqs: run_http(url, reqs, args.new_tokens)}
+        if args.nostream:
+            systems["http_nostream"] = lambda reqs: run_http(url, reqs, args.new_tokens, stream=False)
+        if rurl:
+            systems["ray"] = lambda reqs: run_http(rurl, reqs, args.new_tokens)
+        for run in systems.values():
+            asyncio.run(run(warm))
+        # systems alternate on the same trace, repeat after repeat: slow drifts of a shared machine hit all alike
+        runs = {(name, rate): [] for name in systems for rate in rates}
+        for rep in range(args.repeats):
+            for rate in rates:
+                for name, run in systems.items():
+                    c0, s0 = time.process_time(), proc_cpu(proc.pid)
+                    res = summarize(asyncio.run(run(traces[rate])))
+                    # CPU seconds per request: this process (client, or client + engine in-process) and the server
+                    res["client_cpu_ms"] = 1e3 * (time.process_time() - c0) / args.requests
+                    res["server_cpu_ms"] = 1e3 * (proc_cpu(proc.pid) - s0) / args.requests \
+                        if name.startswith("http") else (float("nan") if name == "ray" else 0.0)
+                    runs[name, rate].append(res)
         if args.burst:
             out["burst"] = asyncio.run(burst_http(url, args.burst, names, args.burst_tokens))
     finally:
+        engine.shutdown()
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-
-    ray_res = {}
-    if args.ray:
-        rurl, groups = start_ray(dirs, names, args.threads, args.max_batch, args.max_len)
-        out["ray_groups"] = groups
-        try:
-            asyncio.run(run_http(rurl, warm, args.new_tokens))
-            ray_res = {rate: summarize(asyncio.run(run_http(rurl, traces[rate], args.new_tokens))) for rate in rates}
-        finally:
+        if rurl:
             stop_ray()
 
+    def med(name, rate):
+        rs = runs[name, rate]
+        m = {k: float(np.median([r[k] for r in rs])) for k in rs[0] if k not in ("completed", "lost")}
+        return dict(m, completed=sum(r["completed"] for r in rs), lost=sum(r["lost"] for r in rs), runs=rs)
+
     for rate in rates:
-        row = {"rate": rate, "engine": local[rate], "http": http[rate],
-               "http_over_engine_turnaround": http[rate]["turnaround_mean"] / local[rate]["turnaround_mean"],
-               "http_over_engine_ttft": http[rate]["ttft_mean"] / local[rate]["ttft_mean"]}
-        if rate in ray_res:
-            row["ray"] = ray_res[rate]
-            row["ray_over_http_turnaround"] = ray_res[rate]["turnaround_mean"] / http[rate]["turnaround_mean"]
-            row["ray_over_http_ttft"] = ray_res[rate]["ttft_mean"] / http[rate]["ttft_mean"]
+        row = {"rate": rate, **{name: med(name, rate) for name in systems}}
+        e, h = row["engine"], row["http"]
+        row["http_over_engine_turnaround"] = h["turnaround_mean"] / e["turnaround_mean"]
+        row["http_over_engine_ttft"] = h["ttft_mean"] / e["ttft_mean"]
+        if "http_nostream" in row:
+            row["http_nostream_over_engine_turnaround"] = row["http_nostream"]["turnaround_mean"] / e["turnaround_mean"]
+        if "ray" in row:
+            row["ray_over_http_turnaround"] = row["ray"]["turnaround_mean"] / h["turnaround_mean"]
+            row["ray_over_http_ttft"] = row["ray"]["ttft_mean"] / h["ttft_mean"]
         out["rates"].append(row)
+    out["repeats"] = args.repeats
     print(report(out))
     path = Path(args.out) / f"http_load-{args.tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,16 +280,18 @@ def report(out: dict) -> str:
     lines = [f"{len(out['variants'])} variants ({', '.join(out['variants'])}); {out['machine'].get('cpu', '')}; "
              f"{out['prompt_len']}-token prompts, {out['new_tokens']} new tokens, {out['requests_per_rate']} requests "
              "per rate", f"{'λ':>5} {'system':<8} {'TTFT mean':>10} {'p50':>8} {'p99':>8} {'turn mean':>10} "
-                         f"{'req/s':>7} {'lost':>5}"]
+                         f"{'req/s':>7} {'lost':>5} {'CPU/req':>10}"]
     for row in out["rates"]:
-        for sysname in ("engine", "http", "ray"):
+        for sysname in ("engine", "http", "http_nostream", "ray"):
             if sysname in row:
                 s = row[sysname]
                 lines.append(f"{row['rate']:>5g} {sysname:<8} {s['ttft_mean'] * 1e3:>8.1f}ms {s['ttft_p50'] * 1e3:>6.1f}ms "
                              f"{s['ttft_p99'] * 1e3:>6.1f}ms {s['turnaround_mean'] * 1e3:>8.1f}ms "
-                             f"{s['req_per_s'] or 0:>7.2f} {s['lost']:>5}")
+                             f"{s['req_per_s'] or 0:>7.2f} {s['lost']:>5} {s['client_cpu_ms'] + (s['server_cpu_ms'] if s['server_cpu_ms'] == s['server_cpu_ms'] else 0):>8.1f}ms")
         lines.append(f"      HTTP/engine mean turnaround {row['http_over_engine_turnaround']:.3f}, TTFT "
-                     f"{row['http_over_engine_ttft']:.3f}" + (f"; Ray/HTTP turnaround {row['ray_over_http_turnaround']:.3f}, "
+                     f"{row['http_over_engine_ttft']:.3f}" + (f"; non-streaming HTTP/engine turnaround "
+                                                              f"{row['http_nostream_over_engine_turnaround']:.3f}"
+                                                              if "http_nostream" in row else "") + (f"; Ray/HTTP turnaround {row['ray_over_http_turnaround']:.3f}, "
                                                               f"TTFT {row['ray_over_http_ttft']:.3f}" if "ray" in row else ""))
     if "burst" in out:
         b = out["burst"]
@@ -273,6 +312,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--burst", type=int, default=500, help="concurrent requests of the burst (0: none)")
     p.add_argument("--burst-tokens", type=int, default=4)
+    p.add_argument("--stream-interval", type=int, default=1, help="the server's tokens per streamed chunk")
+    p.add_argument("--nostream", action="store_true", help="also HTTP without streaming (turnaround only)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each system per rate (medians)")
     p.add_argument("--ray", action="store_true", help="also the Ray Serve deployment (2 replicas, 2 groups)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the engine, here and in the server")
     p.add_argument("--seed", type=int, default=0)

@@ -356,7 +356,7 @@ def test_burst_of_500_concurrent_requests_loses_none(server, names):
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with httpx.AsyncClient(base_url=server, limits=limits, timeout=120) as c:
             async def one(i):
-                body = {"model": names[i % 3], "prompt": [2 + i % 50, 7], "max_tokens": 3, "temperature": 0,
+                body = {"model": names[i % 2], "prompt": [2 + i % 50, 7], "max_tokens": 3, "temperature": 0,
                         "ignore_eos": True, "stream": i % 2 == 1}
                 r = await c.post("/v1/completions", json=body)
                 if body["stream"]:
@@ -449,6 +449,30 @@ def test_token_id_only_models(tmp_path):
             c0 = r.json()["choices"][0]
             assert c0["text"] == "" and c0["token_ids"] == eng.generate(name, [3, 9, 27], max_new_tokens=5,
                                                                          eos_token_id=-1)
+
+    try:
+        asyncio.run(go())
+    finally:
+        eng.shutdown()
+
+
+def test_stream_interval_sends_fewer_larger_chunks(tmp_path):
+    dirs = save_variants(tmp_path, "mixtral", n=2)
+    eng = Engine.from_pretrained(dirs, max_seqs=4, max_len=64)
+    app = build_app(EngineBackend(eng, dirs), stream_interval=4)
+    name = dirs[1].name
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            body = {"model": name, "prompt": [3, 9, 27], "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+            r = await c.post("/v1/completions", json={**body, "stream": True})
+            lines = [x for x in r.text.split("\n") if x]
+            assert lines[-1] == "data: [DONE]"
+            chunks = [json.loads(x[6:])["choices"][0] for x in lines[:-1]]
+            assert [len(ch["token_ids"]) for ch in chunks] == [1, 4, 4, 1]   # the first token at once
+            assert [ch["finish_reason"] for ch in chunks] == [None, None, None, "length"]
+            full = (await c.post("/v1/completions", json=body)).json()["choices"][0]["token_ids"]
+            assert [t for ch in chunks for t in ch["token_ids"]] == full
 
     try:
         asyncio.run(go())

@@ -199,7 +199,8 @@ def main(args) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(groups, kw, replicas=args.replicas,
-                    app_kwargs={"default_max_tokens": args.default_max_tokens}),
+                    app_kwargs={"default_max_tokens": args.default_max_tokens,
+                                "stream_interval": args.stream_interval}),
               name="multimoe", route_prefix="/")
     print(f"multimoe-rt serve: listening on http://{args.host}:{args.port} (Ray Serve; groups "
           f"{list(groups.groups)})", flush=True)

@@ -25,6 +25,8 @@ def add_arguments(sv: argparse.ArgumentParser) -> None:
     sv.add_argument("--max-step-tokens", type=int, default=256, help="token budget of one batched step")
     sv.add_argument("--resident-sets", type=int, default=None, help="non-expert sets on the device (default: all)")
     sv.add_argument("--default-max-tokens", type=int, default=16, help="a completion's max_tokens when not given")
+    sv.add_argument("--stream-interval", type=int, default=1,
+                    help="tokens per streamed chunk (the first token is sent at once)")
     sv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM lets in-flight requests run")
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -112,6 +112,7 @@ class Metrics:
     """Prometheus metrics of one app, in their own registry (several apps can live in one process)."""
 
     def __init__(self, backend):
+        prometheus_client.disable_created_metrics()   # no *_created samples beside every counter
         self.registry = prometheus_client.CollectorRegistry()
         r = self.registry
         self.http = prometheus_client.Counter("multimoe_http_requests", "HTTP requests by endpoint, model and status",
@@ -223,7 +224,19 @@ class _Generation:
             body["usage"] = None
         return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
-    async def events(self):
+    async def _items(self):
+        """(choice, token | _DONE | exception) as they come: straight from the one job's stream, or merged
+        from several through a queue."""
+        if len(self.choices) == 1:
+            c = self.choices[0]
+            try:
+                async for tok in c.job:
+                    yield c, tok
+            except Exception as e:  # noqa: BLE001
+                yield c, e
+                return
+            yield c, _DONE
+            return
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(c: _Choice):
@@ -231,21 +244,30 @@ class _Generation:
                 async for tok in c.job:
                     q.put_nowait((c, tok))
                 q.put_nowait((c, _DONE))
-            except asyncio.CancelledError:
-                raise
             except Exception as e:  # noqa: BLE001
                 q.put_nowait((c, e))
 
         tasks = [asyncio.ensure_future(pump(c)) for c in self.choices]
         try:
+            while True:
+                yield await q.get()
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def events(self):
+        items = self._items()
+        try:
             if self.kind == "chat":
                 yield self._chunk([oa.choice("chat", c.index, "", None, [], delta=True, first=True)
                                    for c in self.choices])
             open_ = len(self.choices)
-            while open_:
-                c, item = await q.get()
+            every = max(1, self.s.stream_interval)
+            pending = {c.index: ("", []) for c in self.choices}   # text and ids not sent yet (stream_interval)
+            async for c, item in items:
                 if c.finish_reason is not None:
                     continue
+                text, ids = pending[c.index]
                 if isinstance(item, BaseException) or item is _DONE:
                     try:
                         tail = self._end(c, item if isinstance(item, BaseException) else None)
@@ -254,22 +276,24 @@ class _Generation:
                         yield b"data: " + json.dumps(err).encode() + b"\n\n"
                         self.cancel_all()
                         break
-                    yield self._chunk([oa.choice(self.kind, c.index, tail, c.finish_reason, [], delta=True)])
-                    open_ -= 1
-                    continue
-                text = self._token(c, item)
-                if c.ts.stopped:
-                    self._finish(c, "stop")
-                    open_ -= 1
-                    yield self._chunk([oa.choice(self.kind, c.index, text, "stop", [item], delta=True)])
+                    text += tail
                 else:
-                    yield self._chunk([oa.choice(self.kind, c.index, text, None, [item], delta=True)])
+                    text, ids = text + self._token(c, item), ids + [item]
+                    if c.ts.stopped:
+                        self._finish(c, "stop")
+                if c.finish_reason is not None or len(ids) >= every or len(c.ts.ids) == 1:  # the first token at once
+                    yield self._chunk([oa.choice(self.kind, c.index, text, c.finish_reason, ids, delta=True)])
+                    text, ids = "", []
+                pending[c.index] = (text, ids)
+                if c.finish_reason is not None:
+                    open_ -= 1
+                    if open_ == 0:
+                        break
             if self.req.include_usage:
                 yield self._chunk([], self.usage())
             yield b"data: [DONE]\n\n"
         finally:   # also on a client disconnect (the response task is cancelled): free the sequences
-            for t in tasks:
-                t.cancel()
+            await items.aclose()
             for c in self.choices:
                 if c.finish_reason is None:
                     c.job.cancel()
@@ -280,9 +304,10 @@ class _Generation:
 # the app
 # ---------------------------------------------------------------------------------------------------
 class _State:
-    def __init__(self, backend, metrics, default_max_tokens, max_body_bytes):
+    def __init__(self, backend, metrics, default_max_tokens, max_body_bytes, stream_interval=1):
         self.backend, self.metrics = backend, metrics
         self.default_max_tokens, self.max_body_bytes = default_max_tokens, max_body_bytes
+        self.stream_interval = stream_interval
         self.shutting_down = False
 
 
@@ -331,18 +356,23 @@ class _CountRequests:
 
 
 async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body was read already; uvicorn then blocks until disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
-        pass
+        await asyncio.sleep(0.05)   # a server that answers with empty messages must not make this spin
 
 
 def build_app(backend, *, default_max_tokens: int = 16, max_body_bytes: int = 8 << 20,
-              drain_timeout: float | None = 30.0, close_backend: bool = True) -> FastAPI:
+              drain_timeout: float | None = 30.0, close_backend: bool = True, stream_interval: int = 1) -> FastAPI:
     """The ASGI app over ``backend`` (``EngineBackend``, or ``ray_serve.RayBackend``).
 
     ``default_max_tokens``: a completion without ``max_tokens`` gets this many (OpenAI's 16), a chat the rest
-    of the context. ``drain_timeout``: how long shutdown lets the engine finish in-flight requests."""
+    of the context. ``drain_timeout``: how long shutdown lets the engine finish in-flight requests.
+    ``stream_interval``: a stream sends one chunk per this many tokens (the first token at once), as vLLM's
+    ``--stream-interval``: fewer, larger chunks cost the server and the client less per token."""
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
     metrics = Metrics(backend)
-    state = _State(backend, metrics, default_max_tokens, max_body_bytes)
+    state = _State(backend, metrics, default_max_tokens, max_body_bytes, stream_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -563,7 +593,8 @@ def main(args) -> int:
     print(f"multimoe-rt serve: {len(backend.names)} variants {backend.names}, context {backend.context}, "
           f"max batch {backend.max_seqs}, max queue {engine.max_queue}; loaded in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr, flush=True)
-    app = build_app(backend, drain_timeout=args.drain_timeout, default_max_tokens=args.default_max_tokens)
+    app = build_app(backend, drain_timeout=args.drain_timeout, default_max_tokens=args.default_max_tokens,
+                    stream_interval=args.stream_interval)
     serve(app, args.host, args.port, args.drain_timeout, log_level=args.log_level)
     return 0
 
