@@ -264,7 +264,8 @@ class BatchedModel:
             slots = self.slab.host_tier.translate(slots)
         workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
         out = ops.fused_moe(h, slots, top_w, self.slab.w1, self.slab.w2, True, backend=self.backend,
-                            check_slots=False, workspace=workspace, activation=self.activation)
+                            check_slots=False, workspace=workspace, activation=self.activation,
+                            deltas=self.slab.deltas)
         if self.spec.shared_expert == "sigmoid_gate":  # Qwen2-MoE: a dense MLP per variant, gated per token
             gate = torch.sigmoid(grouped_linear(h, L["shared_gate"], b.segments))
             out = out + gate * self._mlp(h, L["shared_gate_up"], L["shared_down"], b)

@@ -21,9 +21,9 @@ def dirs(tmp_path_factory):
     return save_variants(tmp_path_factory.mktemp("fwd"), "mixtral", n=3)
 
 
-def build(dirs, share=0.0, sets=None, backend=None, max_seqs=8):
+def build(dirs, share=0.0, sets=None, backend=None, max_seqs=8, **plan_kwargs):
     vs = VariantSet.from_dirs(dirs)
-    slab, table = plan.load_slab(plan.make_plan(vs, share=share), vs)
+    slab, table = plan.load_slab(plan.make_plan(vs, share=share, **plan_kwargs), vs)
     w = VariantWeights.from_variant_set(vs, sets or len(vs))
     for v in range(w.num_sets):
         assert w.start_load(v, set())
@@ -75,10 +75,12 @@ def test_prompt_in_chunks_equals_prompt_at_once(dirs):
     assert rel_err(chunked, whole) <= 1e-5
 
 
-def test_shared_experts_follow_the_table_like_the_transformers_skeleton(dirs):
-    """With half the experts shared, the batched forward reads the same slots as MultiVariantModel."""
-    m = build(dirs, share=0.5)
-    mv = MultiVariantModel.from_pretrained(dirs, share=0.5)
+@pytest.mark.parametrize("plan_kwargs", [dict(share=0.5), dict(share=1.0, delta="lowrank4+sign1")],
+                         ids=["shared", "deltas"])
+def test_shared_experts_follow_the_table_like_the_transformers_skeleton(dirs, plan_kwargs):
+    """With experts shared (or stored as base + delta), the batched forward reads what MultiVariantModel reads."""
+    m = build(dirs, **plan_kwargs)
+    mv = MultiVariantModel.from_pretrained(dirs, plan=plan.make_plan(VariantSet.from_dirs(dirs), **plan_kwargs))
     g = torch.Generator().manual_seed(5)
     prompts = [(v, torch.randint(0, 64, (6 + v,), generator=g).tolist()) for v in (0, 1, 2)]
     logits = m.forward(m.batch(entries_for(m, prompts)))
