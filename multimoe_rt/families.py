@@ -241,6 +241,15 @@ class Family:
         v.hidden_size, v.intermediate_size, v.num_experts, v.top_k = H, I, E, K
         v.vocab_size, v.gated = self.cfg(c, ("vocab_size",), where), self.gated
         v.moe_layers = self.moe_layers(c, where)
+        quantised = sorted(n for n in v._entries if n.endswith(("_scale_inv", "weight_scale", "_blocks", "_scales")))
+        if quantised and not any(n.endswith("_blocks") for n in quantised):
+            raise CheckpointError(f"{v.path}: tensor '{quantised[0]}': quantised weights (FP8 with block scales) are "
+                                  f"not supported; dequantise the checkpoint to bf16/fp32 first")
+        if not self.encoder_decoder:  # layers past num_hidden_layers (DeepSeek-V3's MTP layer): transformers skips them
+            n_layers = self.cfg(c, ("num_hidden_layers",), where)
+            for n in [n for n in v._entries if (m := re.match(r"model\.layers\.(\d+)\.", n)) and
+                      int(m.group(1)) >= n_layers]:
+                del v._entries[n]
         v._layout, expert_names = [], set()
         for i, prefix in enumerate(v.moe_layers):
             source = self._find_experts(v, prefix, i, E, H, I)

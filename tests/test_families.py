@@ -185,6 +185,28 @@ def test_gpt_oss_mxfp4_experts_are_refused_with_the_way_out(zoo, tmp_path):
         load_variant(q)
 
 
+def test_deepseek_extra_layers_are_skipped_and_fp8_checkpoints_refused(zoo, tmp_path):
+    """Published DeepSeek-V3 files carry a multi-token-prediction layer past num_hidden_layers (transformers skips
+    it) and FP8 weights with block scales (refused, naming the way out)."""
+    from safetensors.torch import load_file
+
+    d = zoo("deepseek_v3")[0]
+    sd = load_file(d / "model.safetensors")
+    n = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+    mtp = {k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}."): v.clone() for k, v in sd.items()
+           if k.startswith(f"model.layers.{n - 1}.")}
+    for name, extra in (("mtp", mtp), ("fp8", {"model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv":
+                                                  torch.ones(1, 1)})):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "config.json").write_text((d / "config.json").read_text())
+        save_file({**sd, **extra}, out / "model.safetensors")
+    a, b = load_variant(d), load_variant(tmp_path / "mtp")
+    assert sorted(a.non_expert_names()) == sorted(b.non_expert_names()) and a.moe_layers == b.moe_layers
+    with pytest.raises(CheckpointError, match="quantised weights .*dequantise"):
+        load_variant(tmp_path / "fp8")
+
+
 def test_gpt_oss_experts_are_deinterleaved_and_transposed_once_at_read(zoo):
     d = zoo("gpt_oss")[0]
     v = load_variant(d)
