@@ -48,10 +48,13 @@ from multimoe_rt.lab import merge as merge_mod
 from multimoe_rt.lab import zoo as zoo_mod
 from multimoe_rt.lab.evaluate import tokenize_dataset
 from multimoe_rt.lab.quality_report import (  # noqa: F401  (re-exported: tests and readers use bench.quality.*)
-    _aggregate, _check_same_tokens, achieved, findings, format_table, ours_curve, plot_result, rerender, within)
+    _aggregate, _check_same_tokens, achieved, criterion_summary, findings, format_table, ours_curve, plot_memory,
+    plot_result, rerender, within, within_memory)
 from multimoe_rt.lab.quality_systems import (  # noqa: F401
-    LEVELS, POLICIES, SCHEMA_VERSION, TA_GRID, TIES_GRID, Bench, QualityError, _calibration, eval_plan, hf_runner,
-    load_hf, load_merged, make_pairs, mvm_runner, seq2seq_nll, validation_tokens, variant_info, zoo_params)
+    CALIB_TOKENS, LEVELS, MIXED_RATIOS, POLICIES, SCHEMA_VERSION, TA_GRID, TIES_GRID, UNIFORM_DELTAS, Bench,
+    QualityError, _calibration, cost_batches, eval_plan, hf_runner, load_hf, load_merged, make_pairs,
+    memory_of_models, memory_of_plan, mvm_runner, separate_bytes, seq2seq_nll, validation_tokens, variant_info,
+    zoo_params)
 from multimoe_rt.machine import machine_info
 from multimoe_rt.model import MultiVariantModel
 from multimoe_rt.tokenizer import ByteTokenizer
@@ -61,13 +64,22 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
                 max_windows: int = 48, val_windows: int | None = None, batch_size: int = 16, seeds: int = 3,
                 levels=LEVELS, n_pairs: int = 48, n_rouge: int = 8, ta_grid=TA_GRID, ties_grid=TIES_GRID,
                 ties_density: float = 0.2, out_dir=None, plot: bool = True, test_data: dict | None = None,
-                val_data: dict | None = None, progress: bool = True) -> dict:
+                val_data: dict | None = None, progress: bool = True, uniform_deltas=UNIFORM_DELTAS,
+                mixed_ratios=MIXED_RATIOS, codecs=None, calib_tokens: int = CALIB_TOKENS) -> dict:
     """Evaluate every system on every variant's sets; write JSON (and a PNG) under ``out_dir`` if given.
 
     dirs: {name: HF directory} (base/anchor first) or a list of directories (names from directory names).
     test_data / val_data: {set key: token ids (Mixtral) or pairs (Switch)} overriding the shared/data sets
     (tests use this with tiny random models).
+    uniform_deltas: delta specs, each one system storing every non-duplicate entry as base + that delta.
+    mixed_ratios: device-byte budgets (fraction of the variants as separate models) of the mixed plan, which
+    chooses per entry among sharing, base + one of ``codecs`` (default ``plan.mixed.DEFAULT_CODECS``) and an
+    own copy by the measured calibration-loss costs (``calib_tokens`` of each variant's validation text).
     """
+    from multimoe_rt import criterion
+    from multimoe_rt.plan.mixed import DEFAULT_CODECS
+
+    codecs = tuple(codecs or DEFAULT_CODECS)
     t_start = time.perf_counter()
     if not isinstance(dirs, dict):
         dirs = {Path(d).name: Path(d) for d in dirs}
@@ -109,6 +121,7 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
     bench = Bench(vs, info, sets, own, test_data, val_data, family, window, stride, max_windows, val_windows,
                   batch_size, n_rouge, decoder_start, eos, progress)
     systems: list[dict] = []
+    systems_skipped: list[dict] = []
 
     def add(name, kind, runner, **meta):
         t0 = time.perf_counter()
@@ -120,7 +133,7 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
     # ---- 1. originals (transformers, own weights)
     log(f"[{label}] {len(vs)} variants {vs.names}; sets {needed}")
     originals = {n: load_hf(p, family) for n, p in dirs.items()}
-    add("original", "original", hf_runner(originals, family, "original"))
+    add("original", "original", hf_runner(originals, family, "original"), memory=memory_of_models(len(vs), vs))
     del originals
 
     # ---- 2./3. ours and no-reconfig
@@ -128,10 +141,19 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
     calib, calib_how = _calibration(vs, val_data, own, family)
     dist = plan_mod.compute_distances(vs, anchor=0, output=True, calib=calib)
     main_metric, main_scope = POLICIES[0]
+    t_costs = time.perf_counter()
+    batches = cost_batches(vs, val_data, own, family, window, decoder_start, calib_tokens)
+    log(f"[{label}] measured costs: each expert replaced alone by the anchor's or base + delta "
+        f"({', '.join(codecs)}), calibration loss on each variant's validation text")
+    costs = criterion.measure_costs(vs, batches, codecs=codecs, distances=dist, progress=progress,
+                                    calibration=f"own-domain validation text, up to {calib_tokens} tokens per variant")
+    costs_s = time.perf_counter() - t_costs
+    log(f"[{label}] costs measured in {costs_s:.0f} s")
 
     def ours(share, metric, scope, representative, seed=0):
         p = plan_mod.make_plan(vs, share=share, metric=metric, scope=scope, representative=representative,
-                               seed=seed, distances=dist, dtype=torch.float32)
+                               seed=seed, distances=dist, dtype=torch.float32,
+                               costs=costs if metric == "loss" else None)
         return MultiVariantModel(vs, p, device="cpu", dtype=torch.float32), p
 
     def sharing(p) -> dict:
@@ -139,7 +161,7 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
         out = {}
         for v, name in enumerate(vs.names):
             st = [s for layer in p.status[v] for s in layer]
-            n = st.count("shared") + st.count("own")
+            n = st.count("shared") + st.count("own") + st.count("delta")
             out[name] = st.count("shared") / n if n else None
         return out
 
@@ -154,7 +176,7 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
                 tag = f"{share:.2f}"
                 add(f"ours {pol} {rep} @{tag}", "ours", mvm_runner(mvm, f"ours-{pol}-{rep}-{tag}"),
                     metric=None if edge else metric, scope=None if edge else scope, representative=rep,
-                    share=share, seed=None, sharing_actual=sharing(p))
+                    share=share, seed=None, sharing_actual=sharing(p), memory=memory_of_plan(p, vs))
                 if rep == "anchor" and (metric, scope) == POLICIES[0]:
                     add(f"no-reconfig {rep} @{tag}", "no_reconfig",
                         mvm_runner(mvm, f"noreconf-{pol}-{rep}-{tag}", non_expert_of=vs.names[0]),
@@ -170,20 +192,47 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
                 mvm, p = ours(share, "random", "global", "anchor", seed)
                 add(f"ours random seed{seed} anchor @{share:.2f}", "ours_random_seed",
                     mvm_runner(mvm, f"random-{seed}-{share}"), metric="random", scope="global",
-                    representative="anchor", share=share, seed=seed, sharing_actual=sharing(p))
+                    representative="anchor", share=share, seed=seed, sharing_actual=sharing(p),
+                    memory=memory_of_plan(p, vs))
                 per_seed.append(systems[-1]["results"])
             fracs = [s_["sharing_actual"] for s_ in systems[-seeds:]]
             systems.append({"name": f"ours random ({seeds} seeds) anchor @{share:.2f}", "kind": "ours_random",
                             "metric": "random", "scope": "global", "representative": "anchor", "share": share,
                             "seeds": list(range(seeds)), "results": _aggregate(per_seed),
+                            "memory": systems[-1]["memory"],
                             "sharing_actual": {v: None if fracs[0][v] is None else
                                                statistics.fmean(f[v] for f in fracs) for v in vs.names}})
+
+    # ---- 3b. compressed deltas: every entry as base + one codec, then the mixed plan under byte budgets
+    log(f"[{label}] deltas: uniform {', '.join(uniform_deltas)}; mixed plan at ratios {list(mixed_ratios)}")
+    for spec in uniform_deltas:
+        p = plan_mod.make_plan(vs, share=1.0, delta=spec, distances=dist, dtype=torch.float32, costs=costs)
+        mvm = MultiVariantModel(vs, p, device="cpu", dtype=torch.float32)
+        add(f"ours delta {spec}", "ours_delta", mvm_runner(mvm, f"delta-{spec}"), spec=spec,
+            memory=memory_of_plan(p, vs), predicted_loss=dict(zip(vs.names, p.predicted_loss())))
+    sep32 = separate_bytes(vs, torch.float32)
+    ne32 = len(vs) * plan_mod.non_expert_nbytes(vs[0], torch.float32)
+    mixed_plans = {}
+    for ratio in mixed_ratios:
+        try:
+            p = plan_mod.make_plan(vs, budget_bytes=int(ratio * sep32), codecs=codecs, costs=costs, metric="loss",
+                                   non_expert_bytes=ne32, distances=dist, dtype=torch.float32)
+        except plan_mod.PlanError as e:
+            log(f"  mixed @{ratio:.2f}: no plan ({e})")
+            systems_skipped.append({"name": f"ours mixed @{ratio:.2f}", "why": str(e)})
+            continue
+        mixed_plans[ratio] = p
+        mvm = MultiVariantModel(vs, p, device="cpu", dtype=torch.float32)
+        add(f"ours mixed @{ratio:.2f}", "ours_mixed", mvm_runner(mvm, f"mixed-{ratio}"), budget_ratio=ratio,
+            memory=memory_of_plan(p, vs), deltas_by_spec=p.deltas_by_spec(),
+            sharing_actual=sharing(p), predicted_loss=dict(zip(vs.names, p.predicted_loss())))
 
     # ---- 4. merging baselines: one model for all variants
     log(f"[{label}] merging baselines (scales chosen on validation text)")
     merges = {}
     avg = load_merged(merge_mod.merge_variants(vs, "average"), cfg, family)
-    add("merge average", "merge", hf_runner({None: avg}, family, "merge-average"), method="average")
+    add("merge average", "merge", hf_runner({None: avg}, family, "merge-average"), method="average",
+        memory=memory_of_models(1, vs))
     for method, grid, extra in (("task_arithmetic", ta_grid, {}), ("ties", ties_grid, {"density": ties_density})):
         curve = {}
         best = None
@@ -195,7 +244,8 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
                 best = (obj, s, m)
         merges[method] = {"grid": list(grid), "val_nll": curve, "chosen_scale": best[1], **extra}
         add(f"merge {method.replace('_', '-')} x{best[1]}", "merge",
-            hf_runner({None: best[2]}, family, f"merge-{method}-{best[1]}"), method=method, scale=best[1], **extra)
+            hf_runner({None: best[2]}, family, f"merge-{method}-{best[1]}"), method=method, scale=best[1],
+            memory=memory_of_models(1, vs), **extra)
 
     # ---- checks, summary, output
     tokens = _check_same_tokens(systems)
@@ -207,10 +257,18 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
                      "n_rouge": n_rouge if family == "switch" else None, "levels": list(levels), "seeds": seeds,
                      "calibration": calib_how, "policies": [f"{m}/{s}" for m, s in POLICIES] + ["random/global"],
                      "metric": "byte perplexity" if family == "mixtral" else "target perplexity (exp mean NLL)",
-                     "tokens_scored": tokens},
+                     "tokens_scored": tokens, "uniform_deltas": list(uniform_deltas), "mixed_ratios": list(mixed_ratios),
+                     "codecs": list(codecs), "cost_tokens": dict(zip(vs.names, costs.tokens)),
+                     "cost_calibration": costs.calibration, "costs_s": round(costs_s, 1),
+                     "memory": "device bytes of every variant served at once (slab: dense slots + delta pools; plus "
+                               "every variant's non-expert set) over the same variants as separate models; 'ratio' "
+                               "in fp32 (the zoo's dtype, what was measured), 'ratio_bf16' the same plans in bf16"},
+        "skipped_systems": systems_skipped,
         "merge": merges, "machine": machine_info(), "systems": systems, "evaluations": bench.evals,
     }
     result["within_2pct"] = within(result)
+    result["within_2pct_memory_ratio"] = within_memory(result)
+    result["criterion"] = criterion_summary(costs, dist, vs.names)
     result["findings"] = findings(result)
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     if out_dir is not None:
@@ -219,6 +277,18 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
         result["json"] = str(out_dir / f"quality_{label}.json")
         if plot:
             result["plot"] = plot_result(result, out_dir / f"quality_{label}.png")
+            result["plot_memory"] = plot_memory(result, out_dir / f"quality_{label}_memory.png")
+        if mixed_plans:  # the mixed plan nearest 0.40 of the bytes: its JSON (choices, measured costs) and heatmap
+            ratio = min(mixed_plans, key=lambda r: abs(r - 0.40))
+            mp = mixed_plans[ratio]
+            result["mixed_plan"] = {"budget_ratio": ratio, "json": str(out_dir / f"quality_{label}_mixed_plan.json")}
+            mp.to_json(result["mixed_plan"]["json"])
+            if plot:
+                try:
+                    plan_mod.heatmap(mp, out_dir / f"quality_{label}_mixed_plan.png")
+                    result["mixed_plan"]["heatmap"] = str(out_dir / f"quality_{label}_mixed_plan.png")
+                except plan_mod.PlanError as e:  # no matplotlib
+                    log(f"no heatmap: {e}")
         Path(result["json"]).write_text(json.dumps(result, indent=1) + "\n")
     return result
 

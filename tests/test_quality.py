@@ -44,7 +44,8 @@ def result(tmp_path_factory):
     try:
         res = q.run_quality(dirs, label="tiny", window=16, max_windows=4, val_windows=2, seeds=2,
                             levels=(0.0, 0.5, 1.0), ta_grid=(0.3, 1.0), ties_grid=(1.0,), out_dir=tmp / "out",
-                            test_data=test, val_data=val, progress=False)
+                            test_data=test, val_data=val, progress=False, uniform_deltas=("sign1", "lowrank4"),
+                            mixed_ratios=(0.1, 0.75), codecs=("sign1", "lowrank4"))
     finally:
         torch.set_num_threads(threads)
     return q, res
@@ -61,10 +62,13 @@ def test_json_schema(result):
     assert doc["variants"] == ["wikitext2", "ptb", "shakespeare"]
     assert doc["eval_sets"]["shakespeare"] == ["wikitext2", "ptb", "shakespeare"]
     kinds = {s["kind"] for s in doc["systems"]}
-    assert kinds == {"original", "ours", "no_reconfig", "ours_random_seed", "ours_random", "merge"}
+    assert kinds == {"original", "ours", "no_reconfig", "ours_random_seed", "ours_random", "merge", "ours_delta",
+                     "ours_mixed"}
+    # the mixed plan at 0.1 of the bytes cannot hold one copy per expert: skipped with the reason
+    assert [s["name"] for s in doc["skipped_systems"]] == ["ours mixed @0.10"]
     names = [s["name"] for s in doc["systems"]]
     assert len(names) == len(set(names))
-    for pol in ("l2/global", "l2/per_layer", "output/global"):
+    for pol in ("l2/global", "l2/per_layer", "output/global", "loss/global"):
         assert q.ours_curve(doc, pol).keys() == {0.0, 0.5, 1.0}
     rnd = q.ours_curve(doc, "random")[0.5]["results"]["ptb"]["ptb"]
     assert rnd["ppl_min"] <= rnd["ppl"] <= rnd["ppl_max"] and rnd["ppl_std"] >= 0
@@ -76,7 +80,24 @@ def test_json_schema(result):
                 r = s["results"][v][k]
                 assert r["ppl"] > 1 and abs(r["ppl"] - torch.tensor(r["nll"]).exp().item()) <= FP32 * r["ppl"]
     for v in doc["variants"]:
-        assert set(doc["within_2pct"][v]) >= {"set", "original_ppl", "l2/global", "random/global"}
+        assert set(doc["within_2pct"][v]) >= {"set", "original_ppl", "l2/global", "random/global", "loss/global"}
+        w = doc["within_2pct_memory_ratio"][v]
+        # the originals are within 2% of themselves at ratio 1: every variant has an answer <= 1
+        assert 0 < w["ratio"] <= 1 and w["policy"] and 0 < w["ratio_bf16"] <= 1
+    for s in doc["systems"]:
+        if s["kind"] not in ("no_reconfig", "ours_random_seed"):
+            m = s["memory"]
+            assert 0 < m["ratio"] <= 1 and m["device_bytes"] > 0
+    orig = next(s for s in doc["systems"] if s["kind"] == "original")
+    assert orig["memory"]["ratio"] == 1.0
+    deltas = [s for s in doc["systems"] if s["kind"] == "ours_delta"]
+    assert [s["spec"] for s in deltas] == ["sign1", "lowrank4"]
+    allshared = next(s for s in doc["systems"] if s["kind"] == "ours" and s["share"] == 1.0
+                     and s["representative"] == "anchor")
+    own = next(s for s in doc["systems"] if s["kind"] == "ours" and s["share"] == 0.0)
+    for s in deltas:  # a delta costs bytes over sharing, and far fewer than own copies
+        assert allshared["memory"]["ratio"] < s["memory"]["ratio"] < own["memory"]["ratio"]
+    assert set(doc["criterion"]) == {"ptb", "shakespeare"}
     assert q.format_table(doc).count("\n") > len(doc["systems"]) // 2
 
 

@@ -96,6 +96,102 @@ def within(result) -> dict:
     return out
 
 
+MEMORY_GOAL = 0.45
+_NO_MEMORY_KINDS = ("ours_random_seed", "no_reconfig")
+
+
+def policy_of(system) -> str:
+    """The policy a system stands for in the memory comparison."""
+    kind = system["kind"]
+    if kind == "ours":
+        if system.get("metric") is None:
+            return {0.0: "own copies", 1.0: "all shared"}.get(system.get("share"), "ours") + (
+                " (mean)" if system.get("representative") == "mean" else "")
+        return f"{system['metric']}/{system['scope']}" + (" (mean)" if system.get("representative") == "mean" else "")
+    if kind == "ours_random":
+        return "random/global"
+    if kind == "ours_delta":
+        return f"delta {system['spec']}"
+    if kind == "ours_mixed":
+        return "mixed (measured loss)"
+    if kind == "merge":
+        return f"merge {system['method']}"
+    return kind
+
+
+def memory_systems(result) -> list:
+    return [s for s in result["systems"] if "memory" in s and s["kind"] not in _NO_MEMORY_KINDS]
+
+
+def within_memory(result) -> dict:
+    """Per variant (with an own domain): the smallest memory ratio (device bytes of all variants served at once,
+    against the variants as separate models) at which its own-domain perplexity is within 2% of the original,
+    which system and policy reached it; in fp32 (measured) and the same plans' bf16 bytes, and per policy."""
+    orig = _find(result, "original")
+    out = {}
+    for v in result["variants"]:
+        k = result["own_set"][v]
+        if k is None:
+            continue
+        ref = orig["results"][v][k]["ppl"]
+        ok = [s for s in memory_systems(result) if s["results"][v][k]["ppl"] <= (1 + WITHIN) * ref]
+        entry = {"set": k, "original_ppl": ref, "goal": MEMORY_GOAL}
+        for tag in ("", "_bf16"):
+            best = min(ok, key=lambda s: (s["memory"][f"ratio{tag}"], s["results"][v][k]["ppl"]))
+            entry[f"ratio{tag}"] = best["memory"][f"ratio{tag}"]
+            entry[f"policy{tag}"] = policy_of(best)
+            entry[f"system{tag}"] = best["name"]
+            entry[f"ppl{tag}"] = best["results"][v][k]["ppl"]
+        entry["meets_goal"] = entry["ratio"] <= MEMORY_GOAL
+        per = {}
+        for s in ok:
+            pol = policy_of(s)
+            r = s["memory"]["ratio"]
+            if pol not in per or r < per[pol]:
+                per[pol] = r
+        entry["per_policy"] = dict(sorted(per.items(), key=lambda kv: kv[1]))
+        out[v] = entry
+    return out
+
+
+def _ranks(xs):
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            r[order[t]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def _corr(a, b):
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return statistics.correlation(a, b)
+
+
+def criterion_summary(costs, dist, names) -> dict:
+    """Per variant: how the measured cost of sharing relates to the weight distance (Pearson and Spearman
+    over its measured entries), and the mean measured cost of each option (nats per token)."""
+    out = {}
+    for v, name in enumerate(names):
+        if costs.base_nll[v] is None:
+            continue
+        cells = [(costs.loss[v][l][e], dist.l2[v][l][e]) for l in range(len(costs.loss[v]))
+                 for e in range(len(costs.loss[v][l])) if costs.loss[v][l][e] is not None]
+        share = [c["share"] for c, _ in cells]
+        l2 = [d for _, d in cells]
+        out[name] = {"entries": len(cells), "own_nll": costs.base_nll[v], "tokens": costs.tokens[v],
+                     "pearson_share_cost_vs_l2": _corr(share, l2),
+                     "spearman_share_cost_vs_l2": _corr(_ranks(share), _ranks(l2)),
+                     "mean_cost": {o: statistics.fmean(c[o] for c, _ in cells) for o in costs.options} if cells else {}}
+    return out
+
+
 def findings(result) -> list[str]:
     """Plain statements, including the unflattering ones."""
     out = []
@@ -166,6 +262,22 @@ def findings(result) -> list[str]:
                 for v in result["variants"][1:] if result["own_set"][v]]
         if gain:
             out.append("own non-expert layers at full sharing (no-reconfig -> ours, own-domain ppl): " + "; ".join(gain))
+    wm = result.get("within_2pct_memory_ratio") or {}
+    if wm:
+        parts = [f"{v} {d['ratio']:.3f} ({d['policy']}; bf16 {d['ratio_bf16']:.3f}, {d['policy_bf16']})"
+                 for v, d in wm.items()]
+        miss = [v for v, d in wm.items() if not d["meets_goal"]]
+        out.append("smallest memory ratio (all variants served at once, against separate models) at which each variant "
+                   "stays within 2% of its own perplexity: " + "; ".join(parts) + ". "
+                   + (f"Goal <= {MEMORY_GOAL} met by every variant." if not miss else
+                      f"Goal <= {MEMORY_GOAL} NOT met by {', '.join(miss)}."))
+    crit = result.get("criterion") or {}
+    if crit:
+        cs = [f"{v} {d['spearman_share_cost_vs_l2']:+.2f}" for v, d in crit.items()
+              if d.get("spearman_share_cost_vs_l2") is not None]
+        if cs:
+            out.append("measured cost of sharing an expert vs its relative L2 distance (Spearman, per variant): "
+                       + ", ".join(cs) + " (near zero or negative: weight distance does not say what sharing costs).")
     if orig is not None:
         zero = _find(result, "ours", 0.0)
         diffs = [abs(zero["results"][v][k]["ppl"] / orig["results"][v][k]["ppl"] - 1)
@@ -178,9 +290,13 @@ def rerender(json_path, plot: bool = True) -> dict:
     """Recompute the summaries (within-2%, findings) and the plot of a saved result; measurements unchanged."""
     result = json.loads(Path(json_path).read_text())
     result["within_2pct"] = within(result)
+    if any("memory" in s for s in result["systems"]):
+        result["within_2pct_memory_ratio"] = within_memory(result)
     result["findings"] = findings(result)
     if plot:
         result["plot"] = plot_result(result, Path(json_path).with_suffix(".png"))
+        if "within_2pct_memory_ratio" in result:
+            result["plot_memory"] = plot_memory(result, Path(json_path).with_name(Path(json_path).stem + "_memory.png"))
     Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -232,9 +348,86 @@ def format_table(result) -> str:
                  + (f"; achieved {x['achieved_at_highest']:.2f}" if x.get("achieved_at_highest") is not None else "")
                  + ")" for pol, x in d.items() if isinstance(x, dict)]
         lines.append(f"  {v:<14} {d['set']:<16} " + "; ".join(parts))
+    wm = result.get("within_2pct_memory_ratio") or {}
+    if wm:
+        lines.append("memory ratio (device bytes of all variants at once / separate models; fp32, bf16) per system:")
+        for s in memory_systems(result):
+            m = s["memory"]
+            lines.append(f"  {s['name'][:40]:<40} {m['ratio']:6.3f} {m['ratio_bf16']:6.3f}")
+        lines.append(f"smallest memory ratio within {WITHIN:.0%} of the original on the own domain:")
+        for v, d in wm.items():
+            lines.append(f"  {v:<14} {d['set']:<16} fp32 {d['ratio']:.3f} ({d['policy']}, ppl {d['ppl']:.3f}); "
+                         f"bf16 {d['ratio_bf16']:.3f} ({d['policy_bf16']})")
     lines.append("findings:")
     lines += [f"  - {f}" for f in result["findings"]]
     return "\n".join(lines)
+
+
+def plot_memory(result, path) -> str | None:
+    """Own-domain perplexity against the memory ratio (fp32 device bytes of every variant served at once over
+    the variants as separate models), one panel per variant, one curve per policy."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("quality: matplotlib is not installed; no plot written (pip install 'multimoe_rt[plot]')",
+              file=sys.stderr)
+        return None
+    variants = [v for v in result["variants"] if result["own_set"][v]]
+    if not variants:
+        return None
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.8 * len(variants), 4.4), squeeze=False)
+    orig = _find(result, "original")
+    curves = {}
+    for s in memory_systems(result):
+        pol = policy_of(s)
+        if s["kind"] == "ours" and s.get("metric") is None:
+            for p in result["protocol"]["policies"]:  # own copies / all shared end every sharing curve
+                if s.get("representative") == "anchor":
+                    curves.setdefault(p, []).append(s)
+            continue
+        if s["kind"] == "ours_delta" and s["spec"].startswith("lowrank") and "+" not in s["spec"]:
+            pol = "delta lowrank (rank 8/16/32)"
+        curves.setdefault(pol, []).append(s)
+    style = {"l2/global": ("o-", "tab:blue"), "l2/per_layer": ("s-", "tab:orange"), "output/global": ("^-", "tab:green"),
+             "loss/global": ("D-", "tab:red"), "random/global": ("x--", "tab:olive"),
+             "delta lowrank (rank 8/16/32)": ("P-", "tab:purple"), "mixed (measured loss)": ("*-", "black")}
+    markers = iter(("v", "<", ">", "h", "p", "8", "d", "H"))
+    for ax, v in zip(axes[0], variants):
+        k = result["own_set"][v]
+        ref = orig["results"][v][k]["ppl"]
+        for pol, systems in curves.items():
+            pts = sorted((s["memory"]["ratio"], s["results"][v][k]["ppl"], s["results"][v][k].get("ppl_std", 0.0))
+                         for s in systems)
+            xs, ys, err = zip(*pts)
+            if pol.startswith("merge") or (pol.startswith("delta") and len(pts) == 1):
+                fmt, col = style.get(pol, (next(markers, "o"), None))
+                ax.plot(xs, ys, fmt if len(fmt) == 1 else fmt[0], color=col, label=pol, ms=6, ls="none")
+            elif pol == "random/global":
+                ax.errorbar(xs, ys, yerr=err, fmt=style[pol][0], color=style[pol][1], label="random (mean +- std)",
+                            capsize=3, ms=4)
+            elif pol in style:
+                ax.plot(xs, ys, style[pol][0], color=style[pol][1], label=pol, ms=4)
+        ax.axhline(ref, color="black", ls=":", lw=1, label="original")
+        ax.axhline((1 + WITHIN) * ref, color="grey", ls="--", lw=0.8, label="original +2%")
+        ax.axvline(MEMORY_GOAL, color="grey", ls="-.", lw=0.8, label=f"goal {MEMORY_GOAL}x")
+        lo = min(s["results"][v][k]["ppl"] for s in memory_systems(result))
+        ax.set_ylim(lo * 0.98, ref * 1.35)
+        ax.set_xlim(0.15, 1.02)
+        ax.set_title(f"{v} on {k}", fontsize=9)
+        ax.set_xlabel("memory ratio (fp32 device bytes / separate models)")
+    axes[0][0].set_ylabel("perplexity" if result["family"] == "mixtral" else "target perplexity")
+    handles, labels = {}, []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=5, fontsize=7, frameon=False)
+    fig.suptitle(f"{result['label']}: own-domain quality vs device bytes (every variant served at once)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def _x(system, v, nominal):
@@ -260,8 +453,12 @@ def plot_result(result, path) -> str | None:
     orig = _find(result, "original")
     for ax, v in zip(axes[0], variants):
         k = result["own_set"][v]
-        colours = ("tab:blue", "tab:orange", "tab:green", "tab:olive")
-        for pol, style, c in zip(result["protocol"]["policies"], ("o-", "s-", "^-", "x--"), colours):
+        pols = result["protocol"]["policies"]
+        colours = {"l2/global": "tab:blue", "l2/per_layer": "tab:orange", "output/global": "tab:green",
+                   "loss/global": "tab:red", "random/global": "tab:olive"}
+        styles = {"l2/global": "o-", "l2/per_layer": "s-", "output/global": "^-", "loss/global": "D-",
+                  "random/global": "x--"}
+        for pol, style, c in zip(pols, (styles.get(p, "o-") for p in pols), (colours.get(p) for p in pols)):
             curve = ours_curve(result, pol)
             levels = sorted(curve)
             xs = [_x(curve[s], v, s) for s in levels]

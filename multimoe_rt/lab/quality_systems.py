@@ -23,8 +23,14 @@ from .data import DATASETS, data_dir
 from .evaluate import perplexity, rouge1, rouge_tokens
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# (metric, scope): the first is the main policy (it also gets the mean representative and no-reconfig curves)
-POLICIES = (("l2", "global"), ("l2", "per_layer"), ("output", "global"))
+# (metric, scope): the first is the main policy (it also gets the mean representative and no-reconfig curves);
+# "loss" ranks by the measured calibration-loss cost of sharing each expert (multimoe_rt.criterion)
+POLICIES = (("l2", "global"), ("l2", "per_layer"), ("output", "global"), ("loss", "global"))
+# every non-duplicate entry stored as base + this delta (one system each)
+UNIFORM_DELTAS = ("sign1", "lowrank8", "lowrank16", "lowrank32", "int4", "lowrank8+sign1")
+# device-byte budgets of the mixed plan, as a fraction of the variants as separate models (experts + non-expert)
+MIXED_RATIOS = (0.28, 0.32, 0.36, 0.40, 0.45)
+CALIB_TOKENS = 2048
 TA_GRID = (0.2, 0.3, 0.5, 0.7, 1.0)
 TIES_GRID = (0.3, 0.5, 0.7, 1.0, 1.5)
 GENERAL_SETS = ("wikitext2", "ptb")
@@ -208,6 +214,50 @@ def load_merged(state_dict: dict, like_config: dict, family: str):
     return model.eval()
 
 
+# ---------------------------------------------------------------- memory
+
+
+def separate_bytes(vs: VariantSet, dtype) -> int:
+    """Device bytes of the variants as separate models (experts + non-expert tensors) in ``dtype``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    H, I = vs.hidden_size, vs.intermediate_size
+    per_expert = ((2 * I if vs.gated else I) * H + H * I) * itemsize
+    experts = vs.num_layers * vs.num_experts * per_expert
+    return len(vs) * (experts + plan_mod.non_expert_nbytes(vs[0], dtype))
+
+
+def plan_device_bytes(p, vs: VariantSet, dtype) -> int:
+    """Device bytes of serving every variant at once under plan ``p`` in ``dtype``: the slab (dense slots and
+    delta pools, scales and factors in ``dtype``) plus every variant's non-expert set."""
+    from ..delta import DESC_BYTES, spec_nbytes
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    slot = p.slot_nbytes // torch.empty((), dtype=plan_mod.common.to_dtype(p.dtype)).element_size() * itemsize
+    n1 = 2 * p.intermediate_size if p.gated else p.intermediate_size
+    deltas = sum(spec_nbytes(d["spec"], n1, p.hidden_size, p.intermediate_size, itemsize) for d in p.deltas)
+    if p.deltas:
+        deltas += DESC_BYTES * len(p.slot_sources)
+    return ((p.num_device_slots + p.cache_slots) * slot + deltas
+            + len(vs) * plan_mod.non_expert_nbytes(vs[0], dtype))
+
+
+def memory_of_plan(p, vs: VariantSet) -> dict:
+    """Device bytes and memory ratio (against the variants as separate models) in fp32 and bf16."""
+    out = {}
+    for tag, dt in (("", torch.float32), ("_bf16", torch.bfloat16)):
+        b = plan_device_bytes(p, vs, dt)
+        out[f"device_bytes{tag}"] = b
+        out[f"ratio{tag}"] = b / separate_bytes(vs, dt)
+    return out
+
+
+def memory_of_models(n_models: int, vs: VariantSet) -> dict:
+    """``n_models`` whole models resident (the originals: one per variant; a merge: one for all)."""
+    return {"device_bytes": n_models * separate_bytes(vs, torch.float32) // len(vs), "ratio": n_models / len(vs),
+            "device_bytes_bf16": n_models * separate_bytes(vs, torch.bfloat16) // len(vs),
+            "ratio_bf16": n_models / len(vs)}
+
+
 # ---------------------------------------------------------------- the bench
 
 
@@ -259,6 +309,29 @@ class Bench:
         if not vals:
             raise QualityError("no variant has a known domain: cannot choose merge scales on validation text")
         return sum(vals) / len(vals)
+
+
+def cost_batches(vs: VariantSet, val_data: dict, own: dict, family: str, window: int | None,
+                 decoder_start: int | None, tokens: int = CALIB_TOKENS) -> dict:
+    """Calibration batches of each variant for the ``loss`` criterion: its own domain's validation text
+    (the zoo's held-out tail, never the test split); variants without a domain use the general sets'."""
+    from ..criterion import lm_batches, seq2seq_batches
+
+    out = {}
+    for name in vs.names:
+        key = own[name] or _set_key(family, GENERAL_SETS[0], "span")
+        data = val_data[key]
+        if family == "mixtral":
+            out[name] = lm_batches(data, seq_len=window, max_tokens=tokens, batch_size=8)
+        else:
+            pairs, n = [], 0
+            for p in data:
+                if n >= tokens:
+                    break
+                pairs.append(p)
+                n += len(p[1])
+            out[name] = seq2seq_batches(pairs, decoder_start, batch_size=16)
+    return out
 
 
 def _calibration(vs: VariantSet, val_data: dict, own: dict, family: str, tokens: int = 512):
