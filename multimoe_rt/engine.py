@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
@@ -31,7 +30,8 @@ import torch
 from .forward import BatchedModel, BatchEntry
 from .kv_cache import KVCache
 from .sampling import sample
-from .serve import EngineClosed, RequestError
+from .errors import EngineClosed, RequestError
+from .request_checks import as_bool, as_int, as_real, as_token_ids
 from .weights import VariantWeights
 
 log = logging.getLogger(__name__)
@@ -209,37 +209,40 @@ class Engine:
                seed: int | None = None, stop=None, eos_token_id: int | None = None,
                ignore_eos: bool = False) -> RequestHandle:
         """Queue a request; bad input raises ``RequestError`` here, a full queue ``QueueFull``."""
-        if variant not in self.names:
-            raise RequestError(f"unknown variant {variant!r}; known: {self.names}")
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.reshape(-1).tolist()
-        if not isinstance(prompt, (list, tuple)) or not prompt or \
-                not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise RequestError("prompt must be a non-empty list of token ids")
+        if not isinstance(variant, str) or variant not in self.names:
+            raise RequestError(f"unknown variant {variant!r}; this engine serves {self.names}")
+        prompt = as_token_ids(prompt)
+        if not prompt:
+            raise RequestError("empty prompt: give at least one token")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}), got [{min(prompt)}, {max(prompt)}]")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
         if len(prompt) + max_new_tokens > self.kv.max_len:
             raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                                f"context of {self.kv.max_len} tokens")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise RequestError(f"seed must be a non-negative int, got {seed!r}")
-        stop = [list(s) for s in (stop or [])]
-        if any(not s or not all(isinstance(t, int) for t in s) for s in stop):
-            raise RequestError("stop must be a list of non-empty token-id sequences")
+        temperature, top_p = as_real("temperature", temperature), as_real("top_p", top_p)
+        if temperature < 0:
+            raise RequestError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is not None:
+            seed = as_int("seed", seed, 0, 2**63 - 1)
+        if eos_token_id is not None:
+            eos_token_id = as_int("eos_token_id", eos_token_id, 0, self.vocab_size - 1)
+        ignore_eos = as_bool("ignore_eos", ignore_eos)
+        if not isinstance(stop, (list, tuple, type(None))):
+            raise RequestError(f"stop must be a list of token-id sequences, got {type(stop).__name__}")
+        stop = [as_token_ids(s, "each stop sequence is a list of token ids") for s in (stop or [])]
+        if any(not s for s in stop):
+            raise RequestError("stop sequences must not be empty")
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is shut down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests already waiting (max_queue={self.max_queue})")
-            h = RequestHandle(next(self._ids), variant, self.names.index(variant), list(prompt), max_new_tokens,
-                              float(temperature), float(top_p), seed, stop, eos, ignore_eos)
+            h = RequestHandle(next(self._ids), variant, self.names.index(variant), prompt, max_new_tokens,
+                              temperature, top_p, seed, stop, eos, ignore_eos)
             self.waiting.append(h)
             self._cond.notify()
         return h

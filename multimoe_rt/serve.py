@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import threading
 import time
 from concurrent.futures import CancelledError, Future
@@ -29,41 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import EngineClosed, RequestCancelled, RequestError  # noqa: F401  (re-exported: engine.py imports them)
+from .errors import EngineClosed, RequestCancelled, RequestError  # noqa: F401  (re-exported for callers)
+from .request_checks import as_bool, as_int, as_real, as_token_ids
 from .tokenizer import ByteTokenizer
 
 POLICIES = ("fcfs", "affinity")
-
-
-def _is_int(x) -> bool:
-    """A Python, numpy or 0-d integer tensor value, not a bool."""
-    if isinstance(x, (bool, np.bool_)):
-        return False
-    if torch.is_tensor(x):
-        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
-    return isinstance(x, (int, np.integer))
-
-
-def _as_int(name: str, x, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
-    if not _is_int(x):
-        raise RequestError(f"{name} must be an integer{what}, got {type(x).__name__} {x!r}")
-    x = int(x)
-    if (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise RequestError(f"{name} must be an integer in [{lo}, {hi}]{what}, got {x}")
-    return x
-
-
-def _as_real(name: str, x) -> float:
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(x)):
-        raise RequestError(f"{name} must be a finite number, got {type(x).__name__} {x!r}")
-    return float(x)
-
-
-def _as_bool(name: str, x) -> bool:
-    if not isinstance(x, (bool, np.bool_)):
-        raise RequestError(f"{name} must be True or False, got {type(x).__name__} {x!r}")
-    return bool(x)
 
 
 class RequestFuture(Future):
@@ -228,35 +197,21 @@ class Engine:
         """Text (byte tokenizer), or token ids: a list/tuple of integers, a 1-D (or [1, T]) integer tensor/array."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        what = "a prompt is text or a sequence of integer token ids"
-        if torch.is_tensor(prompt) or isinstance(prompt, np.ndarray):
-            arr = prompt
-            is_int = (not arr.is_floating_point() and not arr.is_complex() and arr.dtype != torch.bool) \
-                if torch.is_tensor(arr) else (np.issubdtype(arr.dtype, np.integer))
-            if not is_int or arr.ndim > 2 or (arr.ndim == 2 and arr.shape[0] != 1) or arr.ndim == 0:
-                raise RequestError(f"{what}: got a {type(arr).__name__} of dtype {arr.dtype} and shape "
-                                   f"{tuple(arr.shape)} (expected integers, shape [T] or [1, T])")
-            return [int(i) for i in arr.reshape(-1).tolist()]
-        if not isinstance(prompt, (list, tuple)):
-            raise RequestError(f"{what}, got {type(prompt).__name__} {prompt!r:.60}")
-        for k, i in enumerate(prompt):
-            if not _is_int(i):
-                raise RequestError(f"{what}: prompt[{k}] is {type(i).__name__} {i!r:.40}, not an integer")
-        return [int(i) for i in prompt]
+        return as_token_ids(prompt, "a prompt is text or a sequence of integer token ids")
 
     def _validate(self, r: Request) -> None:
         if not isinstance(r.variant, str) or r.variant not in self.names:
             raise RequestError(f"unknown variant {r.variant!r}; this engine serves {self.names}")
         ids = self._prompt_ids(r.prompt)
-        r.max_new_tokens = _as_int("max_new_tokens", r.max_new_tokens, 1, self.max_new_tokens_limit)
-        r.do_sample = _as_bool("do_sample", r.do_sample)
-        r.ignore_eos = _as_bool("ignore_eos", r.ignore_eos)
-        r.temperature, r.top_p = _as_real("temperature", r.temperature), _as_real("top_p", r.top_p)
+        r.max_new_tokens = as_int("max_new_tokens", r.max_new_tokens, 1, self.max_new_tokens_limit)
+        r.do_sample = as_bool("do_sample", r.do_sample)
+        r.ignore_eos = as_bool("ignore_eos", r.ignore_eos)
+        r.temperature, r.top_p = as_real("temperature", r.temperature), as_real("top_p", r.top_p)
         if r.eos_token_id is not None:
-            r.eos_token_id = _as_int("eos_token_id", r.eos_token_id, 0,
+            r.eos_token_id = as_int("eos_token_id", r.eos_token_id, 0,
                                      None if self.vocab_size is None else self.vocab_size - 1)
         if r.seed is not None:
-            r.seed = _as_int("seed", r.seed, 0, 2**63 - 1)
+            r.seed = as_int("seed", r.seed, 0, 2**63 - 1)
         if not ids:
             raise RequestError("empty prompt: give at least one token")
         if len(ids) > self.max_prompt_tokens:

@@ -4,6 +4,7 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,10 +42,10 @@ def test_mixed_requests_joining_mid_flight_equal_each_variants_own_generate(dirs
     names = [d.name for d in dirs]
     ps = prompts(12, seed=resident_sets)
     with Engine.from_pretrained(dirs, resident_sets=resident_sets, max_seqs=6, max_len=64, max_step_tokens=12) as eng:
-        first = [(names[i % 4], p, eng.submit(names[i % 4], p, max_new_tokens=4 + i % 5, eos_token_id=-1))
+        first = [(names[i % 4], p, eng.submit(names[i % 4], p, max_new_tokens=4 + i % 5, ignore_eos=True))
                  for i, p in enumerate(ps[:6])]
         next(iter(first[0][2]))  # the first batch is decoding when the rest arrive
-        later = [(names[(i + 1) % 3], p, eng.submit(names[(i + 1) % 3], p, max_new_tokens=6, eos_token_id=-1))
+        later = [(names[(i + 1) % 3], p, eng.submit(names[(i + 1) % 3], p, max_new_tokens=6, ignore_eos=True))
                  for i, p in enumerate(ps[6:])]
         for v, p, h in first + later:
             assert h.result(timeout=120).tokens == own_greedy(refs, v, p, len(h.tokens)), (v, p)
@@ -58,11 +59,11 @@ def test_mixed_requests_joining_mid_flight_equal_each_variants_own_generate(dirs
 def test_seeded_samples_do_not_depend_on_the_batch(dirs):
     names = [d.name for d in dirs]
     ps = prompts(6, seed=7)
-    kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.8, eos_token_id=-1)
+    kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.8, ignore_eos=True)
     with Engine.from_pretrained(dirs, max_seqs=8, max_len=64) as eng:
         alone = [eng.generate(names[i % 4], p, seed=100 + i, **kw) for i, p in enumerate(ps)]
         hs = [eng.submit(names[i % 4], p, seed=100 + i, **kw) for i, p in enumerate(ps)]
-        greedy = eng.submit(names[0], ps[0], max_new_tokens=8, eos_token_id=-1)
+        greedy = eng.submit(names[0], ps[0], max_new_tokens=8, ignore_eos=True)
         assert [h.result(timeout=60).tokens for h in hs] == alone
         other = eng.generate(names[0], ps[0], seed=999, **kw)
     assert other != alone[0]  # the seed matters
@@ -73,13 +74,13 @@ def test_stream_iterator_async_and_stop_sequences(dirs):
     name = dirs[1].name
     p = prompts(1, seed=8)[0]
     with Engine.from_pretrained(dirs, max_seqs=4, max_len=64) as eng:
-        full = eng.generate(name, p, max_new_tokens=10, eos_token_id=-1)
-        assert list(eng.submit(name, p, max_new_tokens=10, eos_token_id=-1)) == full
+        full = eng.generate(name, p, max_new_tokens=10, ignore_eos=True)
+        assert list(eng.submit(name, p, max_new_tokens=10, ignore_eos=True)) == full
 
         async def consume():
-            return [t async for t in eng.submit(name, p, max_new_tokens=10, eos_token_id=-1)]
+            return [t async for t in eng.submit(name, p, max_new_tokens=10, ignore_eos=True)]
         assert asyncio.run(consume()) == full
-        stopped = eng.submit(name, p, max_new_tokens=10, eos_token_id=-1, stop=[full[3:5]]).result()
+        stopped = eng.submit(name, p, max_new_tokens=10, ignore_eos=True, stop=[full[3:5]]).result()
         assert stopped.tokens == full[:5] and stopped.finish_reason == "stop"
         eos = eng.submit(name, p, max_new_tokens=10, eos_token_id=full[2]).result()
         assert eos.tokens == full[:full.index(full[2]) + 1] and eos.finish_reason == "stop"
@@ -88,7 +89,7 @@ def test_stream_iterator_async_and_stop_sequences(dirs):
 def test_cancel_frees_the_slot_and_shutdown_without_drain_cancels(dirs):
     name = dirs[0].name
     eng = Engine.from_pretrained(dirs, max_seqs=2, max_len=512)
-    h = eng.submit(name, [5, 6, 7], max_new_tokens=400, eos_token_id=-1)
+    h = eng.submit(name, [5, 6, 7], max_new_tokens=400, ignore_eos=True)
     next(iter(h))
     h.cancel()
     h._done.wait(30)
@@ -97,7 +98,7 @@ def test_cancel_frees_the_slot_and_shutdown_without_drain_cancels(dirs):
     while eng.kv.num_free != 2 and time.time() < deadline:
         time.sleep(0.01)
     assert eng.kv.num_free == 2
-    long = [eng.submit(name, [5, 6], max_new_tokens=400, eos_token_id=-1) for _ in range(4)]
+    long = [eng.submit(name, [5, 6], max_new_tokens=400, ignore_eos=True) for _ in range(4)]
     eng.shutdown(drain=False, timeout=30)
     assert all(x.done and x.finish_reason in ("cancelled", "length") for x in long)
     assert any(x.finish_reason == "cancelled" for x in long)
@@ -109,18 +110,30 @@ def test_bad_requests_are_rejected_at_submission(dirs):
     name = dirs[0].name
     with Engine.from_pretrained(dirs, max_seqs=2, max_len=32, max_queue=2) as eng:
         for kwargs, match in [(dict(variant="nope", prompt=[1]), "unknown variant"),
-                              (dict(prompt=[]), "non-empty"),
+                              (dict(prompt=[]), "empty prompt"),
+                              (dict(prompt="text"), "token ids"),
                               (dict(prompt=[1, 64]), r"\[0, 64\)"),
                               (dict(prompt=[1, -1]), r"\[0, 64\)"),
-                              (dict(prompt=[1.5]), "token ids"),
+                              (dict(prompt=[1.5]), "not an integer"),
+                              (dict(prompt=[True]), "not an integer"),
+                              (dict(prompt=torch.tensor([1.0])), "dtype"),
                               (dict(prompt=[1], max_new_tokens=0), "max_new_tokens"),
+                              (dict(prompt=[1], max_new_tokens=2.0), "max_new_tokens"),
                               (dict(prompt=[1] * 30, max_new_tokens=3), "exceeds the context of 32"),
                               (dict(prompt=[1], temperature=float("nan")), "temperature"),
+                              (dict(prompt=[1], temperature=-0.5), "temperature"),
                               (dict(prompt=[1], top_p=0), "top_p"),
                               (dict(prompt=[1], seed=-3), "seed"),
-                              (dict(prompt=[1], stop=[[]]), "stop")]:
+                              (dict(prompt=[1], eos_token_id=64), "eos_token_id"),
+                              (dict(prompt=[1], eos_token_id=True), "eos_token_id"),
+                              (dict(prompt=[1], ignore_eos=1), "ignore_eos"),
+                              (dict(prompt=[1], stop=[[]]), "stop"),
+                              (dict(prompt=[1], stop=[[False]]), "not an integer"),
+                              (dict(prompt=[1], stop="ab"), "stop")]:
             with pytest.raises(RequestError, match=match):
                 eng.submit(**{"variant": name, **kwargs})
+        assert eng.generate(name, np.array([3, 4]), max_new_tokens=np.int64(2), seed=np.int32(1)) == \
+            eng.generate(name, [3, 4], max_new_tokens=2)  # numpy integers are integers
         eng.weights.copy_hook = lambda v: time.sleep(0.5)  # nothing can run while the queue fills
         with eng._cond:
             eng.submit(name, [1], max_new_tokens=1)
@@ -136,7 +149,7 @@ def test_failed_load_fails_only_the_requests_that_needed_it(dirs, refs):
             if names[v] == names[3]:
                 raise OSError("simulated copy fault")
         eng.weights.copy_hook = hook
-        hs = [eng.submit(names[i], [3, 4, 5], max_new_tokens=3, eos_token_id=-1) for i in range(4)]
+        hs = [eng.submit(names[i], [3, 4, 5], max_new_tokens=3, ignore_eos=True) for i in range(4)]
         for i, h in enumerate(hs):
             if i == 3:
                 with pytest.raises(RuntimeError, match="simulated copy fault"):
@@ -145,7 +158,7 @@ def test_failed_load_fails_only_the_requests_that_needed_it(dirs, refs):
             else:
                 assert h.result(timeout=60).tokens == own_greedy(refs, names[i], [3, 4, 5], 3)
         eng.weights.copy_hook = None
-        assert eng.generate(names[3], [3, 4, 5], max_new_tokens=3, eos_token_id=-1) == \
+        assert eng.generate(names[3], [3, 4, 5], max_new_tokens=3, ignore_eos=True) == \
             own_greedy(refs, names[3], [3, 4, 5], 3)
 
 
@@ -157,13 +170,13 @@ def test_a_waiting_variant_is_not_starved_by_a_busy_one(dirs):
 
         def flood():
             while not stop.is_set():
-                eng.submit(a, [1, 2, 3], max_new_tokens=6, eos_token_id=-1)
+                eng.submit(a, [1, 2, 3], max_new_tokens=6, ignore_eos=True)
                 time.sleep(0.002)
         t = threading.Thread(target=flood)
         t.start()
         time.sleep(0.2)
         try:
-            hb = eng.submit(b, [1, 2, 3], max_new_tokens=3, eos_token_id=-1)
+            hb = eng.submit(b, [1, 2, 3], max_new_tokens=3, ignore_eos=True)
             assert len(hb.result(timeout=30).tokens) == 3
         finally:
             stop.set()
@@ -179,7 +192,7 @@ def test_submit_from_many_threads_loses_nothing(dirs, refs):
         def client(k):
             for j in range(6):
                 v, i = names[(k + j) % 4], (k * j) % 4
-                toks = eng.generate(v, ps[i], max_new_tokens=4, eos_token_id=-1)
+                toks = eng.generate(v, ps[i], max_new_tokens=4, ignore_eos=True)
                 with lock:
                     results[(k, j)] = toks == expected[(v, i)]
         threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
@@ -194,7 +207,7 @@ def test_per_variant_batching_mode_gives_the_same_tokens(dirs, refs):
     names = [d.name for d in dirs]
     ps = prompts(8, seed=12)
     with Engine.from_pretrained(dirs, resident_sets=1, mix_variants=False, max_seqs=4, max_len=64) as eng:
-        hs = [(names[i % 4], p, eng.submit(names[i % 4], p, max_new_tokens=5, eos_token_id=-1)) for i, p in enumerate(ps)]
+        hs = [(names[i % 4], p, eng.submit(names[i % 4], p, max_new_tokens=5, ignore_eos=True)) for i, p in enumerate(ps)]
         for v, p, h in hs:
             assert h.result(timeout=60).tokens == own_greedy(refs, v, p, 5)
 
@@ -206,7 +219,7 @@ def test_grouped_admission_takes_variants_in_order_of_their_oldest_request(dirs,
             eng.generate(v, [1], max_new_tokens=1)
         order = [names[0], names[1], names[0], names[1], names[0]]
         with eng._cond:  # the engine thread waits here: the queue fills before anything is admitted
-            hs = [eng.submit(v, [1, 2, 3], max_new_tokens=3, eos_token_id=-1) for v in order]
+            hs = [eng.submit(v, [1, 2, 3], max_new_tokens=3, ignore_eos=True) for v in order]
         for v, h in zip(order, hs):
             assert h.result(timeout=30).tokens == own_greedy(refs, v, [1, 2, 3], 3)
     admitted = [order[i] for i in sorted(range(5), key=lambda i: hs[i].admitted)]

@@ -405,7 +405,7 @@ def test_full_queue_is_429_and_a_closed_engine_503(dirs):
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             body = {"model": "v1", "prompt": [5, 6], "max_tokens": 4}
-            running = eng.submit("v1", [5], max_new_tokens=MAX_LEN - 5, eos_token_id=-1)
+            running = eng.submit("v1", [5], max_new_tokens=MAX_LEN - 5, ignore_eos=True)
             while eng.load()["running"] == 0:
                 await asyncio.sleep(0.01)
             queued = eng.submit("v1", [5], max_new_tokens=4)
@@ -448,7 +448,7 @@ def test_token_id_only_models(tmp_path):
             assert r.status_code == 200
             c0 = r.json()["choices"][0]
             assert c0["text"] == "" and c0["token_ids"] == eng.generate(name, [3, 9, 27], max_new_tokens=5,
-                                                                         eos_token_id=-1)
+                                                                         ignore_eos=True)
 
     try:
         asyncio.run(go())
