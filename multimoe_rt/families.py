@@ -152,6 +152,11 @@ class Batched:
 
 @dataclass(frozen=True)
 class Family:
+    """One model family: data (config keys, tensor names, transformers classes) plus the few methods that read it.
+
+    A new decoder family whose experts follow transformers 5's fused layout is one more entry in ``FAMILIES``;
+    only a family with a different layer placement, naming or router needs a new ``layer_rule``, a subclass
+    (``SwitchFamily``) or, for the batched forward, a ``Batched`` description."""
     name: str                      # what plans and VariantSet.family record
     model_types: tuple             # config.json "model_type" values
     config_class: str              # transformers class names, resolved lazily
