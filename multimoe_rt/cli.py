@@ -389,13 +389,22 @@ def cmd_plan(args) -> int:
         non_expert = 2 * plan_mod.non_expert_nbytes(vs[args.anchor], dtype)
     calib = None
     if args.metric == "output" and args.calib_text:
-        calib = plan_mod.calibration_from_text(vs[args.anchor], Path(args.calib_text).read_text(),
+        calib = plan_mod.calibration_from_text(vs[args.anchor], Path(args.calib_text[0]).read_text(),
                                                max_tokens=args.calib_tokens)
+    codecs = None
+    if args.codecs:
+        from .plan.mixed import DEFAULT_CODECS
+        codecs = list(DEFAULT_CODECS) if args.codecs == "default" else [c.strip() for c in args.codecs.split(",")]
+        if args.budget is None or args.share is not None or args.threshold is not None:
+            _usage("--codecs (the mixed plan) chooses under --budget: give --budget, and no --share/--threshold")
+    costs = None
+    if args.metric == "loss" or codecs:
+        costs = _measured_costs(args, vs, codecs)
     plan = plan_mod.make_plan(
-        vs, budget_bytes=args.budget, share=args.share, threshold=args.threshold, metric=args.metric,
-        scope=args.scope, representative=args.representative, anchor=args.anchor,
-        non_expert_bytes=non_expert, offload=args.offload, seed=args.seed, dtype=dtype, calib=calib,
-        progress=not args.quiet)
+        vs, budget_bytes=args.budget, share=args.share, threshold=args.threshold,
+        metric="loss" if codecs else args.metric, scope=args.scope, representative=args.representative,
+        anchor=args.anchor, non_expert_bytes=non_expert, offload=args.offload, seed=args.seed, dtype=dtype,
+        calib=calib, progress=not args.quiet, costs=costs, delta=args.delta, codecs=codecs)
     print(plan.summary())
     plan.to_json(args.output)
     print(f"plan written to {args.output}")
@@ -403,6 +412,45 @@ def cmd_plan(args) -> int:
         plan_mod.heatmap(plan, args.heatmap)
         print(f"heatmap written to {args.heatmap}")
     return 0
+
+
+def _measured_costs(args, vs, codecs):
+    """The loss criterion's measurement: from --costs (a plan JSON that holds them), else measured on each
+    variant's --calib-text (NAME=FILE, or one FILE for every variant; the zoo's byte tokenizer)."""
+    from . import criterion
+    from .plan.mixed import DEFAULT_CODECS, Costs
+
+    if args.costs:
+        import json
+
+        doc = json.loads(Path(args.costs).read_text())
+        return Costs.from_dict(doc.get("costs") or doc)
+    if not args.calib_text:
+        _usage("--metric loss / --codecs measure each variant's loss on its own text: give --calib-text NAME=FILE "
+               "per variant (or one FILE for all), or --costs PLAN.json from an earlier run")
+    files = {}
+    for item in args.calib_text:
+        name, eq, path = item.partition("=")
+        if eq:
+            files[name] = path
+        else:
+            files.update({n: item for n in vs.names})
+    unknown = sorted(set(files) - set(vs.names))
+    if unknown:
+        _usage(f"--calib-text names {unknown} are not variants ({vs.names})")
+    missing = [n for i, n in enumerate(vs.names) if i != args.anchor and n not in files]
+    if missing:
+        _usage(f"--calib-text: no text for variants {missing}")
+    batches = {n: criterion.text_batches(vs[i], Path(files[n]).read_text(), max_tokens=args.calib_tokens)
+               for i, n in enumerate(vs.names) if n in files and i != args.anchor}
+    return criterion.measure_costs(vs, batches, codecs=codecs or DEFAULT_CODECS, anchor=args.anchor,
+                                   progress=not args.quiet, calibration="--calib-text")
+
+
+def _calib_text(text: str) -> str:
+    name, eq, path = text.partition("=")
+    _existing_file(path if eq else text)
+    return text
 
 
 def _size_or_usage(flag: str, text: str) -> int:
@@ -747,7 +795,17 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--share", type=_fraction, default=None,
                      help="target fraction in [0,1] of non-duplicate entries served by the shared copy")
     pol.add_argument("--threshold", type=_finite, default=None, help="own copy when distance > X (a finite number)")
-    pl.add_argument("--metric", choices=["l2", "cosine", "output", "random"], default="l2")
+    pl.add_argument("--metric", choices=["l2", "cosine", "output", "random", "loss"], default="l2",
+                    help="ranking for own copies; 'loss': the measured calibration-loss cost of sharing each expert "
+                         "(needs --calib-text per variant, or --costs)")
+    pl.add_argument("--delta", default=None, metavar="SPEC",
+                    help="store every entry the policy would share as the shared copy + a compressed delta: sign1, "
+                         "lowrank<r>, int4 or a combination such as lowrank8+sign1")
+    pl.add_argument("--codecs", default=None, metavar="LIST",
+                    help="the mixed plan: per entry share / base + delta (one of these specs, or 'default') / own "
+                         "copy, chosen by measured loss under --budget")
+    pl.add_argument("--costs", type=_existing_file, default=None,
+                    help="reuse the measured costs of an earlier plan JSON (its 'costs') instead of measuring")
     pl.add_argument("--scope", choices=["global", "per_layer"], default="global")
     pl.add_argument("--representative", choices=["anchor", "mean"], default="anchor")
     pl.add_argument("--anchor", type=_nonneg_int, default=0, help="index of the anchor variant (default 0)")
@@ -757,8 +815,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="slab dtype (default: checkpoint dtype)")
     pl.add_argument("--seed", type=int, default=0, help="seed for --metric random and Gaussian calibration")
-    pl.add_argument("--calib-text", type=_existing_file, default=None,
-                    help="text file for --metric output (default: Gaussian RMS-1 inputs, labelled in the plan)")
+    pl.add_argument("--calib-text", type=_calib_text, action="append", default=None, metavar="[NAME=]FILE",
+                    help="calibration text: for --metric output one FILE (the anchor's inputs; default: Gaussian "
+                         "RMS-1 inputs, labelled in the plan); for --metric loss / --codecs NAME=FILE per variant, "
+                         "held apart from evaluation text (repeat the flag), or one FILE for all")
     pl.add_argument("--calib-tokens", type=_pos_int, default=512)
     pl.add_argument("-o", "--output", type=_out_file, required=True, help="plan JSON path")
     pl.add_argument("--heatmap", type=_out_file, default=None, help="PNG of the layout (needs matplotlib)")

@@ -272,3 +272,25 @@ def test_nan_in_a_delta_source_raises(tmp_path):
     plan = make_plan(vs, share=1.0, delta="sign1", distances=dist, metric="random")
     with pytest.raises(PlanError, match="non-finite"):  # the delta of the NaN expert
         load_slab(plan, vs)
+
+
+def test_cli_plan_with_codecs_and_costs(mixtral, tmp_path):
+    """`multimoe-rt plan --codecs ... --costs PLAN.json` reuses the measured costs of an earlier plan."""
+    from multimoe_rt.cli import main
+
+    vs, dist, costs, _ = mixtral
+    sep, ne = _sep(vs)
+    first = make_plan(vs, budget_bytes=int(0.7 * sep), codecs=CODECS, costs=costs, metric="loss",
+                      non_expert_bytes=ne, distances=dist)
+    first.to_json(tmp_path / "first.json")
+    dirs = [str(v.path) for v in vs]
+    rc = main(["plan", *dirs, "--names", "base,v1,v2", "--budget", str(int(0.7 * sep)), "--non-expert", str(ne),
+               "--codecs", ",".join(CODECS), "--costs", str(tmp_path / "first.json"), "-o", str(tmp_path / "p.json"),
+               "--quiet"])
+    assert rc == 0
+    again = Plan.from_json(tmp_path / "p.json", vs)
+    assert again.slots == first.slots and again.deltas == first.deltas and again.entry_cost == first.entry_cost
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    # --codecs needs --budget: a usage error (exit 2) before any measurement
+    assert main(["plan", *dirs, "--codecs", "sign1", "--calib-text", f"v1={text}", "-o", str(tmp_path / "q.json")]) == 2

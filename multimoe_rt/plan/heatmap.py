@@ -39,8 +39,11 @@ def heatmap(plan: Plan, path: str | os.PathLike) -> None:
         raise PlanError("heatmap needs matplotlib: pip install 'multimoe_rt[plot]'") from exc
     V, L, E = plan.num_variants, plan.num_layers, plan.num_experts
     # fixed inches for title and legend so they never overlap the grids, whatever L is
-    height = 1.4 + 0.8 + 0.3 * L
-    fig, axes = plt.subplots(1, V, figsize=(max(6.0, 1.2 + 0.5 * E * V), height), squeeze=False)
+    annotate = plan.choice is not None and L * E <= _ANNOTATE_MAX
+    title_h = 0.8 if plan.entry_cost is not None else 0.4
+    height = 1.4 + 0.4 + title_h + (0.5 if annotate else 0.3) * L
+    fig, axes = plt.subplots(1, V, figsize=(max(6.0, 1.2 + (0.7 if annotate else 0.5) * E * V), height),
+                             squeeze=False)
     cmap = ListedColormap(_COLOURS)
     S = len(plan.slot_sources)
 
@@ -54,12 +57,12 @@ def heatmap(plan: Plan, path: str | os.PathLike) -> None:
         grid = [[code(v, l, e) for e in range(E)] for l in range(L)]
         ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(_COLOURS) - 0.5, aspect="auto",
                   interpolation="nearest")
-        if plan.choice is not None and L * E <= _ANNOTATE_MAX and v != plan.anchor:
+        if annotate and v != plan.anchor:
             for l in range(L):
                 for e in range(E):
                     text = _short(plan.choice[v][l][e])
                     if plan.entry_cost is not None and plan.status[v][l][e] not in ("anchor", "duplicate", "own"):
-                        text += f"\n{100 * plan.entry_cost[v][l][e]:+.2f}"
+                        text += f"\n{1000 * plan.entry_cost[v][l][e]:+.2f}"
                     ax.text(e, l, text, ha="center", va="center", fontsize=5)
         ax.set_title(f"{plan.variant_names[v]}", fontsize=9)
         ax.set_xlabel("expert")
@@ -67,7 +70,8 @@ def heatmap(plan: Plan, path: str | os.PathLike) -> None:
         ax.set_yticks(range(L))
         if v == 0:
             ax.set_ylabel("MoE layer")
-    costs = " (cells: choice, measured cost of it in % of a nat)" if plan.entry_cost is not None else ""
+    costs = ("\ncells: choice (sh shared, S sign1, L<r> lowrank, Q4 int4, own) and its measured cost "
+             "(1e-3 nats/token)") if plan.entry_cost is not None else ""
     fig.suptitle(f"{plan.metric} / {plan.scope} / {plan.representative}: slab "
                  f"{format_size(plan.expert_bytes)} vs {format_size(plan.separate_expert_bytes)} "
                  f"separate; sharing {100 * plan.sharing_fraction():.0f}%"
@@ -75,6 +79,6 @@ def heatmap(plan: Plan, path: str | os.PathLike) -> None:
     used = {code(v, l, e) for v in range(V) for l in range(L) for e in range(E)} | {0, 1, 2, 3}
     fig.legend(handles=[Patch(color=c, label=t) for i, (c, t) in enumerate(zip(_COLOURS, _LABELS)) if i in used],
                loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.8 / height, 1, 1 - 0.4 / height))
+    fig.tight_layout(rect=(0, 0.8 / height, 1, 1 - title_h / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)
