@@ -169,6 +169,20 @@ def test_both_namings_read_the_same_experts_and_the_plan_hashes_agree(zoo, famil
         assert a.moe_layers == expected  # dense layers are not MoE layers
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharded_checkpoints_read_like_single_files(zoo, family, tmp_path):
+    d = zoo(family)[1]
+    reference(d).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    a, b = load_variant(d), load_variant(tmp_path / "sharded")
+    assert len({e.file for e in b._entries.values()}) > 1
+    assert sorted(a.non_expert_names()) == sorted(b.non_expert_names())
+    for layer in range(len(a.moe_layers)):
+        for e in range(a.num_experts):
+            for x, y in zip(a.expert_tensors(layer, e), b.expert_tensors(layer, e)):
+                assert torch.equal(x, y)
+
+
 def test_gpt_oss_mxfp4_experts_are_refused_with_the_way_out(zoo, tmp_path):
     from safetensors.torch import load_file
 
