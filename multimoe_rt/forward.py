@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops, torch_moe
+from .errors import CheckpointError
 from .families import family_for_config, route_softmax_topk
 
 
@@ -154,7 +155,7 @@ class BatchedModel:
         spec = self.family.batched
         if spec is None:
             from .weights import batched_families
-            raise ValueError(f"the batched forward does not cover the {self.family.name} family; it covers "
+            raise CheckpointError(f"the batched forward does not cover the {self.family.name} family; it covers "
                              f"{', '.join(batched_families())} (use MultiVariantModel for the others)")
         cfg = self.family.hf_config(config)
         self.spec, self.cfg, self.weights, self.slab, self.table, self.kv = spec, cfg, weights, slab, table, kv
@@ -183,7 +184,7 @@ class BatchedModel:
             return None
         if kinds == {"sliding_attention"}:
             return cfg.sliding_window
-        raise ValueError(f"the batched forward applies one attention window to every layer; this "
+        raise CheckpointError(f"the batched forward applies one attention window to every layer; this "
                          f"{self.family.name} config mixes {sorted(kinds)}")
 
     def batch(self, entries: list[BatchEntry]) -> Batch:

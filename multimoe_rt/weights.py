@@ -21,11 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError, MultimoeError
 from .families import FAMILIES, get_family
 
 
-class WeightLoadError(RuntimeError):
+class WeightLoadError(MultimoeError, RuntimeError):
     """Copying a variant's non-expert set to the device failed; only requests for it are affected."""
 
 
@@ -156,13 +156,6 @@ class VariantWeights:
     @property
     def device_nbytes(self) -> int:
         return self.set_nbytes * self.num_sets
-
-    def index(self, variant) -> int:
-        if isinstance(variant, int) and 0 <= variant < len(self.names):
-            return variant
-        if isinstance(variant, str) and variant in self.names:
-            return self.names.index(variant)
-        raise KeyError(f"unknown variant {variant!r}; known: {self.names}")
 
     def resident(self) -> dict[int, int]:
         """Variant -> set of every fully loaded variant."""
