@@ -891,28 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- serve: OpenAI-compatible HTTP server, variant = model (multimoe_rt/integrations/server.py, ray_serve.py)
     sv = add("serve", help="OpenAI-compatible HTTP server over the batching engine (variant = model)")
-    sv.add_argument("variant_dirs", nargs="*", help="checkpoint directories; the first is the base")
-    sv.add_argument("--names", default=None, help="comma-separated model names (default: directory names)")
-    how = sv.add_mutually_exclusive_group()
-    how.add_argument("--plan", default=None, help="plan JSON from `multimoe-rt plan`")
-    how.add_argument("--share", type=float, default=None, help="fraction of fine-tuned experts shared with the base")
-    how.add_argument("--budget", default=None, help="device bytes for experts, e.g. 30MiB")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when listening)")
-    sv.add_argument("--max-batch", type=int, default=64, help="sequences running at once (KV slots)")
-    sv.add_argument("--max-queue", type=int, default=4096, help="waiting requests before 429")
-    sv.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's, <= 2048)")
-    sv.add_argument("--max-step-tokens", type=int, default=256, help="token budget of one batched step")
-    sv.add_argument("--resident-sets", type=int, default=None, help="non-expert sets on the device (default: all)")
-    sv.add_argument("--default-max-tokens", type=int, default=16, help="a completion's max_tokens when not given")
-    sv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM lets in-flight requests run")
-    sv.add_argument("--device", default="cpu")
-    sv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    sv.add_argument("--log-level", default="info")
-    sv.add_argument("--ray", action="store_true", help="Ray Serve: replicas hold variant groups (ray extra)")
-    sv.add_argument("--group", action="append", default=None,
-                    help="with --ray: a comma-separated variant group (directories); repeat per group")
-    sv.add_argument("--replicas", type=int, default=None, help="with --ray: engine replicas (default: one per group)")
+    from .integrations.serve_cli import add_arguments as serve_arguments   # argparse only: --help stays fast
+
+    serve_arguments(sv)
     sv.set_defaults(func=cmd_serve)
 
     # ---- reliability: bursts, faults, fuzzing (bench/reliability.py)
