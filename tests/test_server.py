@@ -507,6 +507,18 @@ def test_parsing_defaults_and_neutral_fields():
     assert e.value.status == 400 and e.value.param == "n"
 
 
+def test_cli_serve_options():
+    from multimoe_rt.cli import build_parser
+
+    a = build_parser().parse_args(["serve", "zoo/base", "zoo/ptb", "--share", "0.5", "--port", "0", "--max-batch", "8",
+                                   "--max-queue", "10", "--stream-interval", "2"])
+    assert (a.variant_dirs, a.share, a.port, a.max_batch, a.max_queue, a.stream_interval) == \
+        (["zoo/base", "zoo/ptb"], 0.5, 0, 8, 10, 2)
+    assert a.func.__name__ == "cmd_serve"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "d", "--share", "0.5", "--budget", "1MiB"])   # one of plan/share/budget
+
+
 def test_variant_groups_route_each_variant_to_a_group_that_holds_it():
     g = VariantGroups.parse(["/z/base,/z/ptb", "/z/base,/z/code", "/z/base2,/z/math"])
     assert g.names == ["base", "ptb", "code", "base2", "math"]
