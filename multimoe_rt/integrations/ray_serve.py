@@ -32,7 +32,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 
 from . import openai_api as oa
 from .groups import RemoteJob, VariantGroups, replica_stream
@@ -204,10 +204,12 @@ def main(args) -> int:
               name="multimoe", route_prefix="/")
     print(f"multimoe-rt serve: listening on http://{args.host}:{args.port} (Ray Serve; groups "
           f"{list(groups.groups)})", flush=True)
-    stop = threading.Event()
+    stop = []   # a handler must not take a lock the main thread may hold (Event.set inside Event.wait deadlocks)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, lambda s, f: stop.append(s))
+    while not stop:
+        time.sleep(0.2)
+    print("multimoe-rt serve: stopping Ray Serve", file=sys.stderr, flush=True)
     serve.shutdown()
     ray.shutdown()
     return 0
