@@ -68,12 +68,23 @@ def test_prefetch_then_activate_never_reads_a_half_copied_set(tmp_path):
     dirs = save_variants(tmp_path, "mixtral", n=2)
     mv = MultiVariantModel.from_pretrained(dirs)
     ref = reference("mixtral", dirs[1])
-    mv.store.copy_hook = lambda v, name: time.sleep(0.005)  # a slow copy on the "side stream"
+    ref0 = reference("mixtral", dirs[0])
+    ids = torch.randint(2, 64, (1, 8))
+    copied = []
+    mv.store.copy_hook = lambda v, name: (copied.append(name), time.sleep(0.02))  # a slow "side stream" copy
+    before = mv.store.stats["tensors_copied"]
+    t0 = time.perf_counter()
     mv.prefetch("mixtral-v1")
     assert mv.active_variant == "mixtral-v0"  # nothing flipped yet: the copy runs in the background
-    ids = torch.randint(2, 64, (1, 8))
-    waited = mv.activate()
-    assert waited > 0 and mv.active_variant == "mixtral-v1"
+    # a request of the active variant while the copy runs reads v0's weights, whole
+    assert rel_err(mv.forward("mixtral-v0", ids), run(ref0, "mixtral", None, ids, None)) <= FP32_TOL
+    during = len(copied)
+    mv.activate()
+    n = len(copied)
+    time.sleep(0.05)
+    # activate returned only once every tensor to copy had landed: none came after
+    assert n == len(copied) == mv.store.stats["tensors_copied"] - before > during  # the forward ran mid-copy
+    assert time.perf_counter() - t0 >= 0.02 * n and mv.active_variant == "mixtral-v1"
     assert rel_err(mv.forward("mixtral-v1", ids), run(ref, "mixtral", None, ids, None)) <= FP32_TOL
 
 
@@ -147,7 +158,7 @@ def test_unknown_variant_and_bad_generation_settings(tmp_path):
         mv.forward(["mixtral-v0"], torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_triton_backend_inside_the_model(tmp_path):
+def test_triton_backend_inside_the_model(tmp_path, monkeypatch):
     """The model path through the Triton kernels (the interpreter here, real CUDA on a GPU)."""
     dirs = save_variants(tmp_path, "mixtral", n=2)
     mv = MultiVariantModel.from_pretrained(dirs, share=0.5, backend="triton")
@@ -155,11 +166,13 @@ def test_triton_backend_inside_the_model(tmp_path):
     ids = torch.randint(2, 64, (1, 6))
     for name in ["mixtral-v1", "mixtral-v0"]:
         assert rel_err(mv.forward(name, ids), torch_mv.forward(name, ids)) <= FP32_TOL
-    buffers = mv.slab.workspace(ids.shape[1], 2)
-    # decode steps reuse the prefill's work buffers: nothing is allocated per step
+    import multimoe_rt.kernels.grouped_gemm as gg
+
+    allocations, allocate = [], gg.allocate_workspace
+    monkeypatch.setattr(gg, "allocate_workspace", lambda *a, **k: allocations.append(a) or allocate(*a, **k))
     assert mv.generate("mixtral-v1", ids, max_new_tokens=4).tolist() == \
         torch_mv.generate("mixtral-v1", ids, max_new_tokens=4).tolist()
-    assert mv.slab.workspace(1, 2) is buffers
+    assert allocations == []  # prefill and decode steps reused the work buffers sized by the first forward
 
 
 def test_offloaded_experts_serve_the_same_logits(tmp_path):
