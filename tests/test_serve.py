@@ -210,8 +210,7 @@ def test_baselines_same_greedy_tokens_as_ours(dirs, mv):
     budget = mv.memory_footprint()["total_device_bytes"]
     systems = [ResidentSystem(vs), SwapSystem(vs), PartitionedSystem(vs, budget_bytes=budget // 2)]
     part = systems[2]
-    assert all(n < vs.num_layers * vs.num_experts for n in part.memory_footprint()["cache_slots_per_instance"]) \
-        or part.memory_footprint()["offloaded_experts_per_instance"][0] == 0
+    assert all(n > 0 for n in part.memory_footprint()["offloaded_experts_per_instance"])  # half of ours' bytes: it pages
     for system in systems:
         with Engine(system) as engine:
             futs = [engine.submit(v, p, max_new_tokens=NEW) for v, p in work]
@@ -230,7 +229,7 @@ def test_partitioned_offloads_under_a_small_budget_and_runs_lanes_concurrently(d
     part = PartitionedSystem(vs, budget_bytes=3 * (45_000 + 5 * slot))  # non-expert (~43 kB) + 5 of 8 experts
     fp = part.memory_footprint()
     assert part.lanes == 3 and all(o > 0 for o in fp["offloaded_experts_per_instance"])
-    assert fp["total_device_bytes"] <= sum(part.non_expert_bytes) + 3 * vs.num_layers * vs.num_experts * slot
+    assert fp["total_device_bytes"] <= 3 * (45_000 + 5 * slot)  # within the budget it was given
     work = [(mv.names[i % 3], p) for i, p in enumerate(prompts(6, seed=4))]
     with Engine(part) as engine:
         lanes = {t.name for t in engine_threads()}
