@@ -279,20 +279,25 @@ def main_args(args) -> dict:
 def report(out: dict) -> str:
     lines = [f"{len(out['variants'])} variants ({', '.join(out['variants'])}); {out['machine'].get('cpu', '')}; "
              f"{out['prompt_len']}-token prompts, {out['new_tokens']} new tokens, {out['requests_per_rate']} requests "
-             "per rate", f"{'λ':>5} {'system':<8} {'TTFT mean':>10} {'p50':>8} {'p99':>8} {'turn mean':>10} "
+             "per rate", f"{'λ':>5} {'system':<13} {'TTFT mean':>10} {'p50':>10} {'p99':>10} {'turn mean':>10} "
                          f"{'req/s':>7} {'lost':>5} {'CPU/req':>10}"]
     for row in out["rates"]:
         for sysname in ("engine", "http", "http_nostream", "ray"):
             if sysname in row:
                 s = row[sysname]
-                lines.append(f"{row['rate']:>5g} {sysname:<8} {s['ttft_mean'] * 1e3:>8.1f}ms {s['ttft_p50'] * 1e3:>6.1f}ms "
-                             f"{s['ttft_p99'] * 1e3:>6.1f}ms {s['turnaround_mean'] * 1e3:>8.1f}ms "
-                             f"{s['req_per_s'] or 0:>7.2f} {s['lost']:>5} {s['client_cpu_ms'] + (s['server_cpu_ms'] if s['server_cpu_ms'] == s['server_cpu_ms'] else 0):>8.1f}ms")
-        lines.append(f"      HTTP/engine mean turnaround {row['http_over_engine_turnaround']:.3f}, TTFT "
-                     f"{row['http_over_engine_ttft']:.3f}" + (f"; non-streaming HTTP/engine turnaround "
-                                                              f"{row['http_nostream_over_engine_turnaround']:.3f}"
-                                                              if "http_nostream" in row else "") + (f"; Ray/HTTP turnaround {row['ray_over_http_turnaround']:.3f}, "
-                                                              f"TTFT {row['ray_over_http_ttft']:.3f}" if "ray" in row else ""))
+                cpu = s["client_cpu_ms"] + (s["server_cpu_ms"] if np.isfinite(s["server_cpu_ms"]) else 0.0)
+                ms = [f"{s[k] * 1e3:>8.1f}ms" for k in ("ttft_mean", "ttft_p50", "ttft_p99", "turnaround_mean")]
+                lines.append(f"{row['rate']:>5g} {sysname:<13} {' '.join(ms)} {s['req_per_s'] or 0:>7.2f} "
+                             f"{s['lost']:>5} {cpu:>8.1f}ms")
+        ratios = [f"HTTP/engine mean turnaround {row['http_over_engine_turnaround']:.3f}, "
+                  f"TTFT {row['http_over_engine_ttft']:.3f}"]
+        if "http_nostream" in row:
+            ratios.append(f"non-streaming HTTP/engine turnaround {row['http_nostream_over_engine_turnaround']:.3f}")
+        if "ray" in row:
+            ratios.append(f"Ray/HTTP turnaround {row['ray_over_http_turnaround']:.3f}, "
+                          f"TTFT {row['ray_over_http_ttft']:.3f}")
+        lines.append("      " + "; ".join(ratios))
+    lines.append("      (CPU/req: this process, plus the server process for http; Ray's processes are not counted)")
     if "burst" in out:
         b = out["burst"]
         lines.append(f"burst: {b['requests']} concurrent requests x {b['new_tokens']} tokens in {b['seconds']:.2f} s "

@@ -214,7 +214,8 @@ class _Generation:
         except Exception as e:  # noqa: BLE001
             self.cancel_all()
             raise APIError(500, f"generation failed: {e}", code="engine_error") from e
-        choices = [oa.choice(self.kind, c.index, t, c.finish_reason, list(c.ts.ids)) for c, t in zip(self.choices, texts)]
+        choices = [oa.choice(self.kind, c.index, t, c.finish_reason, list(c.ts.ids))
+                   for c, t in zip(self.choices, texts)]
         return oa.envelope(self.kind, self.rid, self.variant, self.created, choices, self.usage())
 
     # -- streaming ----------------------------------------------------------------------------
