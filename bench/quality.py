@@ -52,7 +52,7 @@ from multimoe_rt.lab.quality_report import (  # noqa: F401  (re-exported: tests 
     plot_result, rerender, within, within_memory)
 from multimoe_rt.lab.quality_systems import (  # noqa: F401
     CALIB_TOKENS, LEVELS, MIXED_RATIOS, POLICIES, SCHEMA_VERSION, TA_GRID, TIES_GRID, UNIFORM_DELTAS, Bench,
-    QualityError, _calibration, cost_batches, eval_plan, hf_runner, load_hf, load_merged, make_pairs,
+    QualityError, _calibration, causal, cost_batches, eval_plan, hf_runner, load_hf, load_merged, make_pairs,
     memory_of_models, memory_of_plan, mvm_runner, separate_bytes, seq2seq_nll, validation_tokens, variant_info,
     zoo_params)
 from multimoe_rt.machine import machine_info
@@ -92,10 +92,10 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
     label = label or f"{family}-{len(vs)}"
     tok = ByteTokenizer()
     cfg = vs[0].config
-    if family == "mixtral":
+    if causal(family):
         window = window or int(params.get("seq") or min(int(cfg.get("max_position_embeddings", 2048)), 2048))
         stride = stride or window
-    decoder_start = int(cfg.get("decoder_start_token_id") or 0) if family == "switch" else None
+    decoder_start = int(cfg.get("decoder_start_token_id") or 0) if not causal(family) else None
     eos = cfg.get("eos_token_id")
     val_windows = val_windows or max(2, max_windows // 2)
 
@@ -107,13 +107,13 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
         for k in needed:
             task, _, domain = k.rpartition("/")
             ids = tokenize_dataset(domain, "test", tok)
-            test_data[k] = ids if family == "mixtral" else make_pairs(ids, task, params, n_pairs, 7, tok)
+            test_data[k] = ids if causal(family) else make_pairs(ids, task, params, n_pairs, 7, tok)
     if val_data is None:
         val_data = {}
         for k in needed:
             task, _, domain = k.rpartition("/")
             ids = validation_tokens(domain)
-            val_data[k] = ids if family == "mixtral" else make_pairs(ids, task, params, n_pairs, 11, tok)
+            val_data[k] = ids if causal(family) else make_pairs(ids, task, params, n_pairs, 11, tok)
     missing = [k for k in needed if k not in test_data or k not in val_data]
     if missing:
         raise QualityError(f"no test/validation data for evaluation sets {missing}")
@@ -253,10 +253,10 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
         "schema": SCHEMA_VERSION, "label": label, "family": family, "variants": vs.names,
         "dirs": {n: str(p) for n, p in dirs.items()}, "variant_info": info, "eval_sets": sets, "own_set": own,
         "protocol": {"window": window, "stride": stride, "max_windows": max_windows, "val_windows": val_windows,
-                     "batch_size": batch_size, "n_pairs": n_pairs if family == "switch" else None,
-                     "n_rouge": n_rouge if family == "switch" else None, "levels": list(levels), "seeds": seeds,
+                     "batch_size": batch_size, "n_pairs": n_pairs if not causal(family) else None,
+                     "n_rouge": n_rouge if not causal(family) else None, "levels": list(levels), "seeds": seeds,
                      "calibration": calib_how, "policies": [f"{m}/{s}" for m, s in POLICIES] + ["random/global"],
-                     "metric": "byte perplexity" if family == "mixtral" else "target perplexity (exp mean NLL)",
+                     "metric": "byte perplexity" if causal(family) else "target perplexity (exp mean NLL)",
                      "tokens_scored": tokens, "uniform_deltas": list(uniform_deltas), "mixed_ratios": list(mixed_ratios),
                      "codecs": list(codecs), "cost_tokens": dict(zip(vs.names, costs.tokens)),
                      "cost_calibration": costs.calibration, "costs_s": round(costs_s, 1),
@@ -310,7 +310,8 @@ def run_from_args(args) -> int:
     if args.variants:
         jobs.append(({Path(d).name: Path(d) for d in args.variants}, None))
     else:
-        recipes = ["mixtral-tiny", "switch-tiny"] if args.recipe == "both" else [args.recipe]
+        recipes = {"both": ["mixtral-tiny", "switch-tiny"], "all": ["mixtral-tiny", "qwen3-moe-tiny", "switch-tiny"]
+                   }.get(args.recipe, [args.recipe])
         for r in recipes:
             jobs.append((zoo_dirs(r, args.small, args.cache, not args.quiet), f"{r}{'-small' if args.small else ''}"))
     for dirs, label in jobs:

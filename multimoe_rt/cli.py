@@ -852,8 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- eval: output quality vs sharing and vs merging baselines (bench/quality.py)
     ev = add("eval", help="perplexity of consolidated variants vs originals and model-merging baselines")
-    ev.add_argument("--recipe", choices=["mixtral-tiny", "switch-tiny", "both"], default="mixtral-tiny",
-                    help="zoo recipe to evaluate (built first if not cached: minutes)")
+    ev.add_argument("--recipe", choices=_RECIPES + ["both", "all"], default="mixtral-tiny",
+                    help="zoo recipe to evaluate (built first if not cached: minutes); both = mixtral-tiny and "
+                         "switch-tiny, all = every recipe")
     ev.add_argument("--small", action="store_true", help="the small zoo (for a quick look)")
     ev.add_argument("--variants", nargs="+", default=None, metavar="DIR",
                     help="your own checkpoints instead of the zoo: HF directories, base first (names = dir names)")

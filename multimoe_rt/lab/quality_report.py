@@ -417,7 +417,7 @@ def plot_memory(result, path) -> str | None:
         ax.set_xlim(0.15, 1.02)
         ax.set_title(f"{v} on {k}", fontsize=9)
         ax.set_xlabel("memory ratio (fp32 device bytes / separate models)")
-    axes[0][0].set_ylabel("perplexity" if result["family"] == "mixtral" else "target perplexity")
+    axes[0][0].set_ylabel("perplexity" if result["family"] != "switch" else "target perplexity")
     handles, labels = {}, []
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -483,12 +483,12 @@ def plot_result(result, path) -> str | None:
         ax.set_title(f"{v} on {k}", fontsize=9)
         ax.set_xlabel("achieved sharing of this variant" if v != result["variants"][0] else "nominal sharing level")
         ax.set_xticks(result["protocol"]["levels"])
-    axes[0][0].set_ylabel("perplexity" if result["family"] == "mixtral" else "target perplexity")
+    axes[0][0].set_ylabel("perplexity" if result["family"] != "switch" else "target perplexity")
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     pr = result["protocol"]
     how = (f"window {pr['window']}, {pr['tokens_scored'][result['own_set'][variants[0]]]} tokens on own set"
-           if result["family"] == "mixtral" else f"{pr['n_pairs']} pairs per set")
+           if result["family"] != "switch" else f"{pr['n_pairs']} pairs per set")
     fig.suptitle(f"{result['label']}: own-domain quality vs sharing ({how})", fontsize=10)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=110)

@@ -15,6 +15,7 @@ import torch
 
 from .. import plan as plan_mod
 from ..checkpoint import VariantSet
+from ..families import get_family
 from ..model import MODEL_CLASSES, MultiVariantModel, hf_generate
 from ..reconfig import tied_aliases
 from ..tokenizer import ByteTokenizer
@@ -36,6 +37,11 @@ TIES_GRID = (0.3, 0.5, 0.7, 1.0, 1.5)
 GENERAL_SETS = ("wikitext2", "ptb")
 WITHIN = 0.02
 SCHEMA_VERSION = 1
+
+
+def causal(family: str) -> bool:
+    """A decoder-only family (perplexity on text windows) rather than Switch's seq2seq (target NLL on pairs)."""
+    return not get_family(family).encoder_decoder
 
 
 class QualityError(RuntimeError):
@@ -62,8 +68,8 @@ def variant_info(dirs: dict[str, Path], family: str) -> dict[str, dict]:
             domain, task = meta.get("domain"), meta.get("task", "lm")
         else:
             domain = name if name in DATASETS else None
-            task = "lm" if family == "mixtral" else "span"
-        out[name] = {"domain": domain, "task": task if family == "switch" else "lm"}
+            task = "lm" if causal(family) else "span"
+        out[name] = {"domain": domain, "task": "lm" if causal(family) else task}
     return out
 
 
@@ -72,7 +78,7 @@ def zoo_params(dirs: dict[str, Path], family: str) -> dict:
     manifest = Path(next(iter(dirs.values()))).parent / "manifest.json"
     if manifest.is_file():
         return json.loads(manifest.read_text())["params"]
-    return zoo_mod.recipe_params("mixtral-tiny" if family == "mixtral" else "switch-tiny")
+    return zoo_mod.recipe_params({"mixtral": "mixtral-tiny", "qwen3_moe": "qwen3-moe-tiny"}.get(family, "switch-tiny"))
 
 
 def validation_tokens(domain: str) -> torch.Tensor:
@@ -83,7 +89,7 @@ def validation_tokens(domain: str) -> torch.Tensor:
 
 
 def _set_key(family: str, domain: str, task: str) -> str:
-    return domain if family == "mixtral" else f"{task}/{domain}"
+    return domain if causal(family) else f"{task}/{domain}"
 
 
 def eval_plan(info: dict[str, dict], family: str) -> tuple[dict[str, list[str]], dict[str, str | None]]:
@@ -278,7 +284,7 @@ class Bench:
         if ck in self.cache:
             return self.cache[ck]
         data = (self.test_data if split == "test" else self.val_data)[key]
-        if self.family == "mixtral":
+        if causal(self.family):
             mw = self.max_windows if split == "test" else self.val_windows
             r = perplexity(lambda ids: runner.lm(v, ids), data, self.window, self.stride, mw, self.batch_size)
             r = {"ppl": r["ppl"], "nll": r["nll"], "tokens_scored": r["tokens_scored"], "windows": r["windows"]}
@@ -321,7 +327,7 @@ def cost_batches(vs: VariantSet, val_data: dict, own: dict, family: str, window:
     for name in vs.names:
         key = own[name] or _set_key(family, GENERAL_SETS[0], "span")
         data = val_data[key]
-        if family == "mixtral":
+        if causal(family):
             out[name] = lm_batches(data, seq_len=window, max_tokens=tokens, batch_size=8)
         else:
             pairs, n = [], 0
@@ -339,7 +345,7 @@ def _calibration(vs: VariantSet, val_data: dict, own: dict, family: str, tokens:
     keys = sorted({k for k in own.values() if k} | set(val_data) & {_set_key(family, d, "span") for d in GENERAL_SETS})
     per = max(1, tokens // max(1, len(keys)))
     anchor = vs[0]
-    if family == "mixtral":
+    if causal(family):
         ids = [val_data[k][:per].tolist() for k in keys]
     else:
         ids = [sum((p[0] for p in val_data[k]), [])[:per] for k in keys]
@@ -351,5 +357,5 @@ def _calibration(vs: VariantSet, val_data: dict, own: dict, family: str, tokens:
     # no byte tokenizer (user checkpoints, test models): record on the validation ids directly
     model = load_hf(anchor.path, family)
     batches = [torch.tensor([ids[i:i + 128]]) for i in range(0, len(ids), 128)]
-    inputs = [{"input_ids": b} if family == "mixtral" else {"input_ids": b, "decoder_input_ids": b} for b in batches]
+    inputs = [{"input_ids": b} if causal(family) else {"input_ids": b, "decoder_input_ids": b} for b in batches]
     return plan_mod.record_calibration(model, anchor.moe_layers, inputs, max_tokens=tokens), "record_calibration"
