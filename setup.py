@@ -149,7 +149,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["multimoe_rt", "multimoe_rt.kernels", "multimoe_rt.integrations", "multimoe_rt.lab",
+    packages=["multimoe_rt", "multimoe_rt.cli", "multimoe_rt.kernels", "multimoe_rt.integrations", "multimoe_rt.lab",
               "multimoe_rt.plan"],
     package_dir={"multimoe_rt": "multimoe_rt", "multimoe_rt.kernels": "kernels"},
     package_data={"multimoe_rt.kernels": ["configs/*.json"], "multimoe_rt.lab": ["recipes/*.json"]},

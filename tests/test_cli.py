@@ -4,11 +4,15 @@ traceback, --version, generate streamed to the terminal, zoo list|path|clean, re
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from multimoe_rt import cli
+from multimoe_rt.cli import args as cli_args
+from multimoe_rt.cli import commands as cli_commands
+from multimoe_rt.cli import zoo as cli_zoo
 from multimoe_rt.cli import main
 from tiny_models import save_variants
 
@@ -42,7 +46,7 @@ def test_version(capsys):
 
 def test_user_errors_are_one_line(dirs, tmp_path, capsys, monkeypatch):
     # anything heavy would be a bug here: every one of these must be answered before loading or training
-    monkeypatch.setattr(cli, "_zoo_dirs", lambda *a, **k: pytest.fail("the zoo was touched"))
+    monkeypatch.setattr(cli_commands, "_zoo_dirs", lambda *a, **k: pytest.fail("the zoo was touched"))
     d0, d1 = map(str, dirs)
     out = str(tmp_path / "p.json")
     one_line_error(capsys, ["plan", str(tmp_path / "missing"), "-o", out], "missing: no such directory")
@@ -132,7 +136,7 @@ def test_zoo_list_path_clean(small_zoo, tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[:1000])
     assert main(["zoo", "list", "--cache", str(root)]) == 0
     assert "DAMAGED" in capsys.readouterr().out
-    assert cli.check_zoo_entry(entry) is not None
+    assert cli_zoo.check_zoo_entry(entry) is not None
     assert main(["zoo", "clean", "--cache", str(root)]) == 0  # temporaries only
     assert not temp.exists() and entry.exists()
     assert main(["zoo", "clean", "--cache", str(root), "--damaged"]) == 0
@@ -146,11 +150,11 @@ def test_damaged_zoo_entry_is_refused_with_the_path_to_delete(small_zoo, tmp_pat
 
     root = tmp_path / "cache"
     entry = _fake_entry(root, small_zoo)
-    monkeypatch.setattr(cli, "_zoo_entry", lambda *a, **k: entry)
+    monkeypatch.setattr(cli_zoo, "_zoo_entry", lambda *a, **k: entry)
     victim = entry / "shakespeare" / "model.safetensors"
     victim.write_bytes(victim.read_bytes()[:-10])
     with pytest.raises(UsageError, match=rf"{entry} is damaged .*truncated.* rm -r {entry}"):
-        cli._zoo_dirs("mixtral-tiny", True, quiet=True)
+        cli_zoo._zoo_dirs("mixtral-tiny", True, quiet=True)
     # checksums, where the manifest has them, catch a flipped byte that keeps the size
     shutil.rmtree(entry)
     entry = _fake_entry(root, small_zoo)
@@ -160,12 +164,12 @@ def test_damaged_zoo_entry_is_refused_with_the_path_to_delete(small_zoo, tmp_pat
     man["files_sha256"] = {str(p.relative_to(entry)): hashlib.sha256(p.read_bytes()).hexdigest()
                            for p in entry.rglob("*.safetensors")}
     (entry / "manifest.json").write_text(json.dumps(man))
-    assert cli.check_zoo_entry(entry) is None
+    assert cli_zoo.check_zoo_entry(entry) is None
     f = entry / "ptb" / "model.safetensors"
     data = bytearray(f.read_bytes())
     data[-5] ^= 0xFF
     f.write_bytes(bytes(data))
-    assert "checksum differs" in cli.check_zoo_entry(entry)
+    assert "checksum differs" in cli_zoo.check_zoo_entry(entry)
 
 
 def test_ctrl_c_removes_this_processes_unfinished_zoo_build(tmp_path, monkeypatch, capsys):
@@ -186,8 +190,8 @@ def test_ctrl_c_removes_this_processes_unfinished_zoo_build(tmp_path, monkeypatc
 
 def test_results_go_to_one_documented_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTIMOE_RESULTS", str(tmp_path / "r"))
-    assert cli.default_results_dir() == tmp_path / "r"
+    assert cli_args.default_results_dir() == tmp_path / "r"
     monkeypatch.delenv("MULTIMOE_RESULTS")
-    assert cli.default_results_dir() == cli.Path.home() / ".cache" / "multimoe_rt" / "results"
+    assert cli_args.default_results_dir() == Path.home() / ".cache" / "multimoe_rt" / "results"
     args = cli.build_parser().parse_args(["eval", "--small"])
-    assert args.out is None and cli._results(args) == cli.default_results_dir()
+    assert args.out is None and cli_args._results(args) == cli_args.default_results_dir()
