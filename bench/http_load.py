@@ -168,7 +168,7 @@ def start_ray(dirs, names, threads: int, max_batch: int, max_len: int):
 
     from multimoe_rt.integrations import ray_serve
     from multimoe_rt.integrations.groups import VariantGroups
-    from multimoe_rt.integrations.server import free_port
+    from multimoe_rt.integrations.runner import free_port
 
     half = (len(dirs) + 1) // 2
     groups = VariantGroups([dirs[:half], [dirs[0]] + dirs[half:]] if len(dirs) > 2 else [dirs, dirs[:1]])

@@ -14,7 +14,7 @@ serve = pytest.importorskip("ray.serve")
 from multimoe_rt.engine import Engine  # noqa: E402
 from multimoe_rt.integrations import ray_serve  # noqa: E402
 from multimoe_rt.integrations.groups import VariantGroups  # noqa: E402
-from multimoe_rt.integrations.server import free_port  # noqa: E402
+from multimoe_rt.integrations.runner import free_port  # noqa: E402
 from test_server import TOK, save_text_variants  # noqa: E402
 
 pytestmark = pytest.mark.slow

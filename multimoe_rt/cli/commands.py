@@ -335,9 +335,9 @@ What the table says
 
 
 def cmd_serve(args) -> int:
-    from ..integrations import server
+    from ..integrations import runner
 
-    return server.main(args)
+    return runner.main(args)
 
 
 def cmd_bench_reliability(args) -> int:

@@ -1,6 +1,6 @@
 """Options of ``multimoe-rt serve`` (also ``python -m multimoe_rt.integrations.serve_cli``).
 
-Only argparse here, so that building the ``multimoe-rt`` parser stays fast; ``server.main`` does the work.
+Only argparse here, so that building the ``multimoe-rt`` parser stays fast; ``runner.main`` does the work.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def add_arguments(sv: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from . import server
+    from . import runner
 
-    return server.main(args)
+    return runner.main(args)
 
 
 def main(argv=None) -> int:
