@@ -156,7 +156,7 @@ class BatchedModel:
         if spec is None:
             from .weights import batched_families
             raise CheckpointError(f"the batched forward does not cover the {self.family.name} family; it covers "
-                             f"{', '.join(batched_families())} (use MultiVariantModel for the others)")
+                                  f"{', '.join(batched_families())} (use MultiVariantModel for the others)")
         cfg = self.family.hf_config(config)
         self.spec, self.cfg, self.weights, self.slab, self.table, self.kv = spec, cfg, weights, slab, table, kv
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -185,7 +185,7 @@ class BatchedModel:
         if kinds == {"sliding_attention"}:
             return cfg.sliding_window
         raise CheckpointError(f"the batched forward applies one attention window to every layer; this "
-                         f"{self.family.name} config mixes {sorted(kinds)}")
+                              f"{self.family.name} config mixes {sorted(kinds)}")
 
     def batch(self, entries: list[BatchEntry]) -> Batch:
         return make_batch(entries, self.slab.device, self.window, self.kv.max_len)
