@@ -276,8 +276,12 @@ def findings(result) -> list[str]:
         cs = [f"{v} {d['spearman_share_cost_vs_l2']:+.2f}" for v, d in crit.items()
               if d.get("spearman_share_cost_vs_l2") is not None]
         if cs:
+            rho = [d["spearman_share_cost_vs_l2"] for d in crit.values() if d.get("spearman_share_cost_vs_l2") is not None]
+            verdict = ("weight distance does not say what sharing costs here" if max(rho) < 0.3 else
+                       "weight distance tracks the cost of sharing here, imperfectly" if min(rho) > 0.3 else
+                       "weight distance tracks the cost for some variants and not for others")
             out.append("measured cost of sharing an expert vs its relative L2 distance (Spearman, per variant): "
-                       + ", ".join(cs) + " (near zero or negative: weight distance does not say what sharing costs).")
+                       + ", ".join(cs) + f" ({verdict}).")
     if orig is not None:
         zero = _find(result, "ours", 0.0)
         diffs = [abs(zero["results"][v][k]["ppl"] / orig["results"][v][k]["ppl"] - 1)
