@@ -51,7 +51,7 @@ from multimoe_rt.lab.quality_report import (  # noqa: F401  (re-exported: tests 
     _aggregate, _check_same_tokens, achieved, criterion_summary, findings, format_table, ours_curve, plot_memory,
     plot_result, rerender, within, within_memory)
 from multimoe_rt.lab.quality_systems import (  # noqa: F401
-    CALIB_TOKENS, LEVELS, MIXED_RATIOS, POLICIES, SCHEMA_VERSION, TA_GRID, TIES_GRID, UNIFORM_DELTAS, Bench,
+    CALIB_TOKENS, FAST_CODECS, FAST_RATIOS, LEVELS, MIXED_RATIOS, POLICIES, SCHEMA_VERSION, TA_GRID, TIES_GRID, UNIFORM_DELTAS, Bench,
     QualityError, _calibration, causal, cost_batches, eval_plan, hf_runner, load_hf, load_merged, make_pairs,
     memory_of_models, memory_of_plan, mvm_runner, separate_bytes, seq2seq_nll, validation_tokens, variant_info,
     zoo_params)
@@ -65,7 +65,8 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
                 levels=LEVELS, n_pairs: int = 48, n_rouge: int = 8, ta_grid=TA_GRID, ties_grid=TIES_GRID,
                 ties_density: float = 0.2, out_dir=None, plot: bool = True, test_data: dict | None = None,
                 val_data: dict | None = None, progress: bool = True, uniform_deltas=UNIFORM_DELTAS,
-                mixed_ratios=MIXED_RATIOS, codecs=None, calib_tokens: int = CALIB_TOKENS) -> dict:
+                mixed_ratios=MIXED_RATIOS, codecs=None, calib_tokens: int = CALIB_TOKENS, fast_codecs=FAST_CODECS,
+                fast_ratios=FAST_RATIOS) -> dict:
     """Evaluate every system on every variant's sets; write JSON (and a PNG) under ``out_dir`` if given.
 
     dirs: {name: HF directory} (base/anchor first) or a list of directories (names from directory names).
@@ -75,6 +76,8 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
     mixed_ratios: device-byte budgets (fraction of the variants as separate models) of the mixed plan, which
     chooses per entry among sharing, base + one of ``codecs`` (default ``plan.mixed.DEFAULT_CODECS``) and an
     own copy by the measured calibration-loss costs (``calib_tokens`` of each variant's validation text).
+    fast_codecs / fast_ratios: the mixed plan again restricted to these codecs (a subset of ``codecs``: the
+    same measurements), the "mixed lowrank-only" policy.
     """
     from multimoe_rt import criterion
     from multimoe_rt.plan.mixed import DEFAULT_CODECS
@@ -213,17 +216,22 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
     sep32 = separate_bytes(vs, torch.float32)
     ne32 = len(vs) * plan_mod.non_expert_nbytes(vs[0], torch.float32)
     mixed_plans = {}
-    for ratio in mixed_ratios:
+    fast_codecs = tuple(c for c in fast_codecs if c in codecs)
+    runs = [(r, codecs, "mixed (measured loss)", "mixed") for r in mixed_ratios]
+    runs += [(r, fast_codecs, "mixed lowrank-only", "mixed lowrank-only") for r in (fast_ratios if fast_codecs else ())]
+    for ratio, cs, policy, tag in runs:
+        name = f"ours {tag} @{ratio:.2f}"
         try:
-            p = plan_mod.make_plan(vs, budget_bytes=int(ratio * sep32), codecs=codecs, costs=costs, metric="loss",
+            p = plan_mod.make_plan(vs, budget_bytes=int(ratio * sep32), codecs=cs, costs=costs, metric="loss",
                                    non_expert_bytes=ne32, distances=dist, dtype=torch.float32)
         except plan_mod.PlanError as e:
-            log(f"  mixed @{ratio:.2f}: no plan ({e})")
-            systems_skipped.append({"name": f"ours mixed @{ratio:.2f}", "why": str(e)})
+            log(f"  {name}: no plan ({e})")
+            systems_skipped.append({"name": name, "why": str(e)})
             continue
-        mixed_plans[ratio] = p
+        if cs == codecs:
+            mixed_plans[ratio] = p
         mvm = MultiVariantModel(vs, p, device="cpu", dtype=torch.float32)
-        add(f"ours mixed @{ratio:.2f}", "ours_mixed", mvm_runner(mvm, f"mixed-{ratio}"), budget_ratio=ratio,
+        add(name, "ours_mixed", mvm_runner(mvm, f"{tag}-{ratio}"), budget_ratio=ratio, policy=policy, codecs=list(cs),
             memory=memory_of_plan(p, vs), deltas_by_spec=p.deltas_by_spec(),
             sharing_actual=sharing(p), predicted_loss=dict(zip(vs.names, p.predicted_loss())))
 
@@ -258,7 +266,8 @@ def run_quality(dirs, *, label: str | None = None, window: int | None = None, st
                      "calibration": calib_how, "policies": [f"{m}/{s}" for m, s in POLICIES] + ["random/global"],
                      "metric": "byte perplexity" if causal(family) else "target perplexity (exp mean NLL)",
                      "tokens_scored": tokens, "uniform_deltas": list(uniform_deltas), "mixed_ratios": list(mixed_ratios),
-                     "codecs": list(codecs), "cost_tokens": dict(zip(vs.names, costs.tokens)),
+                     "codecs": list(codecs), "fast_codecs": list(fast_codecs), "fast_ratios": list(fast_ratios),
+                     "cost_tokens": dict(zip(vs.names, costs.tokens)),
                      "cost_calibration": costs.calibration, "costs_s": round(costs_s, 1),
                      "memory": "device bytes of every variant served at once (slab: dense slots + delta pools; plus "
                                "every variant's non-expert set) over the same variants as separate models; 'ratio' "

@@ -45,7 +45,7 @@ def result(tmp_path_factory):
         res = q.run_quality(dirs, label="tiny", window=16, max_windows=4, val_windows=2, seeds=2,
                             levels=(0.0, 0.5, 1.0), ta_grid=(0.3, 1.0), ties_grid=(1.0,), out_dir=tmp / "out",
                             test_data=test, val_data=val, progress=False, uniform_deltas=("sign1", "lowrank4"),
-                            mixed_ratios=(0.1, 0.75), codecs=("sign1", "lowrank4"))
+                            mixed_ratios=(0.1, 0.75), codecs=("sign1", "lowrank4"), fast_ratios=(0.8,))
     finally:
         torch.set_num_threads(threads)
     return q, res
@@ -98,6 +98,8 @@ def test_json_schema(result):
     for s in deltas:  # a delta costs bytes over sharing, and far fewer than own copies
         assert allshared["memory"]["ratio"] < s["memory"]["ratio"] < own["memory"]["ratio"]
     assert set(doc["criterion"]) == {"ptb", "shakespeare"}
+    fast = next(s for s in doc["systems"] if s.get("policy") == "mixed lowrank-only")
+    assert fast["codecs"] == ["lowrank4"] and set(fast["deltas_by_spec"]) <= {"lowrank4"}
     assert q.format_table(doc).count("\n") > len(doc["systems"]) // 2
 
 

@@ -113,7 +113,7 @@ def policy_of(system) -> str:
     if kind == "ours_delta":
         return f"delta {system['spec']}"
     if kind == "ours_mixed":
-        return "mixed (measured loss)"
+        return system.get("policy", "mixed (measured loss)")
     if kind == "merge":
         return f"merge {system['method']}"
     return kind
@@ -396,7 +396,8 @@ def plot_memory(result, path) -> str | None:
         curves.setdefault(pol, []).append(s)
     style = {"l2/global": ("o-", "tab:blue"), "l2/per_layer": ("s-", "tab:orange"), "output/global": ("^-", "tab:green"),
              "loss/global": ("D-", "tab:red"), "random/global": ("x--", "tab:olive"),
-             "delta lowrank (rank 8/16/32)": ("P-", "tab:purple"), "mixed (measured loss)": ("*-", "black")}
+             "delta lowrank (rank 8/16/32)": ("P-", "tab:purple"), "mixed (measured loss)": ("*-", "black"),
+             "mixed lowrank-only": ("*:", "tab:brown")}
     markers = iter(("v", "<", ">", "h", "p", "8", "d", "H"))
     for ax, v in zip(axes[0], variants):
         k = result["own_set"][v]

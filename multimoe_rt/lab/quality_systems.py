@@ -30,7 +30,11 @@ POLICIES = (("l2", "global"), ("l2", "per_layer"), ("output", "global"), ("loss"
 # every non-duplicate entry stored as base + this delta (one system each)
 UNIFORM_DELTAS = ("sign1", "lowrank8", "lowrank16", "lowrank32", "int4", "lowrank8+sign1")
 # device-byte budgets of the mixed plan, as a fraction of the variants as separate models (experts + non-expert)
-MIXED_RATIOS = (0.28, 0.32, 0.36, 0.40, 0.45)
+MIXED_RATIOS = (0.28, 0.30, 0.32, 0.34, 0.36, 0.40, 0.45)
+# the mixed plan again with lowrank codecs only: the codec whose torch (CPU) path costs <= 1.3x the dense expert
+# at decode (bench/kernels.py --only codecs); sign1 and int4 unpack to a dense matrix per call there
+FAST_CODECS = ("lowrank4", "lowrank8", "lowrank16", "lowrank32")
+FAST_RATIOS = (0.36, 0.40, 0.45)
 CALIB_TOKENS = 2048
 TA_GRID = (0.2, 0.3, 0.5, 0.7, 1.0)
 TIES_GRID = (0.3, 0.5, 0.7, 1.0, 1.5)
