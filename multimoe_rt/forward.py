@@ -8,10 +8,10 @@ segment and every non-expert linear is one matmul per segment, the way Punica's 
 adapters in one batch. The experts run once per layer for the whole batch: slot ids come from
 ``table[variant of token, layer, expert]`` and one ``fused_moe`` call reads the shared slab.
 
-Attention runs over a padded per-sequence view of the queries (``[B, Q]``, Q = the most new tokens
-any sequence brings this step: 1 in a pure decode step), reading keys from the ``KVCache`` slots.
-So one step mixes prefill chunks and decodes. ``make_batch`` builds every index on the host; the
-forward itself never syncs with the host.
+One step mixes prompt chunks and decodes. Attention reads keys from the ``KVCache`` slots over a padded
+per-sequence view of the queries (``[B, Q]``), in two groups: the decodes (Q = 1) and the prompt chunks
+(Q = the longest chunk), so a long chunk does not pad every decode to its length. ``make_batch`` builds
+every index on the host; the forward itself never syncs with the host.
 """
 
 from __future__ import annotations
@@ -39,16 +39,24 @@ class BatchEntry:
 
 
 @dataclass
+class AttnGroup:
+    """Sequences whose queries attention pads to one length Q. A step has at most two: the decodes (Q = 1)
+    and the prompt chunks, so a long prompt chunk never pads every decode of the step to its length."""
+    seq_slots: torch.Tensor   # [B] KV slot per sequence
+    q_index: torch.Tensor     # [B, Q] token index of each padded query (T = padding)
+    tokens: torch.Tensor      # [n] the group's tokens (flat indices)
+    rows: torch.Tensor        # [n] their rows in the flattened [B * Q] queries
+    mask: torch.Tensor        # [B, Q, ctx] bool: which cached keys each query sees
+
+
+@dataclass
 class Batch:
     tokens: torch.Tensor      # [T] token ids, sorted by set
     positions: torch.Tensor   # [T]
     sets: torch.Tensor        # [T] weight set per token
     variants: torch.Tensor    # [T] slot-table row per token
     token_slots: torch.Tensor  # [T] KV slot per token
-    seq_slots: torch.Tensor   # [B] KV slot per sequence
-    q_index: torch.Tensor     # [B, Q] token index of each padded query (T = padding)
-    token_row: torch.Tensor   # [T] row of each token in the flattened [B * Q] queries
-    mask: torch.Tensor        # [B, Q, ctx] bool: which cached keys each query sees
+    groups: list              # [AttnGroup]: the decodes, the prompt chunks
     logit_rows: torch.Tensor  # [N] tokens whose logits are returned, in entry order
     segments: list            # [(set, start, end)] over tokens
     logit_segments: list      # [(set, start, end)] over logit_rows
@@ -75,15 +83,10 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
         raise ValueError("make_batch: entries must be sorted by weight set")
     if any(not e.tokens for e in entries):
         raise ValueError("make_batch: every entry needs at least one token")
-    B, Q = len(entries), max(len(e.tokens) for e in entries)
-    tokens, positions, sets, variants, token_slots, token_row, logit_rows = [], [], [], [], [], [], []
-    q_index = torch.full((B, Q), sum(len(e.tokens) for e in entries), dtype=torch.long)
-    q_pos = torch.full((B, Q), -1, dtype=torch.long)
-    for b, e in enumerate(entries):
+    tokens, positions, sets, variants, token_slots, logit_rows, offsets = [], [], [], [], [], [], []
+    for e in entries:
+        offsets.append(len(tokens))
         n = len(e.tokens)
-        q_index[b, :n] = torch.arange(len(tokens), len(tokens) + n)
-        q_pos[b, :n] = torch.arange(e.start, e.start + n)
-        token_row += range(b * Q, b * Q + n)
         tokens += e.tokens
         positions += range(e.start, e.start + n)
         sets += [e.set] * n
@@ -91,20 +94,37 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
         token_slots += [e.slot] * n
         if e.logits:
             logit_rows.append(len(tokens) - 1)
-    ctx = -(-(int(q_pos.max()) + 1) // CTX_BUCKET) * CTX_BUCKET
-    ctx = ctx if max_len is None else min(ctx, max_len)
-    key = torch.arange(ctx)
-    mask = key[None, None, :] <= q_pos[:, :, None]
-    if sliding_window is not None:
-        mask &= (q_pos[:, :, None] - key[None, None, :]) < sliding_window
-    mask[:, :, 0] |= q_pos < 0  # a padded query sees one key, so its softmax stays finite; its row is dropped
 
     def dev(x):
         return torch.as_tensor(x, dtype=torch.long).to(device, non_blocking=True)
 
+    groups = []
+    for members in ([i for i, e in enumerate(entries) if len(e.tokens) == 1],
+                    [i for i, e in enumerate(entries) if len(e.tokens) > 1]):
+        if not members:
+            continue
+        B, Q = len(members), max(len(entries[i].tokens) for i in members)
+        q_index = torch.full((B, Q), len(tokens), dtype=torch.long)
+        q_pos = torch.full((B, Q), -1, dtype=torch.long)
+        group_tokens, rows = [], []
+        for b, i in enumerate(members):
+            e, n = entries[i], len(entries[i].tokens)
+            q_index[b, :n] = torch.arange(offsets[i], offsets[i] + n)
+            q_pos[b, :n] = torch.arange(e.start, e.start + n)
+            group_tokens += range(offsets[i], offsets[i] + n)
+            rows += range(b * Q, b * Q + n)
+        ctx = -(-(int(q_pos.max()) + 1) // CTX_BUCKET) * CTX_BUCKET
+        ctx = ctx if max_len is None else min(ctx, max_len)
+        key = torch.arange(ctx)
+        mask = key[None, None, :] <= q_pos[:, :, None]
+        if sliding_window is not None:
+            mask &= (q_pos[:, :, None] - key[None, None, :]) < sliding_window
+        mask[:, :, 0] |= q_pos < 0  # a padded query sees one key, so its softmax stays finite; its row is dropped
+        groups.append(AttnGroup(seq_slots=dev([entries[i].slot for i in members]), q_index=dev(q_index),
+                                tokens=dev(group_tokens), rows=dev(rows), mask=mask.to(device, non_blocking=True)))
+
     return Batch(tokens=dev(tokens), positions=dev(positions), sets=dev(sets), variants=dev(variants),
-                 token_slots=dev(token_slots), seq_slots=dev([e.slot for e in entries]), q_index=dev(q_index),
-                 token_row=dev(token_row), mask=mask.to(device, non_blocking=True), logit_rows=dev(logit_rows),
+                 token_slots=dev(token_slots), groups=groups, logit_rows=dev(logit_rows),
                  segments=_segments(sets), logit_segments=_segments([sets[r] for r in logit_rows]))
 
 
@@ -243,13 +263,16 @@ class BatchedModel:
         ck, cv = self.kv.k[layer], self.kv.v[layer]
         ck[b.token_slots, b.positions] = k
         cv[b.token_slots, b.positions] = v
-        ctx = b.mask.shape[-1]
-        keys = ck[b.seq_slots, :ctx].transpose(1, 2)    # [B, kv_heads, ctx, d]
-        values = cv[b.seq_slots, :ctx].transpose(1, 2)
-        queries = torch.cat([q, q.new_zeros(1, self.nh, d)])[b.q_index].transpose(1, 2)  # [B, heads, Q, d]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=b.mask[:, None], scale=self.scaling,
-                                             enable_gqa=self.nh != self.nkv)
-        out = out.transpose(1, 2).reshape(-1, self.nh * d)[b.token_row]
+        padded = torch.cat([q, q.new_zeros(1, self.nh, d)])
+        out = q.new_empty(q.shape[0], self.nh * d)  # every token belongs to one group: every row is written
+        for g in b.groups:
+            ctx = g.mask.shape[-1]
+            keys = ck[g.seq_slots, :ctx].transpose(1, 2)    # [B, kv_heads, ctx, d]
+            values = cv[g.seq_slots, :ctx].transpose(1, 2)
+            o = F.scaled_dot_product_attention(padded[g.q_index].transpose(1, 2), keys, values,  # [B, heads, Q, d]
+                                               attn_mask=g.mask[:, None], scale=self.scaling,
+                                               enable_gqa=self.nh != self.nkv)
+            out[g.tokens] = o.transpose(1, 2).reshape(-1, self.nh * d)[g.rows]
         return grouped_linear(out, L["o"], b.segments)
 
     def _route(self, L, h, b: Batch):
