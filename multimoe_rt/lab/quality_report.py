@@ -423,7 +423,7 @@ def plot_memory(result, path) -> str | None:
         ax.set_title(f"{v} on {k}", fontsize=9)
         ax.set_xlabel("memory ratio (fp32 device bytes / separate models)")
     axes[0][0].set_ylabel("perplexity" if result["family"] != "switch" else "target perplexity")
-    handles, labels = {}, []
+    handles = {}
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
