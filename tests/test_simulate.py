@@ -142,3 +142,44 @@ def test_small_validation_run(tmp_path):
     for r in out["rows"]:
         assert not math.isnan(r["err_mean"])
         assert 1 / 4 < r["simulated"]["turnaround_mean"] / r["measured"]["turnaround_mean"] < 4, r
+
+
+def _synthetic_batching(tmp_path, a=0.002, b=2e-5, c=5e-4, slow=1.0):
+    """A tiny bench/batching.py-format file whose 'measurements' come from the engine simulator itself with a
+    known step model (Poisson rows scaled by ``slow``)."""
+    names, step = ["x", "y", "z"], sim.linear_step(a, b, c)
+    shapes = {}
+    for shape, (p, o) in {"paper": (20, 6), "long": (60, 8)}.items():
+        sat, sweep = {}, []
+        tr = sim.batching_trace(names, None, 12, p, o, 0)
+        for system in ("mixed", "one_variant", "batch1"):
+            t = [sim.replace(r, variant=0) for r in tr] if system == "one_variant" else tr
+            s = sim.simulate_batch1(t, a * o + b * (p + o)) if system == "batch1" else \
+                sim.simulate_engine(t, step, max_seqs=8)
+            sat[system] = {"requests": 12, "wall_s": s["duration_s"], "tokens_per_s": s["tokens_per_s"]}
+        for li, rate in enumerate((20.0, 80.0)):
+            s = sim.simulate_engine(sim.batching_trace(names, rate, 10, p, o, 1 + li), step, max_seqs=8)
+            sweep.append({"system": "mixed", "rate": rate, "requests": 10, "ttft_mean": s["ttft_mean"],
+                          "turnaround_mean": slow * s["turnaround_mean"], "turnaround_p99": slow * s["turnaround_p99"]})
+        shapes[shape] = {"prompt_len": p, "new_tokens": o, "saturated": sat, "sweep": sweep}
+    d = {"variants": names, "max_seqs": 8, "shapes": shapes, "device_bytes": {}, "machine": {}}
+    path = tmp_path / "batching-synth.json"
+    path.write_text(sim.json.dumps(d))
+    return path
+
+
+def test_validate_batching_recovers_a_known_step_model(tmp_path):
+    res = sim.validate_batching([_synthetic_batching(tmp_path)])
+    cal = res["files"][0]["calibration"]
+    assert cal["a_step_s"] == pytest.approx(0.002, rel=0.05) and cal["b_token_s"] == pytest.approx(2e-5, rel=0.1)
+    assert cal["c_variant_s"] == pytest.approx(5e-4, rel=0.1)
+    rows = res["rows"]
+    assert len(rows) == 4 and {r["system"] for r in rows} == {"mixed"}
+    assert all(abs(r["err_mean"]) < 0.02 and abs(r["err_p99"]) < 0.02 for r in rows)
+    assert "mixed" in sim.batching_validation_table(rows)
+
+
+def test_validate_batching_reports_a_mismatch(tmp_path):
+    # the Poisson rows are not used for calibration: measurements 50% slower show up as about -33% error
+    res = sim.validate_batching([_synthetic_batching(tmp_path, slow=1.5)])
+    assert all(r["err_mean"] == pytest.approx(-1 / 3, abs=0.02) for r in res["rows"])
