@@ -21,7 +21,7 @@ GEMM serves dense and delta ids alike, and the extra bytes per block are only th
 reading a base tile once for the pairs of all variants that share it, is approached here by sorting pairs
 by (base slot, id) (``DeltaPools.sort_rank``): the blocks of one base are adjacent in the grid, whose
 fastest axis is the block, so they request the same base tiles at about the same time and the repeats
-come from L2. The torch backend (``delta.moe_torch_delta``) does the opposite, one base matmul per base
+come from L2. The torch backend (``delta_moe.moe_torch_delta``) does the opposite, one base matmul per base
 slot, because on a CPU that is what the measurement in bench/kernels.py favoured; the GPU check times
 this kernel against the dense slab (``bench/kernels.py``, delta section).
 

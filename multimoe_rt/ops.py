@@ -22,6 +22,7 @@ import functools
 import torch
 
 from . import delta as delta_mod
+from . import delta_moe
 from . import torch_moe
 from .torch_moe import (  # noqa: F401  (re-exported: the op contract's names)
     ACTIVATIONS, FLOAT_DTYPES, OP_DTYPES, SWIGLU_ALPHA, SWIGLU_LIMIT, MoEInputTypeError, UnsupportedActivationError,
@@ -196,9 +197,9 @@ def _fused_moe_delta_op(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_wei
         return fused_moe_delta_triton(hidden, expert_ids, topk_weights, w1, w2, gated, t, max_rank=max_rank,
                                       activation=activation, alpha=alpha, limit=limit)
     if backend == "reference":
-        return delta_mod.moe_reference_delta(hidden, expert_ids, topk_weights, w1, w2, gated, t, activation, alpha,
+        return delta_moe.moe_reference_delta(hidden, expert_ids, topk_weights, w1, w2, gated, t, activation, alpha,
                                              limit).to(hidden.dtype)
-    return delta_mod.moe_torch_delta(hidden, expert_ids, topk_weights, w1, w2, gated, t, activation, alpha, limit)
+    return delta_moe.moe_torch_delta(hidden, expert_ids, topk_weights, w1, w2, gated, t, activation, alpha, limit)
 
 
 @_fused_moe_delta_op.register_fake

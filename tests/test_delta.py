@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from multimoe_rt import delta as D
+from multimoe_rt import delta_moe as DM
 from multimoe_rt.errors import MultimoeError
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -161,9 +162,9 @@ def _check_torch(T, K, S, H, I, gated, specs, dtype=torch.float32, seed=0, ids_p
     w1, w2, pools = make_slab(S, H, I, gated, specs, dtype, seed)
     ids_pool = ids_pool if ids_pool is not None else list(range(pools.num_ids))
     hidden, ids, weights = make_inputs(T, K, H, ids_pool, dtype, seed)
-    out = D.moe_torch_delta(hidden, ids, weights, w1, w2, gated, pools, activation=activation, base_once=base_once)
+    out = DM.moe_torch_delta(hidden, ids, weights, w1, w2, gated, pools, activation=activation, base_once=base_once)
     assert out.shape == (T, H) and out.dtype == dtype
-    ref = D.moe_reference_delta(hidden, ids, weights, w1, w2, gated, pools, activation=activation)
+    ref = DM.moe_reference_delta(hidden, ids, weights, w1, w2, gated, pools, activation=activation)
     if T:
         err = rel_err(out, ref)
         assert err <= TOL[dtype], f"rel err {err:.2e} (T={T} K={K} H={H} I={I} {dtype} {specs})"
@@ -202,15 +203,15 @@ def test_dense_ids_match_the_dense_path():
 
     w1, w2, pools = make_slab(3, 32, 16, True, SPECS, seed=4)
     hidden, ids, weights = make_inputs(13, 2, 32, [0, 1, 2], torch.float32, 4)
-    out = D.moe_torch_delta(hidden, ids, weights, w1, w2, True, pools)
+    out = DM.moe_torch_delta(hidden, ids, weights, w1, w2, True, pools)
     torch.testing.assert_close(out, moe_torch(hidden, ids, weights, w1, w2, True), rtol=1e-6, atol=1e-6)
 
 
 def test_delta_changes_the_output():
     w1, w2, pools = make_slab(2, 32, 16, True, ["sign1"], seed=6, bases=[0])
     hidden, _, weights = make_inputs(5, 1, 32, [0], torch.float32, 6)
-    dense = D.moe_torch_delta(hidden, torch.zeros(5, 1, dtype=torch.long), weights[:, :1], w1, w2, True, pools)
-    delta = D.moe_torch_delta(hidden, torch.full((5, 1), 2), weights[:, :1], w1, w2, True, pools)
+    dense = DM.moe_torch_delta(hidden, torch.zeros(5, 1, dtype=torch.long), weights[:, :1], w1, w2, True, pools)
+    delta = DM.moe_torch_delta(hidden, torch.full((5, 1), 2), weights[:, :1], w1, w2, True, pools)
     assert (dense - delta).norm() > 1e-3 * dense.norm()
 
 
@@ -248,7 +249,7 @@ def _check_triton(T, K, S, H, I, gated, specs, dtype=torch.float32, seed=0, ids_
     assert out.shape == (T, H) and out.dtype == dtype and out.data_ptr() == ws["out"].data_ptr()
     assert bool(torch.isfinite(out).all()), "an output element was not written (NaN poison survived)"
     if T:
-        ref = D.moe_reference_delta(hidden, ids, weights, w1, w2, gated, pools, activation=activation)
+        ref = DM.moe_reference_delta(hidden, ids, weights, w1, w2, gated, pools, activation=activation)
         err = rel_err(out, ref)
         assert err <= TOL[dtype], f"rel err {err:.2e} (T={T} K={K} H={H} I={I} {dtype} {specs})"
 
@@ -291,7 +292,7 @@ def test_op_dispatch_with_deltas(backend):
 
     w1, w2, pools = make_slab(3, 40, 24, True, SPECS, seed=11)
     hidden, ids, weights = make_inputs(15, 2, 40, list(range(pools.num_ids)), torch.float32, 11)
-    ref = D.moe_reference_delta(hidden, ids, weights, w1, w2, True, pools)
+    ref = DM.moe_reference_delta(hidden, ids, weights, w1, w2, True, pools)
     out = ops.fused_moe(hidden, ids, weights, w1, w2, True, backend=backend, deltas=pools)
     assert rel_err(out, ref) <= TOL[torch.float32]
     with pytest.raises(IndexError, match="expert id out of range"):
@@ -313,7 +314,7 @@ def test_op_workspace_path_and_slab():
     ws = slab.workspace(9, 2)
     assert "delta_keys" in ws
     out = ops.fused_moe(hidden, ids, weights, slab.w1, slab.w2, True, backend="triton", workspace=ws, deltas=pools)
-    ref = D.moe_reference_delta(hidden, ids, weights, w1, w2, True, pools)
+    ref = DM.moe_reference_delta(hidden, ids, weights, w1, w2, True, pools)
     assert rel_err(out, ref) <= TOL[torch.float32]
 
 
