@@ -38,9 +38,7 @@ def _check_same_tokens(systems) -> dict:
     return counts
 
 
-
 # ---------------------------------------------------------------- reading the results
-
 
 def _find(result, kind, share=None, **kw):
     for s in result["systems"]:
