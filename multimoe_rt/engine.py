@@ -400,5 +400,4 @@ class Engine:
         self.running.remove(s)
         self.kv.free(s.slot)
         s.h._close(reason, error)
-        self.stats["finished" if error is None and reason != "cancelled" else
-                   ("cancelled" if reason == "cancelled" else "failed")] += 1
+        self.stats["cancelled" if reason == "cancelled" else "failed" if error is not None else "finished"] += 1
