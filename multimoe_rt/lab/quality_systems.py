@@ -15,6 +15,7 @@ import torch
 
 from .. import plan as plan_mod
 from ..checkpoint import VariantSet
+from ..criterion import seq2seq_batches
 from ..families import get_family
 from ..model import MODEL_CLASSES, MultiVariantModel, hf_generate
 from ..reconfig import tied_aliases
@@ -126,22 +127,14 @@ def seq2seq_nll(model_fn, pairs, decoder_start_id: int, batch_size: int = 16) ->
 
     Same quantity as ``multimoe_rt.lab.evaluate.seq2seq_loss`` (tests check it), faster for many short pairs.
     """
-    groups: dict[tuple, list] = {}
-    for enc, tgt in pairs:
-        groups.setdefault((len(enc), len(tgt)), []).append((enc, tgt))
-    total, scored = 0.0, 0
-    for group in groups.values():
-        for b0 in range(0, len(group), batch_size):
-            chunk = group[b0:b0 + batch_size]
-            enc = torch.tensor([p[0] for p in chunk], dtype=torch.long)
-            tgt = torch.tensor([p[1] for p in chunk], dtype=torch.long)
-            dec = torch.cat([torch.full((len(chunk), 1), decoder_start_id, dtype=torch.long), tgt[:, :-1]], 1)
-            logits = model_fn(enc, dec)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            total += -logp.gather(-1, tgt[..., None].to(logp.device)).sum(dtype=torch.float64).item()
-            scored += tgt.numel()
-    if not scored:
+    if not pairs:
         raise QualityError("seq2seq_nll: no pairs")
+    total, scored = 0.0, 0
+    for batch in seq2seq_batches(pairs, decoder_start_id, batch_size):
+        tgt = batch["labels"]
+        logp = torch.log_softmax(model_fn(batch["input_ids"], batch["decoder_input_ids"]).float(), dim=-1)
+        total += -logp.gather(-1, tgt[..., None].to(logp.device)).sum(dtype=torch.float64).item()
+        scored += tgt.numel()
     mean = total / scored
     return {"ppl": math.exp(mean), "nll": mean, "tokens_scored": scored, "pairs": len(pairs)}
 
