@@ -455,7 +455,8 @@ def bench_codecs(name: str, layer: dict, Ms: list[int], device: torch.device, ba
     torch backend also the mixed batch with the base matmul once per id instead of once per base slot
     (``mixed-delta:torch:base-per-id``): the measurement behind the torch path's design."""
     from multimoe_rt import ops
-    from multimoe_rt.delta import moe_reference_delta, moe_torch_delta, spec_nbytes
+    from multimoe_rt.delta import spec_nbytes
+    from multimoe_rt.delta_moe import moe_reference_delta, moe_torch_delta
 
     E, K, gated, dtype = layer["E"], layer["K"], layer["gated"], layer["dtype"]
     n1 = 2 * layer["I"] if gated else layer["I"]
