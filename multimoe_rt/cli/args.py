@@ -64,26 +64,24 @@ def _positive(text: str) -> float:
     return x
 
 
-@_type
-def _pos_int(text: str) -> int:
+def _whole(text: str, lo: int) -> int:
     try:
         x = int(text)
     except ValueError:
-        raise ValueError(f"expected a whole number >= 1, got {text!r}") from None
-    if x < 1:
-        raise ValueError(f"expected a whole number >= 1, got {text!r}")
+        x = lo - 1
+    if x < lo:
+        raise ValueError(f"expected a whole number >= {lo}, got {text!r}")
     return x
+
+
+@_type
+def _pos_int(text: str) -> int:
+    return _whole(text, 1)
 
 
 @_type
 def _nonneg_int(text: str) -> int:
-    try:
-        x = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number >= 0, got {text!r}") from None
-    if x < 0:
-        raise ValueError(f"expected a whole number >= 0, got {text!r}")
-    return x
+    return _whole(text, 0)
 
 
 @_type
