@@ -171,10 +171,6 @@ class VariantWeights:
                 self.stats["hits"] += 1
             return s
 
-    def is_loading(self, v: int) -> bool:
-        with self._lock:
-            return v in self._loading
-
     def least_recent_set(self) -> int | None:
         """The resident set used longest ago: the one to drain when every set is busy."""
         with self._lock:
