@@ -126,7 +126,7 @@ def _extensions():
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need (c++17/c++20), and nvcc
     # rejects a second -std.
     cxx = ["-O3"]
-    sources = ["csrc/align_cpu.cpp", "csrc/bindings.cpp"]
+    sources = sorted(f for f in glob.glob("csrc/*.cpp") if not f.endswith("_cuda.cpp"))
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and os.environ.get("MULTIMOE_NO_CUDA") != "1"
     if torch.version.cuda and not with_cuda:
         print(f"multimoe_rt setup: WARNING: torch has CUDA {torch.version.cuda} but the CUDA ops are not built: "
@@ -149,9 +149,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["multimoe_rt", "multimoe_rt.cli", "multimoe_rt.kernels", "multimoe_rt.integrations", "multimoe_rt.lab",
-              "multimoe_rt.plan"],
-    package_dir={"multimoe_rt": "multimoe_rt", "multimoe_rt.kernels": "kernels"},
+    packages=["multimoe_rt", "multimoe_rt.benchmarks", "multimoe_rt.cli", "multimoe_rt.kernels", "multimoe_rt.integrations",
+              "multimoe_rt.lab", "multimoe_rt.plan"],
     package_data={"multimoe_rt.kernels": ["configs/*.json"], "multimoe_rt.lab": ["recipes/*.json"]},
     include_package_data=True,
     ext_modules=ext_modules,

@@ -23,17 +23,17 @@ Steps (limit in seconds) and what each writes under ``steps.<name>`` in the JSON
   3_tests (75)  ``pytest -m gpu`` over the test files that have GPU tests (the bf16/fp16 kernel cases among
         them); a dry run also runs the align / grouped-GEMM tests in the Triton interpreter. Writes rc, summary
         line, tail per run. Fails on any failed test.
-  4_kernels (60)  bench/kernels.py rows at Mixtral-8x7B and Switch-base-8 shapes (bf16; decode M=1,4,16,
+  4_kernels (60)  multimoe_rt.benchmarks.kernels rows at Mixtral-8x7B and Switch-base-8 shapes (bf16; decode M=1,4,16,
         prefill 512, 2048): ours (triton, torch; plain and through slab+table) against transformers' experts
         implementations, ms, GB/s, TFLOP/s, fraction of the ceilings. Fails if any row of ours failed (raised
         or wrong against float64); cases left when the limit nears are recorded as skipped.
   5_switch (25)  Mixtral-8x7B's non-expert set copied host(pinned)->device on a side stream, alone and
         overlapped with an expert-GEMM prefill workload: copy ms and GB/s, TTFT impact prefetched/blocking.
   6_batched_forward (20)  hook: the batched mixed-variant decode step at 1, 16, 64, 256 sequences of 4
-        variants against one variant. Filled by ``bench/batched_forward.py:gpu_check(device, dry, deadline,
+        variants against one variant. Filled by ``multimoe_rt.benchmarks.batched_forward.gpu_check(device, dry, deadline,
         log) -> dict``; skipped with the reason while that does not exist.
   7_delta_codecs (20)  hook: delta-coded experts (int4 / sign1 / lowrank) against the dense slab, filled by
-        ``bench/delta_codecs.py:gpu_check(...)`` the same way.
+        ``multimoe_rt.benchmarks.delta_codecs.gpu_check(...)`` the same way.
 Then a short table. Exit status 1 if any step failed (a skipped hook is not a failure).
 
 JSON: ``$OUT/gpu_check.json`` where $OUT is set (the device machine), else --out DIR, else
@@ -43,6 +43,7 @@ bench/results/gpu_check-<host>.json (a dry run: gpu_check-dryrun.json in a temp 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -79,28 +80,10 @@ _KBENCH = None
 
 
 def kbench():
-    """bench/kernels.py, loaded on first use (it imports multimoe_rt: only after step 1) under a module name
-    of its own: a top-level module called ``kernels`` belongs to another PyPI project that transformers
-    probes for."""
-    global _KBENCH
-    if _KBENCH is None:
-        import importlib.util
+    """multimoe_rt.benchmarks.kernels, imported on first use: only after step 1 installed the package."""
+    import multimoe_rt.benchmarks.kernels as kb
 
-        spec = importlib.util.spec_from_file_location("multimoe_bench_kernels", ROOT / "bench" / "kernels.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        _KBENCH = mod
-    return _KBENCH
-
-
-def load_by_path(name: str, path: Path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return kb
 
 
 def write_json() -> None:
@@ -250,8 +233,7 @@ def probe(py: str, env: dict, modules: list[str]) -> dict:
 
 
 def overlay_package(py: str, env: dict, d: dict, out_dir: Path) -> None:
-    """Last resort without pip: build _C in place and expose multimoe_rt (with kernels/ as multimoe_rt.kernels)
-    through a symlinked tree on PYTHONPATH, for this process and its children."""
+    """Last resort without pip: build _C in place and expose multimoe_rt through a symlinked tree on PYTHONPATH, for this process and its children."""
     d["overlay_build"] = sh([py, "setup.py", "build_ext", "--inplace"], time_left(d), env,
                             log=out_dir / "gpu_check-overlay-build.log")
     site = Path(tempfile.mkdtemp(prefix="multimoe_site_"))
@@ -259,7 +241,6 @@ def overlay_package(py: str, env: dict, d: dict, out_dir: Path) -> None:
     pkg.mkdir()
     for entry in (ROOT / "multimoe_rt").iterdir():
         (pkg / entry.name).symlink_to(entry)
-    (pkg / "kernels").symlink_to(ROOT / "kernels")
     os.environ["PYTHONPATH"] = str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     d["overlay_site"] = str(site)
@@ -270,7 +251,11 @@ def step_install(device, dry: bool, skip_build: bool, force: bool, out_dir: Path
         py = sys.executable
         d["python"] = f"{py} ({platform.python_version()})"
         d["torch_preinstalled"] = torch.__version__
-        cuda_home, how = load_by_path("_multimoe_cuda_home", ROOT / "multimoe_rt" / "_cuda_home.py").ensure_cuda_home()
+        # By path: the package is not installed yet (setup.py does the same).
+        spec = importlib.util.spec_from_file_location("_multimoe_cuda_home", ROOT / "multimoe_rt" / "_cuda_home.py")
+        cuda_mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cuda_mod)
+        cuda_home, how = cuda_mod.ensure_cuda_home()
         d["cuda_home"], d["cuda_home_how"] = cuda_home, how
         print(f"  CUDA_HOME={cuda_home} ({how})")
         # The interpreter's own bin dir first: torch's build runs `ninja` from PATH, and a pip-installed ninja
@@ -353,35 +338,6 @@ def _has_module(py: str, env: dict, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- 2. env + ceilings
-def measure_ceilings(device: torch.device, dry: bool) -> dict:
-    """D2D copy bandwidth (read + write bytes / s) and the rate of a large matmul (bf16 on GPU)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        n = 2**30 // 2  # 1 GiB of bf16 each way
-        src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
-        dst = torch.empty_like(src)
-        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=100, return_mode="median")
-        copy_gbps = 2 * src.numel() * 2 / (ms / 1e3) / 1e9
-        del src, dst
-        N = 8192
-        a = torch.randn(N, N, dtype=torch.bfloat16, device=device)
-        b = torch.randn(N, N, dtype=torch.bfloat16, device=device)
-        ms_mm = triton.testing.do_bench(lambda: a @ b, warmup=5, rep=150, return_mode="median")
-        del a, b
-        torch.cuda.empty_cache()
-        return {"copy_GBps": copy_gbps, "copy_bytes": 2 * n * 2, "matmul_TFLOPs": 2 * N**3 / (ms_mm / 1e3) / 1e12,
-                "matmul_shape": [N, N, N], "matmul_dtype": "bfloat16"}
-    n, N = (2**22, 256) if dry else (2**26, 2048)
-    src = torch.randn(n)
-    dst = torch.empty_like(src)
-    t = kbench().time_group({"copy": lambda: dst.copy_(src)}, device, 0.2)["copy"]["median_ms"]
-    a, b = torch.randn(N, N), torch.randn(N, N)
-    t_mm = kbench().time_group({"mm": lambda: a @ b}, device, 0.2)["mm"]["median_ms"]
-    return {"copy_GBps": 2 * n * 4 / (t / 1e3) / 1e9, "copy_bytes": 2 * n * 4,
-            "matmul_TFLOPs": 2 * N**3 / (t_mm / 1e3) / 1e12, "matmul_shape": [N, N, N], "matmul_dtype": "float32"}
-
-
 def step_env(device, dry):
     with Step("2_env") as d:
         d["machine"] = kbench().machine_info()
@@ -393,6 +349,8 @@ def step_env(device, dry):
         m = d["machine"]
         print(f"  gpu: {m['gpu']} | nvidia-smi: {d['nvidia_smi']} | torch {m['torch']} (cuda {m['cuda']}) | "
               f"triton {m['triton']} | transformers {m['transformers']} | {d['nvcc']}")
+        from multimoe_rt.benchmarks.ceilings import measure_ceilings
+
         d["ceilings"] = measure_ceilings(device, dry)
         print(f"  ceilings: copy {d['ceilings']['copy_GBps']:.1f} GB/s, matmul {d['ceilings']['matmul_TFLOPs']:.2f} "
               f"TFLOP/s ({d['ceilings']['matmul_dtype']})")
@@ -596,7 +554,7 @@ def step_switch(device, dry, fraction):
 
 # ---------------------------------------------------------------------------------------- 6, 7. hooks
 def run_hook(d: dict, device, dry: bool, bench_file: str, needs: list[str], what: str) -> None:
-    """A step filled by ``bench/<bench_file>``'s ``gpu_check(device, dry, deadline, log) -> dict`` (deadline: a
+    """A step filled by ``multimoe_rt.benchmarks.<module>``'s ``gpu_check(device, dry, deadline, log) -> dict`` (deadline: a
     time.time() value, the step's limit less 2 s): its dict goes into the step's JSON ("error" in it, or in
     one of its "rows", fails the step). Skipped, with the reason, while the feature's
     modules do not import or the bench file has no gpu_check() yet."""
@@ -608,10 +566,9 @@ def run_hook(d: dict, device, dry: bool, bench_file: str, needs: list[str], what
         except Exception as e:  # noqa: BLE001
             skip(d, what, f"not available yet: {mod} is not importable ({type(e).__name__}: {e})")
             return
-    path = ROOT / "bench" / bench_file
-    fn = getattr(load_by_path(f"multimoe_bench_{path.stem}", path), "gpu_check", None) if path.exists() else None
+    fn = getattr(importlib.import_module(f"multimoe_rt.benchmarks.{bench_file}"), "gpu_check", None)
     if fn is None:
-        skip(d, what, f"not available yet: bench/{bench_file} has no gpu_check(device, dry, deadline, log) "
+        skip(d, what, f"not available yet: multimoe_rt.benchmarks.{bench_file} has no gpu_check(device, dry, deadline, log) "
                       f"({', '.join(needs)} import{'s' if len(needs) == 1 else ''})")
         return
     wall_deadline = time.time() + (d["deadline"] - time.monotonic()) - 2  # a time.time() value
@@ -625,7 +582,7 @@ def step_batched_forward(device, dry):
     """Decode step of the batched mixed-variant forward at 1, 16, 64 and 256 sequences spread over 4
     variants, against the same batch all of one variant (ms per step, tokens/s, device bytes)."""
     with Step("6_batched_forward") as d:
-        run_hook(d, device, dry, "batched_forward.py", ["multimoe_rt.forward"],
+        run_hook(d, device, dry, "batched_forward", ["multimoe_rt.forward"],
                  "batched mixed-variant forward")
 
 
@@ -633,7 +590,7 @@ def step_delta_codecs(device, dry):
     """Experts stored as base + compressed delta (int4 / sign1 / lowrank) against the dense slab: fused_moe
     time at decode and prefill sizes, bytes per expert, error against the dense expert."""
     with Step("7_delta_codecs") as d:
-        run_hook(d, device, dry, "delta_codecs.py", ["multimoe_rt.delta"], "delta codecs vs dense slab")
+        run_hook(d, device, dry, "delta_codecs", ["multimoe_rt.delta"], "delta codecs vs dense slab")
 
 
 # ---------------------------------------------------------------------------------------- summary

@@ -1,22 +1,13 @@
-"""bench/batching.py end to end on tiny models: every system serves the trace and the JSON carries the ratios."""
+"""multimoe_rt.benchmarks.batching end to end on tiny models: every system serves the trace and the JSON carries the ratios."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+from multimoe_rt.benchmarks import batching
 from tiny_models import save_variants
 
 
-def load_bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "batching.py"
-    spec = importlib.util.spec_from_file_location("multimoe_rt_bench_batching", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_batching_bench_runs_every_system_and_writes_the_ratios(tmp_path):
-    bench = load_bench()
+    bench = batching
     dirs = save_variants(tmp_path, "mixtral", n=3)
     out = bench.run({d.name: d for d in dirs}, shapes=("paper",), n_sat=6, n_sweep=4, rate_factors=(0.5,),
                     max_seqs=8, progress=False, tag="t", out_dir=tmp_path / "res")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from multimoe_rt import cli
+from multimoe_rt.benchmarks import results_dir
 from multimoe_rt.cli import args as cli_args
 from multimoe_rt.cli import commands as cli_commands
 from multimoe_rt.cli import zoo as cli_zoo
@@ -190,8 +191,9 @@ def test_ctrl_c_removes_this_processes_unfinished_zoo_build(tmp_path, monkeypatc
 
 def test_results_go_to_one_documented_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTIMOE_RESULTS", str(tmp_path / "r"))
-    assert cli_args.default_results_dir() == tmp_path / "r"
+    assert results_dir(create=False) == tmp_path / "r"
+    assert results_dir(tmp_path / "o", create=False) == tmp_path / "o"
     monkeypatch.delenv("MULTIMOE_RESULTS")
-    assert cli_args.default_results_dir() == Path.home() / ".cache" / "multimoe_rt" / "results"
+    assert results_dir(create=False) == Path.home() / ".cache" / "multimoe_rt" / "results"
     args = cli.build_parser().parse_args(["eval", "--small"])
-    assert args.out is None and cli_args._results(args) == cli_args.default_results_dir()
+    assert args.out is None and cli_args._results(args) == results_dir(create=False)

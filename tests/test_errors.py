@@ -1,17 +1,14 @@
-"""The project's error classes, and a fast pass of the reliability suite (bench/reliability.py): bursts with bad
+"""The project's error classes, and a fast pass of the reliability suite (multimoe_rt/benchmarks/reliability.py): bursts with bad
 requests, shutdown midway, foreign-thread prefetch, injected faults, reader fuzzing, RSS over switches."""
 
-import importlib.util
 import json
 from concurrent.futures import CancelledError
-from pathlib import Path
 
 import pytest
 
 from multimoe_rt import errors
 from tiny_models import save_variants
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_error_class_is_a_multimoe_error_and_keeps_its_builtin_base():
@@ -33,10 +30,9 @@ def test_every_error_class_is_a_multimoe_error_and_keeps_its_builtin_base():
 
 
 def _reliability():
-    spec = importlib.util.spec_from_file_location("multimoe_rt_bench_reliability", ROOT / "bench" / "reliability.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from multimoe_rt.benchmarks import reliability
+
+    return reliability
 
 
 def test_reliability_suite_fast_pass(tmp_path):

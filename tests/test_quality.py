@@ -4,7 +4,6 @@ Checks the JSON schema, that sharing 0 reproduces the original models (fp32: rel
 the two paths sum the experts in different orders), that every system scored the same tokens, that the plot is
 written, and the batched seq2seq NLL against ``evaluate.seq2seq_loss`` (float64 sums: rel err <= 1e-9 on toy logits).
 """
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,15 +15,13 @@ from multimoe_rt.cli import build_parser
 from multimoe_rt.lab.evaluate import seq2seq_loss
 from tiny_models import MIXTRAL, save_variants
 
-ROOT = Path(__file__).resolve().parents[1]
 FP32 = 1e-5
 
 
 def _quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from multimoe_rt.benchmarks import quality
+
+    return quality
 
 
 @pytest.fixture(scope="module")

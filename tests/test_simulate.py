@@ -1,15 +1,10 @@
-"""bench/simulate.py: cost model (roofline, copy time, memory fit), the simulators, and a small validation run."""
+"""multimoe_rt.benchmarks.simulate: cost model (roofline, copy time, memory fit), the simulators, and a small validation run."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location("multimoe_bench_simulate",
-                                               Path(__file__).resolve().parents[1] / "bench" / "simulate.py")
-sim = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(sim)
+from multimoe_rt.benchmarks import simulate as sim
 
 A100, H200 = sim.HARDWARE["a100-80gb-pcie"], sim.HARDWARE["h200"]
 MIX, QWEN = sim.MODELS["mixtral-8x7b"], sim.MODELS["qwen3-30b-a3b"]

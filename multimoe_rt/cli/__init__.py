@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
 
-    # ---- eval: output quality vs sharing and vs merging baselines (bench/quality.py)
+    # ---- eval: output quality vs sharing and vs merging baselines (multimoe_rt/benchmarks/quality.py)
     ev = add("eval", help="perplexity of consolidated variants vs originals and model-merging baselines")
     ev.add_argument("--recipe", choices=_RECIPES + ["both", "all"], default="mixtral-tiny",
                     help="zoo recipe to evaluate (built first if not cached: minutes); both = mixtral-tiny and "
@@ -170,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress output")
     ev.set_defaults(func=cmd_eval)
 
-    # ---- serving QoS benchmark and the demo (multimoe_rt/serve.py, lab/baselines.py, bench/serve_qos.py)
+    # ---- serving QoS benchmark and the demo (multimoe_rt/serve.py, lab/baselines.py, multimoe_rt/benchmarks/serve_qos.py)
     bb = add("bench-batch", add_help=False, help="continuous batching of mixed variants vs batch-1, "
-             "per-variant batching and transformers (bench/batching.py; its own --help)")
+             "per-variant batching and transformers (multimoe_rt/benchmarks/batching.py; its own --help)")
     bb.add_argument("bench_args", nargs=argparse.REMAINDER)
     bb.set_defaults(func=lambda a: _bench_module("batching").main(a.bench_args))
 
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_arguments(sv)
     sv.set_defaults(func=cmd_serve)
 
-    # ---- reliability: bursts, faults, fuzzing (bench/reliability.py)
+    # ---- reliability: bursts, faults, fuzzing (multimoe_rt/benchmarks/reliability.py)
     r = add("bench-reliability", help="reliability suite: bursts with bad requests, shutdown, foreign prefetch, "
                                      "injected faults, reader fuzzing, RSS over switches; prints one table")
     r.add_argument("-n", "--requests", type=_pos_int, default=1000, help="requests per burst (default 1000)")
@@ -209,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_bench_reliability)
 
-    # ---- simulate: discrete-event QoS simulator at the paper's scale (bench/simulate.py)
+    # ---- simulate: discrete-event QoS simulator at the paper's scale (multimoe_rt/benchmarks/simulate.py)
     sm = add("simulate", add_help=False, help="QoS simulator: paper | validate | validate-batching | run "
-                                              "(bench/simulate.py; its own --help)")
+                                              "(multimoe_rt/benchmarks/simulate.py; its own --help)")
     sm.add_argument("sim_args", nargs=argparse.REMAINDER)
     sm.set_defaults(func=lambda a: _bench_module("simulate").main(a.sim_args))
 

@@ -8,16 +8,13 @@ import math
 import os
 from pathlib import Path
 
+from ..benchmarks import RESULTS_ENV, results_dir
+
 PROG = "multimoe-rt"
-RESULTS_ENV = "MULTIMOE_RESULTS"
 QOS_SYSTEMS = ("ours", "partitioned", "swap", "resident")
 ZOO_QOS_VARIANTS = "base,ptb,shakespeare,pycode"
 
 
-def default_results_dir() -> Path:
-    """$MULTIMOE_RESULTS, else ~/.cache/multimoe_rt/results."""
-    env = os.environ.get(RESULTS_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "multimoe_rt" / "results"
 
 
 # ---------------------------------------------------------------- argument types: checked at parse time
@@ -175,7 +172,7 @@ def _dtype(name):
 
 
 def _results(args) -> Path:
-    out = Path(args.out) if getattr(args, "out", None) else default_results_dir()
+    out = results_dir(getattr(args, "out", None), create=False)
     try:
         _writable_dir_for(out)
     except ValueError as e:

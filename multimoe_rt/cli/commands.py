@@ -215,17 +215,10 @@ def cmd_generate(args) -> int:
 # ---------------------------------------------------------------- benchmarks
 
 def _bench_module(name: str):
-    """bench/<name>.py from the source tree: the harnesses live with the other benchmarks, not in the package."""
-    import importlib.util
+    """The harness ``multimoe_rt.benchmarks.<name>`` (imported on use: they pull in torch and the models)."""
+    import importlib
 
-    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
-    if not path.is_file():
-        _usage(f"{path} not found: `multimoe-rt {name.replace('_', '-')}` runs from a source checkout "
-               f"(git clone, then pip install -e .)")
-    spec = importlib.util.spec_from_file_location(f"multimoe_rt_bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"multimoe_rt.benchmarks.{name}")
 
 
 def cmd_eval(args) -> int:

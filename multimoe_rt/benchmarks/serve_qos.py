@@ -4,9 +4,9 @@ Poisson arrivals at rate λ (one fixed-seed trace per λ, replayed identically t
 random variant per request (or a skewed mix), 20-token prompts cut from ../shared/data text of the variant's
 domain (byte tokenizer), 25 output tokens (EOS ignored), batch 1. Per system and λ: TTFT mean/p50/p99,
 turnaround mean/p99, completed requests/s, switches, bytes copied, device memory footprint; ours vs each
-baseline as ratios. Table on stdout, JSON in bench/results/, PNG plots when matplotlib is installed.
+baseline as ratios. Table on stdout, JSON in the results folder, PNG plots when matplotlib is installed.
 
-    python bench/serve_qos.py --small            # or: multimoe-rt bench-qos --small
+    multimoe-rt bench-qos --small
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from . import RESULTS_HELP, results_dir
+
 from multimoe_rt.lab import data as data_mod
 from multimoe_rt.lab.baselines import build_system
 from multimoe_rt.checkpoint import VariantSet
@@ -32,7 +34,6 @@ from multimoe_rt.serve import Engine, Request, summarize
 from multimoe_rt.tokenizer import ByteTokenizer
 
 SYSTEMS = ("ours", "partitioned", "swap", "resident")
-RESULTS = Path(__file__).resolve().parent / "results"
 DOMAIN_OF = {"base": "wikitext2", "ptb": "ptb", "ptb-frozen": "ptb", "shakespeare": "shakespeare",
              "pycode": "pycode"}
 
@@ -116,7 +117,7 @@ def load_systems(dirs: dict, kinds, share: float, device="cpu", dtype=torch.floa
 
 def run(dirs: dict, rates=None, n: int = 20, share: float = 0.5, systems=SYSTEMS, mix: str = "uniform",
         prompt_len: int = 20, max_new_tokens: int = 25, seed: int = 0, device="cpu", affinity: bool = False,
-        rate_factors=(0.3, 0.7, 1.1), progress: bool = True, out_dir=RESULTS, tag: str = "serve_qos") -> dict:
+        rate_factors=(0.3, 0.7, 1.1), progress: bool = True, out_dir=None, tag: str = "serve_qos") -> dict:
     """Load the systems, sweep λ, write JSON/PNG; returns the result dict.
 
     ``rates`` default: ``rate_factors`` x the idle service rate of the fastest system (1 / its median warm
@@ -227,8 +228,7 @@ def table(out: dict) -> str:
 
 
 def write(out: dict, out_dir, tag: str) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(out_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     files = {"json": str(out_dir / f"{tag}-{stamp}.json")}
     try:
@@ -274,7 +274,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix", choices=["uniform", "skewed"], default="uniform")
     p.add_argument("--affinity", action="store_true", help="also run ours with the variant-affinity policy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--out", default=None, help=RESULTS_HELP)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -290,7 +290,7 @@ def main_args(args, tag="serve_qos") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = run({v: dirs[v] for v in want}, rates=rates, n=args.requests, share=args.share,
               systems=[s.strip() for s in args.systems.split(",")], mix=args.mix, seed=args.seed, device=device,
-              affinity=args.affinity, progress=not args.quiet, out_dir=args.out or RESULTS, tag=tag)
+              affinity=args.affinity, progress=not args.quiet, out_dir=args.out, tag=tag)
     print(table(out))
     return out
 

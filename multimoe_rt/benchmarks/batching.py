@@ -17,7 +17,7 @@ Systems, all in one run, on the same arrival traces:
 Saturated throughput = generated tokens / wall time with every request queued at t=0. Poisson sweep: TTFT and
 turnaround mean/p99 per λ, λ rising to the mixed engine's saturation. Device bytes per system beside them.
 
-    python bench/batching.py --small          # or: multimoe-rt bench-batch --small   (< 3 min)
+    multimoe-rt bench-batch --small   (< 3 min)
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from . import RESULTS_HELP, results_dir
+
 from multimoe_rt.checkpoint import VariantSet
 from multimoe_rt.engine import Engine
 from multimoe_rt.machine import machine_info
@@ -40,7 +42,6 @@ from multimoe_rt.model import MultiVariantModel
 from multimoe_rt.serve import Engine as Batch1Engine
 from multimoe_rt.serve import OursSystem, Request, percentile
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"paper": (20, 25), "long": (96, 64)}   # (prompt tokens, new tokens)
 
 
@@ -225,7 +226,7 @@ def load(dirs: dict, max_seqs: int, max_len: int, share: float, progress):
 
 def run(dirs: dict, shapes=("paper", "long"), n_sat: int = 64, n_sweep: int = 48, rate_factors=(0.2, 0.5, 0.8),
         max_seqs: int = 64, share: float = 0.0, seed: int = 0, with_cb: bool = False, progress: bool = True, tag: str = "batching",
-        out_dir=RESULTS) -> dict:
+        out_dir=None) -> dict:
     from tqdm.auto import tqdm
 
     names = list(dirs)
@@ -316,8 +317,7 @@ def table(out: dict) -> str:
 
 
 def write(out: dict, out_dir, tag: str) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(out_dir)
     files = {"json": str(out_dir / f"{tag}.json")}
     try:
         import matplotlib
@@ -380,7 +380,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps runs comparable on a shared machine)")
     p.add_argument("--with-cb", action="store_true", help="also time transformers' generate_batch (slow start-up)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--out", default=None, help=RESULTS_HELP)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -391,7 +391,7 @@ def main_args(args) -> dict:
     tag = "batching-small" if args.small else f"batching-{count}v"
     kw = dict(n_sat=48, n_sweep=32) if args.small else dict(n_sat=128, n_sweep=64)
     out = run(dirs, shapes=[s.strip() for s in args.shapes.split(",")], max_seqs=args.max_seqs, share=args.share, seed=args.seed,
-              with_cb=args.with_cb, progress=not args.quiet, tag=tag, out_dir=args.out or RESULTS, **kw)
+              with_cb=args.with_cb, progress=not args.quiet, tag=tag, out_dir=args.out, **kw)
     print(table(out))
     print(f"\nJSON: {out['files']['json']}\nplot: {out['files']['plot']}")
     return out

@@ -3,7 +3,7 @@
 Random weights at a Mixtral-like shape built in memory (no checkpoint files), so it runs in seconds on a
 bare machine; ``gpu_check`` is the hook ``bench/gpu_check.py`` calls (step 6_batched_forward).
 
-    python bench/batched_forward.py [--dry-run]
+    python -m multimoe_rt.benchmarks.batched_forward [--dry-run]
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from multimoe_rt.checkpoint import VariantSet
 from multimoe_rt.lab import merge as merge_mod
 from multimoe_rt.lab import zoo as zoo_mod
 from multimoe_rt.lab.evaluate import tokenize_dataset
-from multimoe_rt.lab.quality_report import (  # noqa: F401  (re-exported: tests and readers use bench.quality.*)
+from multimoe_rt.lab.quality_report import (  # noqa: F401  (re-exported: tests and readers use benchmarks.quality.*)
     _aggregate, _check_same_tokens, achieved, criterion_summary, findings, format_table, ours_curve, plot_memory,
     plot_result, rerender, within, within_memory)
 from multimoe_rt.lab.quality_systems import (  # noqa: F401

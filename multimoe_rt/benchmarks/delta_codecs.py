@@ -1,28 +1,19 @@
-"""GPU-check hook for the delta codecs: ``gpu_check(device, dry, deadline, log) -> dict`` (bench/gpu_check.py's
-step 7). The rows come from ``bench/kernels.py``'s codec section (``bench_codecs``): fused_moe time of experts
+"""GPU-check hook for the delta codecs: ``gpu_check(device, dry, deadline, log) -> dict`` (the GPU check's
+step 7). The rows come from ``kernels.py``'s codec section (``bench_codecs``): fused_moe time of experts
 stored as base + compressed delta (sign1, lowrank16/64, int4, lowrank8+sign1) against the same experts as dense
 slots, one variant's batch and a batch mixing the base and every codec's variant, at decode sizes and one
 prefill size; triton and torch backends on CUDA. A dry run uses a tiny layer on whatever device it is given.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import torch
 
-
-def _kernels_bench():
-    path = Path(__file__).resolve().parent / "kernels.py"
-    spec = importlib.util.spec_from_file_location("multimoe_bench_kernels_for_codecs", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from . import kernels as kb
 
 
 def gpu_check(device, dry: bool, deadline: float, log=print) -> dict:
-    kb = _kernels_bench()
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]

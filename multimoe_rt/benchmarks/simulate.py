@@ -12,7 +12,7 @@ No model executes here: every duration comes from a cost model.
   and the slow-down of the partitioned lanes when k of them run at once, all measured from idle service times
   on the real engine (``calibrate``), never from a QoS sweep.
 
-Systems (the serving systems of ``bench/serve_qos.py`` plus continuous batching):
+Systems (the serving systems of ``serve_qos.py`` plus continuous batching):
 
     ours            batch 1, FCFS, consolidated slab, partial reconfiguration with look-ahead prefetch
     ours+affinity   the same with the bounded variant-affinity policy (max wait 0.5 s)
@@ -22,9 +22,9 @@ Systems (the serving systems of ``bench/serve_qos.py`` plus continuous batching)
     batching        continuous batching: one step per iteration over all running sequences (mixed variants),
                     R resident non-expert sets (LRU), a miss copies that set over the link while others run
 
-    python bench/simulate.py paper          # paper-scale tables + plots (A100, H200, 8 variants batching)
-    python bench/simulate.py validate       # calibration + measured sweep on the small tiny zoo + simulation
-    python bench/simulate.py validate-batching   # against bench/results/batching*.json when it exists
+    multimoe-rt simulate paper          # paper-scale tables + plots (A100, H200, 8 variants batching)
+    multimoe-rt simulate validate       # calibration + measured sweep on the small tiny zoo + simulation
+    multimoe-rt simulate validate-batching   # against batching*.json in the results folder when there is one
 """
 
 
@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from . import RESULTS_HELP, results_dir
+
 GB = 1e9
 
 # ================================================================ presets
@@ -177,7 +178,7 @@ def poisson_trace(rate: float, n: int, variants: int, seed: int = 0, prompt: int
 
 
 def serve_qos_trace(rate: float, n: int, variants: int, seed: int, pool_size: int) -> list[Req]:
-    """The trace ``bench/serve_qos.make_trace`` drew (same RNG calls; prompt contents do not matter here)."""
+    """The trace ``serve_qos.make_trace`` drew (same RNG calls; prompt contents do not matter here)."""
     rng = random.Random(seed)
     names = list(range(variants))
     t, reqs = 0.0, []
@@ -655,12 +656,9 @@ def paper_scale(n: int = 400, progress: bool = True) -> dict:
 # ================================================================ calibration + validation (CPU, tiny zoo)
 
 def _load_serve_qos():
-    import importlib.util
+    from . import serve_qos
 
-    spec = importlib.util.spec_from_file_location("multimoe_bench_serve_qos", Path(__file__).parent / "serve_qos.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return serve_qos
 
 
 def calibrate(loaded: dict, names, pool, out_tokens: int = 25, reps: int = 8) -> dict:
@@ -821,7 +819,7 @@ def validate_archived(path) -> dict | None:
 
 def batching_trace(names, rate: float | None, n: int, prompt_len: int, new_tokens: int, seed: int,
                    vocab: int = 272) -> list[Req]:
-    """bench/batching.py's ``make_trace`` (same ``random.Random`` draws, so the same arrivals and variants for the
+    """batching.py's ``make_trace`` (same ``random.Random`` draws, so the same arrivals and variants for the
     same seed and vocabulary; the mixtral-tiny zoo's is 272), as simulator requests. Kept here so that this module
     does not import torch."""
     import random
@@ -956,7 +954,7 @@ def _err(sim, meas):
 
 def validate_batching_file(d: dict, label: str = "", vocab: int = 272, seed: int = 0,
                            systems=BATCHING_SYSTEMS) -> dict:
-    """Simulate every Poisson row of one bench/batching.py result (same λ, request count, shape and, regenerated
+    """Simulate every Poisson row of one batching.py result (same λ, request count, shape and, regenerated
     with the same seed, the same trace) with the step model calibrated from the file's saturated runs."""
     cal = calibrate_engine_steps(d, vocab, seed)
     step = linear_step(cal["a_step_s"], cal["b_token_s"], cal["c_variant_s"])
@@ -1000,10 +998,10 @@ def validate_batching_file(d: dict, label: str = "", vocab: int = 272, seed: int
 
 
 def validate_batching(paths=None, vocab: int = 272, seed: int = 0, progress: bool = False) -> dict | None:
-    """Against the continuous-batching bench (bench/results/batching*.json, bench/batching.py's format): per file,
+    """Against the continuous-batching bench (batching*.json in the results folder, batching.py's format): per file,
     calibrate the CPU step model from its saturated runs (``calibrate_engine_steps``), replay each Poisson row's
     trace through the Engine-scheduler simulator and compare mean / p99 turnaround per λ."""
-    files = [Path(p) for p in (paths or sorted(RESULTS.glob("batching*.json")))]
+    files = [Path(p) for p in (paths or sorted(results_dir().glob("batching*.json")))]
     files = [f for f in files if f.exists()]
     if not files:
         return None
@@ -1011,7 +1009,7 @@ def validate_batching(paths=None, vocab: int = 272, seed: int = 0, progress: boo
     for f in files:
         d = json.loads(f.read_text())
         if "shapes" not in d:
-            out.append({"file": f.name, "note": "not bench/batching.py's format (no 'shapes')"})
+            out.append({"file": f.name, "note": "not batching.py's format (no 'shapes')"})
             continue
         res = validate_batching_file(d, label=f.stem, vocab=vocab, seed=seed)
         out.append(res)
@@ -1023,7 +1021,7 @@ def validate_batching(paths=None, vocab: int = 272, seed: int = 0, progress: boo
                       "mean_abs_err_p99": float(np.mean([abs(r["err_p99"]) for r in e])),
                       "max_abs_err_mean": float(np.max([abs(r["err_mean"]) for r in e]))}
     return {"method": "step(tokens, variants) = a + b*tokens + c*(variants-1), fitted per file to its saturated runs; "
-                      "Poisson traces regenerated with bench/batching.py's make_trace draws (seed + 1 + λ index)",
+                      "Poisson traces regenerated with batching.py's make_trace draws (seed + 1 + λ index)",
             "files": out, "rows": rows, "summary": summary}
 
 
@@ -1199,7 +1197,7 @@ def main(argv=None) -> int:
     sv.add_argument("--reps", type=int, default=8)
     sv.add_argument("--threads", type=int, default=1)
     sv.add_argument("--archived", default=None, help="also re-simulate this archived serve_qos JSON")
-    sub.add_parser("validate-batching", help="against bench/results/batching*.json when it exists")
+    sub.add_parser("validate-batching", help="against batching*.json in the results folder when there is one")
     sr = sub.add_parser("run", help="one sweep with a preset")
     sr.add_argument("--hardware", choices=sorted(HARDWARE), default="a100-80gb-pcie")
     sr.add_argument("--model", choices=sorted(MODELS), default="mixtral-8x7b")
@@ -1209,10 +1207,10 @@ def main(argv=None) -> int:
     sr.add_argument("--trace", default=None, help="JSON trace file instead of Poisson arrivals")
     sr.add_argument("-n", "--requests", type=int, default=400)
     for q in (sp, sv, sr):
-        q.add_argument("--out", default=str(RESULTS))
+        q.add_argument("--out", default=None, help=RESULTS_HELP)
         q.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    out_dir = Path(a.out) if hasattr(a, "out") else RESULTS
+    out_dir = results_dir(getattr(a, "out", None))
     if a.cmd == "paper":
         res = paper_scale(n=a.requests, progress=not a.quiet)
         for c in res["cases"]:
@@ -1239,7 +1237,7 @@ def main(argv=None) -> int:
     elif a.cmd == "validate-batching":
         res = validate_batching()
         if res is None:
-            print("no bench/results/batching*.json yet: nothing to validate against")
+            print("no batching*.json in the results folder yet: nothing to validate against")
             return 0
         print(batching_validation_table(res["rows"]))
         print(json.dumps(res["summary"], indent=1))

@@ -1,6 +1,6 @@
 """Reliability suite: nothing wrong comes back silently (issue 16). Prints one table.
 
-    python bench/reliability.py [--quick]        or        multimoe-rt bench-reliability [--quick]
+    multimoe-rt bench-reliability [--quick]
 
 Sections, each on the served variants of the small mixtral-tiny zoo (or ``dirs``), with the plan that keeps every
 variant's own experts (share 0), so "right" is well defined: a request's tokens must equal its variant's greedy

@@ -1,6 +1,6 @@
 """Kernel benchmark: our fused MoE op against the experts implementations transformers itself offers.
 
-    python bench/kernels.py [--quick] [--out PATH]
+    python bench/moe_kernels.py [--quick] [--out PATH]
 
 Layers (same random weights and routing for every implementation in one run):
   * Mixtral-like: SwiGLU, top-2, 8 experts. CPU: H=512, I=1792 (scaled down to fit 2 shared cores);
@@ -22,7 +22,7 @@ copies in float64); a wrong output aborts the run. Medians over repetitions afte
 (perf_counter on CPU, triton.testing.do_bench on GPU). Ratios are time / best transformers time (<1 = faster).
 On GPU the rows also carry achieved GB/s (decode: bytes of the experts touched) and TFLOP/s (prefill)
 and their fraction of the measured device ceilings (D2D copy bandwidth, large bf16 matmul).
-JSON goes to bench/results/kernels-<host>.json (or --out).
+JSON goes to kernels-<host>.json in the results folder (or --out).
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from . import RESULTS_HELP, results_dir
+
 if not torch.cuda.is_available():
     # Lets the test-only Triton CPU path import; this script never times it on CPU. Set before multimoe_rt
     # is imported: importing it imports triton, which reads TRITON_INTERPRET when kernels are defined.
@@ -48,7 +50,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     apply_interpreter_shim()  # triton < 3.8 with numpy >= 2.4
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}  # max-abs error / max-abs reference
 
@@ -200,10 +201,10 @@ def reference_rows(layer: dict, hidden, ids, weights, rows: list[int], chunk: in
 def check(name: str, out: torch.Tensor, ref: torch.Tensor, rows: list[int], dtype) -> float:
     got = out[torch.tensor(rows, device=out.device)].double()
     if not torch.isfinite(got).all():
-        raise SystemExit(f"bench/kernels.py: {name} produced non-finite values; aborting")
+        raise SystemExit(f"multimoe_rt.benchmarks.kernels: {name} produced non-finite values; aborting")
     err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
     if err > TOL[dtype]:
-        raise SystemExit(f"bench/kernels.py: {name} is wrong: relative error {err:.3g} vs the float64 reference "
+        raise SystemExit(f"multimoe_rt.benchmarks.kernels: {name} is wrong: relative error {err:.3g} vs the float64 reference "
                          f"exceeds {TOL[dtype]:.0e} for {dtype}; aborting before timing")
     return err
 
@@ -560,14 +561,14 @@ def run_codecs(device: torch.device, dtype, specs_, budget_s: float, log=print, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer token counts and shorter timing budgets")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kernels-<host>.json)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default kernels-<host>.json in the results folder: $MULTIMOE_RESULTS, else ~/.cache/multimoe_rt/results)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default on CPU: 1, since on a shared 2-core machine multithreaded "
                          "OpenMP regions stall for whole scheduler slices whenever another process holds a core)")
     ap.add_argument("--only", choices=["layers", "codecs"], default=None,
                     help="run only the layer rows (ours vs transformers) or only the delta-codec rows "
-                         "(default: both; codec rows go to bench/results/kernels_codecs-<host>.json)")
+                         "(default: both; codec rows go to kernels_codecs-<host>.json in the results folder)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.threads or device.type == "cpu":
@@ -579,8 +580,7 @@ def main(argv=None) -> int:
           f"gpu={info['gpu']}, torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}")
     ceilings = None
     if device.type == "cuda":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from gpu_check import measure_ceilings
+        from .ceilings import measure_ceilings
 
         ceilings = measure_ceilings(device, dry=False)
         print(f"ceilings: {ceilings}")
@@ -598,7 +598,7 @@ def main(argv=None) -> int:
     print(format_table(rows))
     for n in notes:
         print("note:", n)
-    out = args.out or RESULTS / f"kernels-{info['host']}.json"
+    out = args.out or results_dir() / f"kernels-{info['host']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "device": str(device), "dtype": str(dtype), "ceilings": ceilings,
                                "notes": notes, "elapsed_s": round(elapsed, 1), "rows": rows}, indent=1))
@@ -614,7 +614,7 @@ def main(argv=None) -> int:
 
 
 def main_codecs(device, dtype, info, args) -> int:
-    """The delta-codec rows, printed and written to bench/results/kernels_codecs-<host>.json."""
+    """The delta-codec rows, printed and written to kernels_codecs-<host>.json in the results folder."""
     t0 = time.perf_counter()
     rows = run_codecs(device, dtype, codec_specs_for(device), 0.4 if args.quick else 1.0)
     elapsed = time.perf_counter() - t0
@@ -622,7 +622,7 @@ def main_codecs(device, dtype, info, args) -> int:
             "batch); vs_mixed_dense: a batch of the base and one variant per codec in one call over the same batch "
             "on dense slots. CPU: fp32, torch backend, "
             f"{torch.get_num_threads()} torch thread(s), medians of round-robin repetitions")
-    out = RESULTS / f"kernels_codecs-{info['host']}.json"
+    out = results_dir() / f"kernels_codecs-{info['host']}.json"
     if args.out is not None and args.only == "codecs":
         out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
