@@ -57,9 +57,13 @@ class Metrics:
         self.turnaround = prometheus_client.Histogram("multimoe_turnaround_seconds", "request arrival at the "
                                                       "server to its last token", ["model"], buckets=LATENCY_BUCKETS,
                                                       registry=r)
-        self.prompt_tokens = prometheus_client.Counter("multimoe_prompt_tokens", "prompt tokens", ["model"], registry=r)
+        self.prompt_tokens = prometheus_client.Counter("multimoe_prompt_tokens", "prompt tokens (each prompt once "
+                                                       "per request, as usage counts it)", ["model"], registry=r)
         self.completion_tokens = prometheus_client.Counter("multimoe_completion_tokens", "generated tokens",
                                                            ["model"], registry=r)
+        self.detokenized = prometheus_client.Counter("multimoe_detokenized_tokens", "token ids the incremental "
+                                                     "detokenizer decoded (one per generated token; a cost "
+                                                     "measure)", ["model"], registry=r)
         r.register(_EngineCollector(backend))
 
     def expose(self) -> bytes:

@@ -1,5 +1,6 @@
-"""The OpenAI wire protocol, without a web framework: request parsing, tokenizers, the chat template,
-incremental detokenization with stop strings, and response bodies.
+"""The OpenAI wire protocol, without a web framework: request parsing (``protocol.py``'s pydantic models),
+tokenizers, the chat template, incremental detokenization with stop strings, log-probabilities and response
+bodies.
 
 ``server.py`` (FastAPI) and ``ray_serve.py`` use it; nothing here imports fastapi, uvicorn or ray.
 
@@ -9,22 +10,22 @@ Errors are ``APIError(status, message, param, code)``; ``.body()`` is OpenAI's e
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..tokenizer import TOKENIZER_FILE, ByteTokenizer
+from ..tokenizer import TOKENIZER_FILE, ByteTokenizer, WindowStreamDecoder
+from . import protocol as P
+from .protocol import MAX_CHOICES, MAX_STOPS  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
-MAX_STOPS = 4          # OpenAI's limit on stop strings
-MAX_CHOICES = 128      # prompts x n in one request
+ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               503: "service_unavailable"}
+MIN_LOGPROB = -9999.0   # stands for -inf (a token top-p/top-k ruled out): JSON has no infinities (vLLM's value)
 
 
 class APIError(Exception):
@@ -59,6 +60,27 @@ class ByteCodec:
     def decode(self, ids) -> str:
         return self.tok.decode(ids)
 
+    def stream_decoder(self):
+        return self.tok.stream_decoder()
+
+    def token_bytes(self, i: int) -> bytes:
+        i = int(i)
+        if 0 <= i < 256:
+            return bytes((i,))
+        try:
+            return self.tok.special_name(i).encode()
+        except ValueError:
+            return b""
+
+    def token_text(self, i: int) -> str:
+        """A token as logprobs show it: its text, or ``bytes:\\xNN`` for a byte that is not a character by
+        itself (a piece of a multi-byte UTF-8 sequence), as vLLM writes it."""
+        b = self.token_bytes(i)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+
 
 class HFCodec:
     """A transformers tokenizer read from the checkpoint directory: offline, never ``trust_remote_code``."""
@@ -75,6 +97,15 @@ class HFCodec:
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def stream_decoder(self):
+        return WindowStreamDecoder(self.decode)
+
+    def token_text(self, i: int) -> str:
+        return self.tok.decode([int(i)], skip_special_tokens=False)
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.token_text(i).encode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -133,42 +164,65 @@ def uses_builtin_template(codec) -> bool:
 class TextStream:
     """Token ids in, text deltas out; never emits text that could still turn into a stop string, nor a
     half-decoded character. ``push(tok) -> str`` (the safe new text), ``flush() -> str`` at the end;
-    ``stopped`` once a stop string appeared (the text before it is all that is emitted)."""
+    ``stopped`` once a stop string appeared (the text before it is all that is emitted).
+
+    Each token is decoded once (``codec.stream_decoder()``) and the stop search looks only at the text not
+    yet emitted (at most the longest stop string plus the newest piece), so a token costs the same at any
+    output length. ``work``: token ids the decoder has processed (a cost measure)."""
 
     def __init__(self, codec, stops=()):
-        self.codec, self.stops = codec, [s for s in stops if s]
+        self.dec = codec.stream_decoder() if codec is not None else None
+        self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.ids: list[int] = []
-        self.text, self.sent, self.stopped = "", 0, False
+        self.pending = ""                # decoded, not emitted yet
+        self.pieces: list[str] = []      # emitted
+        self.sent = 0                    # characters emitted
+        self.stopped = False
+
+    @property
+    def work(self) -> int:
+        return self.dec.work if self.dec is not None else 0
+
+    @property
+    def decoded_chars(self) -> int:
+        return self.sent + len(self.pending)
 
     def push(self, token: int) -> str:
         if self.stopped:
             return ""
         self.ids.append(token)
-        if self.codec is None:
+        if self.dec is None:
             return ""
-        self.text = self.codec.decode(self.ids)
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        self.pending += self.dec.push(token)
+        return self._scan(final=False)
+
+    def flush(self) -> str:
+        if self.stopped or self.dec is None:
+            return ""
+        self.pending += self.dec.flush()
+        return self._scan(final=True)
+
+    def _scan(self, final: bool) -> str:
+        # A stop string starts at or after the first pending character: everything before it was emitted
+        # only once no stop could begin there (``hold`` characters are always kept back).
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True
             return self._emit(min(hits))
-        end = len(self.text) - self.hold
-        if self.text.endswith("\ufffd"):   # maybe a character whose bytes are not all here yet
-            end = min(end, len(self.text) - 1)
-        return self._emit(end)
-
-    def flush(self) -> str:
-        return "" if self.stopped else self._emit(len(self.text))
+        return self._emit(len(self.pending) if final else len(self.pending) - self.hold)
 
     def _emit(self, end: int) -> str:
-        if end <= self.sent:
+        if end <= 0:
             return ""
-        out, self.sent = self.text[self.sent:end], end
+        out, self.pending = self.pending[:end], self.pending[end:]
+        self.pieces.append(out)
+        self.sent += len(out)
         return out
 
     @property
     def emitted(self) -> str:
-        return self.text[:self.sent]
+        return "".join(self.pieces)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,160 +230,73 @@ class TextStream:
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class GenRequest:
-    """A parsed /v1/completions or /v1/chat/completions body."""
+    """A parsed /v1/completions or /v1/chat/completions body, in the engine's terms.
+
+    ``sampling``: ``SamplingParams`` fields shared by every choice (temperature, top_p, top_k, min_p, the
+    penalties, min_tokens, stop_token_ids, ignore_eos); ``seed`` is per choice (``seed + j`` for choice j),
+    ``max_tokens`` and the stop strings are resolved against the prompt and the tokenizer by the server."""
     kind: str                              # "completion" or "chat"
     model: str
     prompts: list = field(default_factory=list)    # completion: each a str or a list of token ids
-    messages: list | None = None           # chat
+    messages: list | None = None           # chat: [{"role", "content"}]
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     n: int = 1
     stream: bool = False
     include_usage: bool = False
-    ignore_eos: bool = False
+    echo: bool = False
+    logprobs: int | None = None            # top alternatives per token; None: no logprobs
+    user: str | None = None
+    sampling: dict = field(default_factory=dict)
 
 
 def _bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def load_body(raw: bytes):
+    """Request bytes -> a JSON value, within ``protocol``'s limits (depth, number size, valid Unicode)."""
+    try:
+        return P.load_json(raw)
+    except P.BodyError as e:
+        raise _bad(e.message, e.param) from None
 
 
-def _num(body, key, default, lo=None, hi=None):
-    x = body.get(key, default)
-    if x is None:
-        return default
-    if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)):
-        raise _bad(f"'{key}' must be a number, got {x!r}", key)
-    if (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise _bad(f"'{key}' must be in [{lo}, {hi}], got {x!r}", key)
-    return float(x)
+def _common(r: P._Sampling, kind: str, **extra) -> GenRequest:
+    sampling = {}
+    for key, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0),
+                         ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                         ("min_tokens", 0), ("ignore_eos", False)):
+        v = getattr(r, key)
+        sampling[key] = default if v is None else v
+    sampling["top_k"] = max(sampling["top_k"], 0)      # vLLM's -1 and OpenAI-style 0 both mean "off"
+    if r.stop_token_ids:
+        sampling["stop_token_ids"] = tuple(r.stop_token_ids)
+    return GenRequest(kind=kind, model=r.model, max_tokens=r.max_completion_tokens or r.max_tokens, seed=r.seed,
+                      stop=list(r.stop or []), n=r.n or 1, stream=bool(r.stream),
+                      include_usage=bool(r.stream_options and r.stream_options.include_usage), user=r.user,
+                      sampling=sampling, **extra)
 
 
-def _int(body, key, default, lo=None, hi=None):
-    x = body.get(key, default)
-    if x is None:
-        return default
-    if not _is_int(x):
-        raise _bad(f"'{key}' must be an integer, got {x!r}", key)
-    if (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise _bad(f"'{key}' must be in [{lo}, {'inf' if hi is None else hi}], got {x!r}", key)
-    return x
-
-
-def _bool(body, key, default=False):
-    x = body.get(key, default)
-    if x is None:
-        return default
-    if not isinstance(x, bool):
-        raise _bad(f"'{key}' must be a boolean, got {x!r}", key)
-    return x
-
-
-# fields we accept only at their neutral value (OpenAI clients may send them)
-_NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (None, False),
-            "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
-            "best_of": (None, 1), "tools": (None, []), "response_format": (None,)}
-
-
-def _common(body: dict, kind: str) -> GenRequest:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("'model' is required: the name of a variant (GET /v1/models lists them)", "model")
-    for key, neutral in _NEUTRAL.items():
-        if key in body and body[key] not in neutral and not (key == "response_format" and
-                                                             body[key] == {"type": "text"}):
-            raise _bad(f"'{key}' is not supported by this server", key)
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)) or len(stop) > MAX_STOPS:
-        raise _bad(f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} such strings", "stop")
-    opts = body.get("stream_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
-    stream = _bool(body, "stream")
-    include_usage = _bool(opts or {}, "include_usage")
-    if opts and not stream:
-        raise _bad("'stream_options' is only allowed with stream=true", "stream_options")
-    max_key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
-        else "max_tokens"
-    return GenRequest(kind=kind, model=model, max_tokens=_int(body, max_key, None, lo=1),
-                      temperature=_num(body, "temperature", 1.0, 0.0, 2.0),
-                      top_p=_num(body, "top_p", 1.0, 0.0, 1.0), seed=_int(body, "seed", None, lo=0),
-                      stop=stop, n=_int(body, "n", 1, 1, MAX_CHOICES), stream=stream, include_usage=include_usage,
-                      ignore_eos=_bool(body, "ignore_eos"))
+def _parse(model, body):
+    try:
+        return P.parse(model, body)
+    except P.BodyError as e:
+        raise _bad(e.message, e.param) from None
 
 
 def parse_completion(body) -> GenRequest:
     """POST /v1/completions: ``prompt`` is a string, a list of token ids, or a list of either (a batch)."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    r = _common(body, "completion")
-    p = body.get("prompt")
-    if isinstance(p, str):
-        prompts = [p]
-    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
-        prompts = [p]
-    elif isinstance(p, list) and p and all(isinstance(x, str) or (isinstance(x, list) and all(_is_int(t) for t in x))
-                                           for x in p):
-        prompts = list(p)
-    else:
-        raise _bad("'prompt' must be a string, a list of token ids, or a non-empty list of strings or of "
-                   "token-id lists", "prompt")
-    if any(len(x) == 0 for x in prompts):
-        raise _bad("'prompt' must not be empty", "prompt")
-    if r.top_p == 0:
-        raise _bad("'top_p' must be > 0", "top_p")
-    if len(prompts) * r.n > MAX_CHOICES:
-        raise _bad(f"prompts x n = {len(prompts) * r.n} is over the limit of {MAX_CHOICES} choices", "n")
-    r.prompts = prompts
-    return r
-
-
-def _content(m, i):
-    c = m.get("content")
-    if c is None:
-        return ""
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list) and all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str)
-                                   for x in c):
-        return "".join(x["text"] for x in c)
-    raise _bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+    r = _parse(P.CompletionRequest, body)
+    return _common(r, "completion", prompts=list(r.prompt), echo=bool(r.echo), logprobs=r.logprobs)
 
 
 def parse_chat(body) -> GenRequest:
     """POST /v1/chat/completions: ``messages`` = [{role, content}], rendered by ``render_chat``."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    r = _common(body, "chat")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("'messages' must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            raise _bad(f"messages[{i}] must be an object whose role is one of {list(CHAT_ROLES)}", f"messages[{i}]")
-        out.append({"role": m["role"], "content": _content(m, i)})
-    if r.top_p == 0:
-        raise _bad("'top_p' must be > 0", "top_p")
-    r.messages = out
-    return r
-
-
-def parse_body(raw: bytes):
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(f"the request body is not valid JSON: {e}") from None
+    r = _parse(P.ChatRequest, body)
+    return _common(r, "chat", messages=[{"role": m.role, "content": m.text()} for m in r.messages],
+                   logprobs=(r.top_logprobs or 0) if r.logprobs else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,16 +311,48 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _lp(x) -> float:
+    x = float(x)
+    return x if x >= MIN_LOGPROB else MIN_LOGPROB   # also maps NaN to the floor
+
+
+def logprobs_body(kind: str, codec, entries, offsets=None, start: int = 0):
+    """OpenAI's logprobs object for ``entries`` = [(token_id, (logprob, [(alt_id, alt_logprob), ...]))].
+
+    Completions: ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (``text_offset`` from
+    ``offsets``, characters into the choice's text). Chat: ``{"content": [{"token", "logprob", "bytes",
+    "top_logprobs": [...]}]}``. A model without a tokenizer shows tokens as ``token_id:N``."""
+    def text(i):
+        return codec.token_text(i) if codec is not None else f"token_id:{int(i)}"
+
+    def raw(i):
+        return list(codec.token_bytes(i)) if codec is not None else None
+
+    if kind == "chat":
+        return {"content": [{"token": text(t), "logprob": _lp(lp), "bytes": raw(t),
+                             "top_logprobs": [{"token": text(a), "logprob": _lp(alp), "bytes": raw(a)}
+                                              for a, alp in top]}
+                            for t, (lp, top) in entries]}
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for k, (t, (lp, top)) in enumerate(entries):
+        out["tokens"].append(text(t))
+        out["token_logprobs"].append(_lp(lp))
+        out["top_logprobs"].append({text(a): _lp(alp) for a, alp in top})
+        out["text_offset"].append(offsets[k] if offsets is not None else start)
+    return out
+
+
 def choice(kind: str, index: int, text: str, finish_reason, token_ids: list[int], *, delta: bool = False,
-           first: bool = False) -> dict:
+           first: bool = False, logprobs=None) -> dict:
     """One choice. ``token_ids`` (an extension, as in vLLM's ``return_token_ids``): the generated ids."""
     if kind == "completion":
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
                 "token_ids": token_ids}
     if delta:
         d = {"role": "assistant", "content": text} if first else ({"content": text} if text or token_ids else {})
-        return {"index": index, "delta": d, "logprobs": None, "finish_reason": finish_reason, "token_ids": token_ids}
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason,
+                "token_ids": token_ids}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish_reason, "token_ids": token_ids}
 
 
@@ -366,7 +365,8 @@ def envelope(kind: str, rid: str, model: str, created: int, choices: list, usage
     return out
 
 
-def model_card(name: str, parent: str | None, root: str, context: int, created: int | None = None) -> dict:
-    """A /v1/models entry: the base has no parent; every fine-tune names the base as its parent."""
+def model_card(name: str, parent: str | None, context: int, created: int | None = None) -> dict:
+    """A /v1/models entry: ``root`` is the variant's own name and ``parent`` its base (None for the base), as
+    vLLM names a served model; no filesystem path leaves the server."""
     return {"id": name, "object": "model", "created": created or int(time.time()), "owned_by": "multimoe_rt",
-            "root": root, "parent": parent, "max_model_len": context}
+            "root": name, "parent": parent, "max_model_len": context}

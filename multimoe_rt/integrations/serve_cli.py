@@ -27,7 +27,21 @@ def add_arguments(sv: argparse.ArgumentParser) -> None:
     sv.add_argument("--default-max-tokens", type=int, default=16, help="a completion's max_tokens when not given")
     sv.add_argument("--stream-interval", type=int, default=1,
                     help="tokens per streamed chunk (the first token is sent at once)")
-    sv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM lets in-flight requests run")
+    sv.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="seconds SIGTERM lets in-flight requests run; then open streams end with an error event "
+                    "and [DONE], unfinished non-streamed requests get 503")
+    sv.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a connection has to send a complete request line and headers (408 and closed "
+                    "after); 0 turns it off")
+    sv.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                    help="seconds an idle kept-alive connection stays open between requests")
+    sv.add_argument("--body-timeout", type=float, default=60.0,
+                    help="seconds a client has to send its whole request body (408 after)")
+    sv.add_argument("--max-connections", type=int, default=2048,
+                    help="open connections (and requests in progress) at once; over it a request gets 503; "
+                    "0: no limit")
+    sv.add_argument("--max-header-bytes", type=int, default=16384,
+                    help="largest request line plus headers (a larger head is a 400)")
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     sv.add_argument("--log-level", default="info")
