@@ -29,9 +29,9 @@ import torch
 
 from .forward import BatchedModel, BatchEntry
 from .kv_cache import KVCache
-from .sampling import sample
-from .errors import EngineClosed, RequestError
-from .request_checks import as_bool, as_int, as_real, as_token_ids
+from .sampling import Row, SamplingParams, eos_ids, make_generator, sample_batch
+from .errors import EngineClosed, EngineDead, RequestError, StepError
+from .request_checks import as_token_ids
 from .weights import VariantWeights
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,16 @@ class QueueFull(RequestError):
 class RequestHandle:
     """A submitted request: a token stream (``for t in h``, ``async for t in h``), ``cancel()``, ``result()``.
 
+    ``params``: its ``SamplingParams``; ``eos``: the EOS ids it stops at (its own, else the model's).
+    ``logprobs``: None unless ``params.logprobs`` is set; then one ``(logprob, [(token, logprob), ...])`` per
+    generated token, from the log-softmax after penalties, before temperature and top-k/top-p/min-p.
     Timestamps are ``time.perf_counter()`` seconds: ``arrival``, ``admitted``, ``first_token``, ``finish``.
     """
 
-    def __init__(self, rid: int, variant: str, v: int, prompt: list, max_new_tokens: int, temperature: float,
-                 top_p: float, seed, stop: list, eos_token_id, ignore_eos: bool):
-        self.id, self.variant, self.v, self.prompt = rid, variant, v, prompt
-        self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
-        self.stop, self.eos_token_id, self.ignore_eos = stop, eos_token_id, ignore_eos
+    def __init__(self, rid: int, variant: str, v: int, prompt: list, params: SamplingParams, eos: tuple):
+        self.id, self.variant, self.v, self.prompt, self.params, self.eos = rid, variant, v, prompt, params, eos
         self.tokens: list[int] = []
+        self.logprobs: list | None = None if params.logprobs is None else []
         self.finish_reason: str | None = None   # "stop", "length", "cancelled", "error"
         self.error: BaseException | None = None
         self.arrival, self.admitted, self.first_token, self.finish = time.perf_counter(), None, None, None
@@ -62,23 +63,38 @@ class RequestHandle:
         self._sinks: list = []
         self._done = threading.Event()
 
+    # the pre-SamplingParams attribute names
+    max_new_tokens = property(lambda self: self.params.max_new_tokens)
+    temperature = property(lambda self: self.params.temperature)
+    top_p = property(lambda self: self.params.top_p)
+    seed = property(lambda self: self.params.seed)
+    stop = property(lambda self: self.params.stop)
+    ignore_eos = property(lambda self: self.params.ignore_eos)
+    eos_token_id = property(lambda self: self.eos)
+
     # -- called by the engine thread ----------------------------------------------------------
-    def _emit(self, token: int) -> None:
+    def _emit(self, token: int, logprob=None) -> None:
+        """Append and stream a token; every sink gets it even if one raises (then this raises)."""
         with self._lock:
             if self.first_token is None:
                 self.first_token = time.perf_counter()
             self.tokens.append(token)
-            for sink in self._sinks:
-                sink(token)
+            if self.logprobs is not None:
+                self.logprobs.append(logprob)
+            _call_all(self._sinks, token)
 
     def _close(self, reason: str, error: BaseException | None = None) -> None:
+        """Finish the request; never raises, so a broken sink cannot leave a waiter hanging."""
         with self._lock:
             if self._done.is_set():
                 return
             self.finish_reason, self.error, self.finish = reason, error, time.perf_counter()
-            for sink in self._sinks:
-                sink(_END)
-            self._done.set()
+            try:
+                _call_all(self._sinks, _END)
+            except Exception:  # noqa: BLE001 - the consumer is gone; result() still answers
+                log.warning("request %s: a stream consumer failed at close", self.id, exc_info=True)
+            finally:
+                self._done.set()
 
     def _subscribe(self, sink) -> None:
         with self._lock:  # replay what came before, then follow: no token lost or doubled
@@ -132,21 +148,30 @@ class RequestHandle:
         return self.finish - self.arrival
 
 
+def _call_all(sinks, item) -> None:
+    first = None
+    for sink in sinks:
+        try:
+            sink(item)
+        except Exception as e:  # noqa: BLE001 - the other consumers still get the item
+            first = first or e
+    if first is not None:
+        raise first
+
+
 class _Sequence:
     def __init__(self, h: RequestHandle, weight_set: int, slot: int, device):
         self.h, self.set, self.slot = h, weight_set, slot
         self.cached = 0   # tokens whose keys are in the cache
-        self.generator = None
-        if h.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            if h.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(h.seed)
+        self.generator = make_generator(h.params, device)
+        self.end_ids = (() if h.params.ignore_eos else h.eos) + h.params.stop_token_ids
 
     @property
     def prefilling(self) -> bool:
         return self.cached < len(self.h.prompt)
+
+    def row(self) -> Row:
+        return Row(self.h.params, self.h.prompt, self.h.tokens, self.generator, self.end_ids)
 
 
 class Engine:
@@ -168,7 +193,7 @@ class Engine:
         self.names, self.vocab_size = model.weights.names, model.weights.embed.shape[1]
         self.max_step_tokens, self.max_queue, self.mix = max_step_tokens, max_queue, mix_variants
         self.group_variants = group_variants
-        self.eos_token_id = eos_token_id
+        self.eos_token_id, self.eos = eos_token_id, eos_ids(eos_token_id)
         self.device = model.slab.device
         self.waiting: deque[RequestHandle] = deque()
         self.running: list[_Sequence] = []
@@ -177,6 +202,7 @@ class Engine:
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closing, self._drain = False, True
+        self._dead: str | None = None   # why the loop died; then every request fails with EngineDead
         self._thread = threading.Thread(target=self._loop, name="multimoe-engine", daemon=True)
         self._thread.start()
 
@@ -205,10 +231,12 @@ class Engine:
         return cls(BatchedModel(cfg, weights, slab, table, kv, backend), **engine_kwargs)
 
     # -- submission (any thread) --------------------------------------------------------------
-    def submit(self, variant: str, prompt, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop=None, eos_token_id: int | None = None,
-               ignore_eos: bool = False) -> RequestHandle:
-        """Queue a request; bad input raises ``RequestError`` here, a full queue ``QueueFull``."""
+    def submit(self, variant: str, prompt, params: SamplingParams | None = None, **kwargs) -> RequestHandle:
+        """Queue a request. ``params`` and/or keyword fields of ``SamplingParams`` (keywords override ``params``).
+
+        Bad input raises ``RequestError`` here (naming the field), a full queue ``QueueFull``, a shut-down
+        engine ``EngineClosed`` and a dead one ``EngineDead``.
+        """
         if not isinstance(variant, str) or variant not in self.names:
             raise RequestError(f"unknown variant {variant!r}; this engine serves {self.names}")
         prompt = as_token_ids(prompt)
@@ -216,36 +244,36 @@ class Engine:
             raise RequestError("empty prompt: give at least one token")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}), got [{min(prompt)}, {max(prompt)}]")
-        max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
-        if len(prompt) + max_new_tokens > self.kv.max_len:
-            raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+        if params is not None and not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = (params or SamplingParams()).replace(self.vocab_size, **kwargs)
+        if len(prompt) + params.max_new_tokens > self.kv.max_len:
+            raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                                f"context of {self.kv.max_len} tokens")
-        temperature, top_p = as_real("temperature", temperature), as_real("top_p", top_p)
-        if temperature < 0:
-            raise RequestError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {top_p}")
-        if seed is not None:
-            seed = as_int("seed", seed, 0, 2**63 - 1)
-        if eos_token_id is not None:
-            eos_token_id = as_int("eos_token_id", eos_token_id, 0, self.vocab_size - 1)
-        ignore_eos = as_bool("ignore_eos", ignore_eos)
-        if not isinstance(stop, (list, tuple, type(None))):
-            raise RequestError(f"stop must be a list of token-id sequences, got {type(stop).__name__}")
-        stop = [as_token_ids(s, "each stop sequence is a list of token ids") for s in (stop or [])]
-        if any(not s for s in stop):
-            raise RequestError("stop sequences must not be empty")
-        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        eos = self.eos if params.eos_token_id is None else eos_ids(params.eos_token_id)
         with self._cond:
+            if self._dead is not None:
+                raise EngineDead(self._dead)
             if self._closing:
                 raise EngineClosed("the engine is shut down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests already waiting (max_queue={self.max_queue})")
-            h = RequestHandle(next(self._ids), variant, self.names.index(variant), prompt, max_new_tokens,
-                              temperature, top_p, seed, stop, eos, ignore_eos)
+            h = RequestHandle(next(self._ids), variant, self.names.index(variant), prompt, params, eos)
             self.waiting.append(h)
             self._cond.notify()
         return h
+
+    def health(self) -> tuple[bool, str]:
+        """``(True, "ok")`` while the loop serves; else ``(False, reason)``: the loop died (and why), or the
+        engine is shutting down. A server answers 503 with the reason when it is False."""
+        with self._cond:
+            if self._dead is not None:
+                return False, self._dead
+            if self._closing:
+                return False, "the engine is shutting down"
+        if not self._thread.is_alive():
+            return False, "the engine thread is not running"
+        return True, "ok"
 
     def generate(self, variant: str, prompt, **kwargs) -> list[int]:
         """Submit and wait: the new token ids."""
@@ -276,35 +304,69 @@ class Engine:
         self.shutdown()
 
     # -- the step loop (engine thread only) ---------------------------------------------------
+    # Every stage of a step (admission, set load, forward, sampling, emit, retire) contains its own failures:
+    # the requests a failure concerns get a StepError naming the stage, the others and the loop go on.
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self.waiting or self.running or self._closing):
-                    self._cond.wait()
-                if self._closing and not self._drain:
-                    for h in self.waiting:
-                        h._close("cancelled", EngineClosed("engine shut down before the request ran"))
-                    self.waiting.clear()
-                    for s in self.running:
-                        s.h.cancel()
-                if self._closing and not (self.waiting or self.running):
-                    return
-            if not self._step():
-                self.weights.wait_loads(timeout=0.01)  # nothing to run: only weight loads are pending
+        try:
+            while True:
+                with self._cond:
+                    while not (self.waiting or self.running or self._closing):
+                        self._cond.wait()
+                    if self._closing and not self._drain:
+                        for h in self.waiting:
+                            h._close("cancelled", EngineClosed("engine shut down before the request ran"))
+                        self.waiting.clear()
+                        for s in self.running:
+                            s.h.cancel()
+                    if self._closing and not (self.waiting or self.running):
+                        return
+                try:
+                    ran = self._step()
+                except Exception as e:  # noqa: BLE001 - outside every stage's guard: fail the step's sequences
+                    log.exception("engine step failed")
+                    for s in list(self.running):
+                        self._retire(s, "error", StepError(f"request {s.h.id}: engine step failed: {e!r}"))
+                    ran = True
+                if not ran:
+                    self.weights.wait_loads(timeout=0.01)  # nothing to run: only weight loads are pending
+        except BaseException as e:  # noqa: BLE001 - the loop is gone: nobody may wait for it
+            log.critical("engine loop died", exc_info=True)
+            self._die(f"the engine loop died: {type(e).__name__}: {e}")
+
+    def _die(self, reason: str) -> None:
+        with self._cond:
+            self._dead = reason
+            handles = list(self.waiting) + [s.h for s in self.running]
+            self.waiting.clear()
+            self.running.clear()
+        self._fail(handles, EngineDead(reason))
 
     def _fail(self, handles, error: BaseException) -> None:
         for h in handles:
             h._close("error", error)
             self.stats["failed"] += 1
 
-    def _admit(self) -> None:
-        for v, error in self.weights.poll():
+    def _poll_loads(self) -> None:
+        try:
+            done = self.weights.poll()
+        except Exception as e:  # noqa: BLE001 - no load can be trusted: fail whoever waits for one
+            log.exception("polling weight loads failed")
+            with self._cond:
+                failed = [h for h in self.waiting if self.weights.lookup(h.v) is None]
+                for h in failed:
+                    self.waiting.remove(h)
+            self._fail(failed, StepError(f"set load failed: {e!r}"))
+            return
+        for v, error in done:
             if error is not None:
                 with self._cond:
                     failed = [h for h in self.waiting if h.v == v]
                     for h in failed:
                         self.waiting.remove(h)
                 self._fail(failed, error)
+
+    def _admit(self) -> None:
+        self._poll_loads()
         with self._cond:
             self.draining = {k: u for k, u in self.draining.items() if any(h.v == u for h in self.waiting)}
             for h in [h for h in self.waiting if h.cancelled]:
@@ -324,21 +386,40 @@ class Engine:
                     break
                 if only is not None and h.v != only:
                     continue
-                s = self.weights.lookup(h.v)
-                if s is None:
-                    if self.weights.start_load(h.v, busy):
-                        self.draining = {k: u for k, u in self.draining.items() if u != h.v}
-                    elif not self.draining and (lru := self.weights.least_recent_set()) is not None:
-                        self.draining[lru] = h.v
+                try:
+                    s = self._admit_one(h, busy)
+                except Exception as e:  # noqa: BLE001 - this request fails, the queue goes on
+                    log.exception("admitting request %s failed", h.id)
+                    if h in self.waiting:
+                        self.waiting.remove(h)
+                    self._fail([h], StepError(f"request {h.id}: admission failed: {e!r}"))
                     continue
-                if s in self.draining:
-                    continue
-                self.waiting.remove(h)
-                h.admitted = time.perf_counter()
-                self.running.append(_Sequence(h, s, self.kv.allocate(), self.device))
-                busy.add(s)
-                if not self.mix:
-                    only = h.v
+                if s is not None:
+                    busy.add(s.set)
+                    if not self.mix:
+                        only = h.v
+
+    def _admit_one(self, h: RequestHandle, busy: set) -> _Sequence | None:
+        """Start ``h`` if its variant's set is resident (else start or queue that set's load)."""
+        ws = self.weights.lookup(h.v)
+        if ws is None:
+            if self.weights.start_load(h.v, busy):
+                self.draining = {k: u for k, u in self.draining.items() if u != h.v}
+            elif not self.draining and (lru := self.weights.least_recent_set()) is not None:
+                self.draining[lru] = h.v
+            return None
+        if ws in self.draining:
+            return None
+        slot = self.kv.allocate()
+        try:
+            s = _Sequence(h, ws, slot, self.device)
+        except BaseException:
+            self.kv.free(slot)
+            raise
+        self.waiting.remove(h)
+        h.admitted = time.perf_counter()
+        self.running.append(s)
+        return s
 
     def _step(self) -> bool:
         """One iteration; False when nothing could run (every waiting request needs a set being loaded)."""
@@ -362,42 +443,89 @@ class Engine:
             fed.append(s)
         order = sorted(range(len(entries)), key=lambda i: entries[i].set)
         entries, fed = [entries[i] for i in order], [fed[i] for i in order]
-        try:
-            logits = self.model.forward(self.model.batch(entries)).float()
-        except Exception as e:  # noqa: BLE001 - the requests of this step fail; the engine keeps serving
-            log.exception("engine step failed")
-            for s in list(self.running):
-                self._retire(s, "error", RuntimeError(f"forward failed: {e}"))
-            return True
-        greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row of the step
-        row = 0
+        logits, sampled, failed = self._forward(entries, fed)
+        for s, e in failed:
+            self._retire(s, "error", StepError(f"request {s.h.id}: forward failed: {e!r}"))
+        gone = {id(s) for s, _ in failed}
         for e, s in zip(entries, fed):
-            s.cached += len(e.tokens)
-            if not e.logits:
-                continue
-            token = greedy[row] if s.h.temperature == 0 else \
-                sample(logits[row], s.h.temperature, s.h.top_p, s.generator)
-            row += 1
-            s.h._emit(token)
-            self.stats["tokens"] += 1
-            reason = self._finished(s.h, token)
-            if reason:
-                self._retire(s, reason)
+            if id(s) not in gone:
+                s.cached += len(e.tokens)
+        if sampled:
+            for s, token, lp in self._sample(logits, sampled):
+                self._deliver(s, token, lp)
         self.stats["steps"] += 1
         return True
 
+    def _forward(self, entries, fed):
+        """``(logits [n, V], the n sequences they belong to, [(sequence, error)])``. A failed forward is
+        retried in halves down to single sequences, so only the sequences that fail alone fail (rewriting
+        a step's keys at the same positions is harmless)."""
+        try:
+            logits = self.model.forward(self.model.batch(entries)).float()
+            return logits, [s for e, s in zip(entries, fed) if e.logits], []
+        except Exception as e:  # noqa: BLE001 - isolate the sequences that cause it
+            if len(entries) == 1:
+                log.error("forward failed for request %s", fed[0].h.id, exc_info=True)
+                return None, [], [(fed[0], e)]
+            log.warning("a forward over %d sequences failed (%r); retrying in halves", len(entries), e)
+        m = len(entries) // 2
+        parts = [self._forward(entries[:m], fed[:m]), self._forward(entries[m:], fed[m:])]
+        logits = [p[0] for p in parts if p[0] is not None]
+        return (torch.cat(logits) if logits else None), parts[0][1] + parts[1][1], parts[0][2] + parts[1][2]
+
+    def _sample(self, logits, seqs):
+        """``[(sequence, token, logprob entry)]`` from one batched sampler call; if it fails, each row alone,
+        so only the rows that fail alone fail."""
+        rows = [s.row() for s in seqs]
+        try:
+            tokens, lps = sample_batch(logits, rows)
+            return list(zip(seqs, tokens, lps))
+        except Exception as e:  # noqa: BLE001 - isolate the rows that cause it
+            log.warning("sampling %d rows failed (%r); sampling each alone", len(rows), e)
+        out = []
+        for i, (s, r) in enumerate(zip(seqs, rows)):
+            try:
+                tokens, lps = sample_batch(logits[i:i + 1], [r])
+                out.append((s, tokens[0], lps[0]))
+            except Exception as e:  # noqa: BLE001
+                log.error("sampling failed for request %s", s.h.id, exc_info=True)
+                self._retire(s, "error", StepError(f"request {s.h.id}: sampling failed: {e!r}"))
+        return out
+
+    def _deliver(self, s: _Sequence, token: int, logprob) -> None:
+        try:
+            s.h._emit(token, logprob)
+            self.stats["tokens"] += 1
+            reason = self._finished(s.h, token)
+        except Exception as e:  # noqa: BLE001 - its consumer is broken: this request ends, the others go on
+            log.error("emitting a token of request %s failed", s.h.id, exc_info=True)
+            self._retire(s, "error", StepError(f"request {s.h.id}: emit failed: {e!r}"))
+            return
+        if reason:
+            self._retire(s, reason)
+
     @staticmethod
     def _finished(h: RequestHandle, token: int) -> str | None:
-        if token == h.eos_token_id and not h.ignore_eos:
-            return "stop"
-        if any(h.tokens[-len(s):] == s for s in h.stop):
-            return "stop"
-        if len(h.tokens) >= h.max_new_tokens:
+        p = h.params
+        if len(h.tokens) >= p.min_tokens:  # vLLM: no stop of any kind before min_tokens
+            if (token in h.eos and not p.ignore_eos) or token in p.stop_token_ids:
+                return "stop"
+            if any(tuple(h.tokens[-len(s):]) == s for s in p.stop):
+                return "stop"
+        if len(h.tokens) >= p.max_new_tokens:
             return "length"
         return None
 
     def _retire(self, s: _Sequence, reason: str, error: BaseException | None = None) -> None:
-        self.running.remove(s)
-        self.kv.free(s.slot)
+        """Take ``s`` out of the batch and finish its request; if freeing its KV slot fails, the slot stays out
+        of the free list (never handed out twice) and the request fails."""
+        if s in self.running:
+            self.running.remove(s)
+        try:
+            self.kv.free(s.slot)
+        except Exception as e:  # noqa: BLE001
+            log.error("retiring request %s failed", s.h.id, exc_info=True)
+            if error is None:
+                reason, error = "error", StepError(f"request {s.h.id}: retire failed: {e!r}")
         s.h._close(reason, error)
         self.stats["cancelled" if reason == "cancelled" else "failed" if error is not None else "finished"] += 1

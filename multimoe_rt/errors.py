@@ -13,6 +13,8 @@ of ours, not a message for the user.
     ├── RequestError (ValueError)      a request rejected at submission; the engine keeps serving
     │   └── (engine.QueueFull)         the waiting queue is full
     ├── EngineClosed (RuntimeError)    submit() after shutdown()
+    │   └── EngineDead                 the engine loop died: every waiting and later request fails with it
+    ├── StepError (RuntimeError)       one stage of an engine step failed for this request; the engine goes on
     ├── RequestCancelled               a request cancelled before it ran (also a concurrent.futures.CancelledError)
     ├── SwitchError (RuntimeError)     a variant switch failed; the previous variant is still active
     └── UsageError (ValueError)        a command-line argument that cannot work (the CLI prints it in one line)
@@ -50,6 +52,16 @@ class RequestError(MultimoeError, ValueError):
 
 class EngineClosed(MultimoeError, RuntimeError):
     """submit() after shutdown(), or a queued request cancelled by shutdown(drain=False)."""
+
+
+class EngineDead(EngineClosed):
+    """The engine's loop died (a bug, or an error no step could contain): every waiting and later request
+    fails with this, and ``Engine.health()`` reports the reason."""
+
+
+class StepError(MultimoeError, RuntimeError):
+    """One stage of an engine step (admission, set load, forward, sampling, emit, retire) failed for this
+    request; the message names the stage and the cause. Other requests and the engine go on."""
 
 
 class RequestCancelled(MultimoeError, CancelledError):
