@@ -25,7 +25,7 @@ from multimoe_rt.integrations import openai_api as oa
 from multimoe_rt.integrations.groups import RemoteJob, VariantGroups, decode_error, encode_error
 from multimoe_rt.integrations.server import EngineBackend, build_app
 from multimoe_rt.engine import QueueFull
-from multimoe_rt.serve import EngineClosed, RequestError
+from multimoe_rt.errors import EngineClosed, RequestError
 from multimoe_rt.tokenizer import ByteTokenizer
 from tiny_models import MIXTRAL, _perturb, save_variants
 
@@ -33,11 +33,11 @@ MAX_LEN, MAX_BATCH = 2048, 16
 TOK = ByteTokenizer()
 
 
-def save_text_variants(tmp_path, n=3):
+def save_text_variants(tmp_path, n=3, max_len=MAX_LEN):
     """Tiny random Mixtral variants with the byte tokenizer's vocabulary and its multimoe_tokenizer.json, as the
     zoo writes them, so text prompts fit."""
     torch.manual_seed(0)
-    cfg = T.MixtralConfig(**{**MIXTRAL, "vocab_size": TOK.vocab_size, "max_position_embeddings": MAX_LEN,
+    cfg = T.MixtralConfig(**{**MIXTRAL, "vocab_size": TOK.vocab_size, "max_position_embeddings": max_len,
                              "eos_token_id": TOK.eos_id, "bos_token_id": TOK.bos_id, "pad_token_id": TOK.pad_id})
     model = T.MixtralForCausalLM(cfg)
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -53,13 +53,15 @@ def save_text_variants(tmp_path, n=3):
     return dirs
 
 
-def start_server(dirs, *extra, timeout=120):
+def start_server(dirs, *extra, timeout=120, max_len=MAX_LEN):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(dirs[0].parent / f"server-{time.monotonic_ns()}.log", "w+")
+    # cwd: a folder with nothing importable, so no checkout folder can shadow an installed package
     proc = subprocess.Popen([sys.executable, "-m", "multimoe_rt.integrations.serve_cli", *map(str, dirs),
                              "--port", "0",
-                             "--max-batch", str(MAX_BATCH), "--max-len", str(MAX_LEN), "--log-level", "warning",
-                             *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+                             "--max-batch", str(MAX_BATCH), "--max-len", str(max_len), "--log-level", "warning",
+                             *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                            cwd=dirs[0].parent)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     deadline = time.time() + timeout
@@ -129,12 +131,13 @@ PROMPTS = ["The quick brown fox", "def main():\n    ", "Once upon a time", "x"]
 # ---------------------------------------------------------------------------------------------------
 # endpoints against a real server
 # ---------------------------------------------------------------------------------------------------
-def test_models_and_health(server, client, names):
+def test_models_and_health(server, client, names, dirs):
     assert [m.id for m in client.models.list().data] == names
     body = httpx.get(server + "/v1/models").json()
     assert body["object"] == "list"
-    assert [(m["id"], m["parent"], m["max_model_len"]) for m in body["data"]] == \
-        [("base", None, MAX_LEN), ("v1", "base", MAX_LEN), ("v2", "base", MAX_LEN)]
+    assert [(m["id"], m["root"], m["parent"], m["max_model_len"]) for m in body["data"]] == \
+        [("base", "base", None, MAX_LEN), ("v1", "v1", "base", MAX_LEN), ("v2", "v2", "base", MAX_LEN)]
+    assert str(dirs[0].parent) not in httpx.get(server + "/v1/models").text   # no filesystem path leaks
     assert client.models.retrieve("v2").parent == "base"
     h = httpx.get(server + "/health")
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["models"] == names
@@ -260,19 +263,23 @@ ERRORS = [  # (endpoint, body, status, param)
     ("completions", {"model": "base", "prompt": "hi", "seed": -1}, 400, "seed"),
     ("completions", {"model": "base", "prompt": "hi", "stream": "yes"}, 400, "stream"),
     ("completions", {"model": "base", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("completions", {"model": "base", "prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ("completions", {"model": "base", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("completions", {"model": "base", "prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ("completions", {"model": "base", "prompt": "hi", "top_kk": 3}, 400, "top_kk"),
     ("completions", {"model": "base", "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
-    ("completions", {"model": "base", "prompt": [1, TOK.vocab_size]}, 400, None),   # out of the vocabulary
+    ("completions", {"model": "base", "prompt": [1, TOK.vocab_size]}, 400, "prompt"),   # out of the vocabulary
     ("chat/completions", {"model": "base"}, 400, "messages"),
-    ("chat/completions", {"model": "base", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0]"),
+    ("chat/completions", {"model": "base", "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "messages[0].role"),
     ("chat/completions", {"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      400, "messages[0].content"),
     ("completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
     ("chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
-    ("completions", {"model": "base", "prompt": "a" * MAX_LEN}, 413, "prompt"),
-    ("completions", {"model": "base", "prompt": [5] * (MAX_LEN - 10), "max_tokens": 11}, 413, "max_tokens"),
-    ("chat/completions", {"model": "base", "messages": [{"role": "user", "content": "a" * MAX_LEN}]}, 413, "prompt"),
+    # context overflow: 400 as OpenAI and vLLM answer it (code context_length_exceeded)
+    ("completions", {"model": "base", "prompt": "a" * MAX_LEN}, 400, "prompt"),
+    ("completions", {"model": "base", "prompt": [5] * (MAX_LEN - 10), "max_tokens": 11}, 400, "max_tokens"),
+    ("chat/completions", {"model": "base", "messages": [{"role": "user", "content": "a" * MAX_LEN}]}, 400, "prompt"),
 ]
 
 
@@ -284,8 +291,10 @@ def test_errors_are_openai_json_with_the_right_status(server, endpoint, body, st
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["type"] == "invalid_request_error" and err["param"] == param
-    if status == 413:
-        assert err["code"] == "context_length_exceeded"
+    overflow = isinstance(body, dict) and len(json.dumps(body)) > MAX_LEN
+    assert (err["code"] == "context_length_exceeded") == overflow
+    if overflow:   # the message carries the limits
+        assert str(MAX_LEN) in err["message"]
 
 
 def test_errors_through_the_openai_client_and_oversize_bodies(server, client):
@@ -498,8 +507,10 @@ def test_text_stream_holds_back_possible_stops_and_partial_characters():
 
 def test_parsing_defaults_and_neutral_fields():
     r = oa.parse_completion({"model": "m", "prompt": ["a", [1, 2]], "logprobs": None, "echo": False,
-                             "frequency_penalty": 0, "stop": "x", "max_tokens": 5})
-    assert r.prompts == ["a", [1, 2]] and r.stop == ["x"] and (r.temperature, r.top_p, r.n) == (1.0, 1.0, 1)
+                             "frequency_penalty": 0, "stop": "x", "max_tokens": 5, "logit_bias": {}})
+    assert r.prompts == ["a", [1, 2]] and r.stop == ["x"] and r.n == 1 and r.logprobs is None
+    assert (r.sampling["temperature"], r.sampling["top_p"], r.sampling["top_k"]) == (1.0, 1.0, 0)
+    assert oa.parse_completion({"model": "m", "prompt": "a", "top_k": -1}).sampling["top_k"] == 0   # vLLM's "off"
     r = oa.parse_chat({"model": "m", "messages": [{"role": "user", "content": None}], "max_completion_tokens": 7})
     assert r.messages == [{"role": "user", "content": ""}] and r.max_tokens == 7
     with pytest.raises(oa.APIError) as e:

@@ -7,15 +7,24 @@ routes a request to a replica that already holds the group of its variant. ``ray
 Ray; everything here is plain Python and is tested without Ray.
 
 Replica stream protocol (one request): first ``{"accepted": True, "replica", "group", "variants"}`` or
-``{"error": {"kind", "message"}}``; then token ids (ints); then ``{"finish_reason": ...}`` or an error.
+``{"error": {"kind", "message"}}``; then token ids (ints), or ``{"token", "logprob", "top"}`` when the request
+asked for logprobs; then ``{"finish_reason": ...}`` or an error.
+
+Where groups live (``GroupAffinity`` at the front, ``GroupGuard`` in each replica): a group with requests in
+flight stays on its replica, and a group whose replica disappears (killed, being replaced) waits for it for a
+grace period instead of evicting another replica's group. Without that, losing one replica of three made the
+two survivors load the orphaned group in turn, each load evicting the other's group, for as long as the
+replacement took to start.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 from ..engine import QueueFull
-from ..serve import EngineClosed, RequestError
+from ..errors import EngineClosed, MultimoeError, RequestError
 
 
 class VariantGroups:
@@ -69,8 +78,89 @@ class VariantGroups:
         return cls(d["groups"], d.get("names"))
 
 
+# -- where groups live ---------------------------------------------------------------------------------
+class Misrouted(MultimoeError, RuntimeError):
+    """A replica declined a group it does not hold: its own group has requests in flight, or the front has
+    not allowed the group to move yet. The front retries."""
+
+
+class GroupAffinity:
+    """The front's memory of which replica holds each group. ``placed`` when a replica serves it, ``lost`` when
+    its replica failed or declined it. ``may_move(group)``: may a replica holding another (idle) group take
+    it? Yes for a group never placed; for a placed one only after its replica has been missing for
+    ``grace_s`` (a replacement replica usually starts within that)."""
+
+    def __init__(self, grace_s: float = 30.0, clock=time.monotonic):
+        self.grace_s, self.clock = grace_s, clock
+        self.home: dict[str, str] = {}
+        self.missing_since: dict[str, float] = {}
+
+    def placed(self, group: str, replica: str) -> None:
+        self.home[group] = replica
+        self.missing_since.pop(group, None)
+
+    def lost(self, group: str) -> None:
+        self.missing_since.setdefault(group, self.clock())
+
+    def may_move(self, group: str) -> bool:
+        if group not in self.home:
+            return True
+        since = self.missing_since.get(group)
+        return since is not None and self.clock() - since >= self.grace_s
+
+
+class GroupGuard:
+    """A replica's rule for taking a group (one group per replica): ``check(group, may_move)`` is None when
+    it may serve ``group`` now, else the reason it declines. The group it holds stays while any request for it
+    is in flight; an idle group is replaced only when the front allows the move. ``enter``/``leave`` bracket
+    each request; ``switches`` counts group changes (each one an engine reload)."""
+
+    def __init__(self):
+        self.current: str | None = None
+        self.in_flight = 0
+        self.switches = 0
+
+    def check(self, group: str, may_move: bool) -> str | None:
+        if self.current is None or self.current == group:
+            return None
+        if self.in_flight:
+            return f"this replica serves group {self.current!r} ({self.in_flight} requests in flight)"
+        if not may_move:
+            return f"this replica holds group {self.current!r}; {group!r} waits for its own replica"
+        return None
+
+    def enter(self, group: str) -> None:
+        if self.current != group:
+            self.switches += self.current is not None
+            self.current = group
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+
+async def start_with_affinity(start, group: str, affinity: GroupAffinity, *, lost_errors=(), retry_s: float = 0.2,
+                              give_up_s: float | None = None, sleep=asyncio.sleep):
+    """Submit through ``start(may_move) -> started RemoteJob`` until a replica accepts: a declined group
+    (``Misrouted``) or a failed replica (``lost_errors``) marks the group lost and retries after ``retry_s``;
+    after ``give_up_s`` (default: the grace period plus 30 s) the last error is raised."""
+    give_up_s = affinity.grace_s + 30.0 if give_up_s is None else give_up_s
+    t0 = affinity.clock()
+    while True:
+        try:
+            job = await start(affinity.may_move(group))
+        except (Misrouted, *lost_errors) as e:
+            affinity.lost(group)
+            if affinity.clock() - t0 >= give_up_s:
+                raise EngineClosed(f"no replica could take variant group {group!r}: {e}") from e
+            await sleep(retry_s)
+            continue
+        affinity.placed(group, str(job.info.get("replica")))
+        return job
+
+
 # -- errors across the process boundary -----------------------------------------------------------------
-_KINDS = {"queue_full": QueueFull, "closed": EngineClosed, "request": RequestError}
+_KINDS = {"queue_full": QueueFull, "closed": EngineClosed, "misrouted": Misrouted, "request": RequestError}
 
 
 def encode_error(e: BaseException) -> dict:
@@ -91,6 +181,7 @@ class RemoteJob:
         self._stream, self._cancel = stream, cancel
         self._it = stream.__aiter__()
         self.tokens: list[int] = []
+        self.logprobs: list = []
         self.finish_reason: str | None = None
         self.headers: dict = {}
         self.info: dict = {}
@@ -110,6 +201,10 @@ class RemoteJob:
             if isinstance(item, int):
                 self.tokens.append(item)
                 yield item
+            elif "token" in item:
+                self.logprobs.append((item["logprob"], [tuple(x) for x in item["top"]]))
+                self.tokens.append(item["token"])
+                yield item["token"]
             elif "error" in item:
                 self.done, self.finish_reason = True, "error"
                 raise decode_error(item)
@@ -131,9 +226,17 @@ async def replica_stream(engine, variant: str, prompt, kwargs: dict, info: dict)
         yield encode_error(e)
         return
     yield {"accepted": True, **info}
+    with_lp = kwargs.get("logprobs") is not None
     try:
+        k = 0
         async for tok in h:
-            yield tok
+            if with_lp:
+                lps = getattr(h, "logprobs", None) or []
+                lp, top = lps[k] if k < len(lps) else (float("nan"), [])
+                yield {"token": tok, "logprob": lp, "top": [list(x) for x in top]}
+            else:
+                yield tok
+            k += 1
         yield {"finish_reason": h.finish_reason}
     except Exception as e:  # noqa: BLE001
         yield encode_error(e)

@@ -35,7 +35,8 @@ import sys
 import time
 
 from . import openai_api as oa
-from .groups import RemoteJob, VariantGroups, replica_stream
+from .groups import GroupAffinity, GroupGuard, Misrouted, RemoteJob, VariantGroups, encode_error, replica_stream, \
+    start_with_affinity
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class EngineReplica:
         self.groups = VariantGroups.from_dict(groups)
         self.engine_kwargs = dict(engine_kwargs)
         self.replica = _replica_id()
+        self.guard = GroupGuard()   # the group in flight stays; another replaces it only when the front allows
 
     @serve.multiplexed(max_num_models_per_replica=1)
     async def engine_for(self, group: str) -> _GroupEngine:
@@ -85,39 +87,68 @@ class EngineReplica:
         engine = await asyncio.to_thread(Engine.from_pretrained, dirs, names=names, **self.engine_kwargs)
         return _GroupEngine(engine)
 
-    async def load(self) -> dict:
-        """Load the group of this request's multiplexed model id; which replica holds it."""
+    async def load(self, may_move: bool = True) -> dict:
+        """Load the group of this request's multiplexed model id; which replica holds it (or an error)."""
         group = serve.get_multiplexed_model_id()
-        g = await self.engine_for(group)
+        reason = self.guard.check(group, may_move)
+        if reason is not None:
+            return encode_error(Misrouted(reason))
+        self.guard.enter(group)
+        try:
+            g = await self.engine_for(group)
+        finally:
+            self.guard.leave()
         return {"replica": self.replica, "group": group, "variants": list(g.engine.names)}
 
-    async def generate(self, variant: str, prompt: list, kwargs: dict):
+    async def generate(self, variant: str, prompt: list, kwargs: dict, may_move: bool = True):
         group = serve.get_multiplexed_model_id()
-        g = await self.engine_for(group)
-        info = {"replica": self.replica, "group": group, "variants": list(g.engine.names)}
-        async for item in replica_stream(g.engine, variant, prompt, kwargs, info):
-            yield item
+        reason = self.guard.check(group, may_move)
+        if reason is not None:   # checked before engine_for: Ray's multiplexer would evict the held group
+            yield encode_error(Misrouted(reason))
+            return
+        self.guard.enter(group)
+        try:
+            g = await self.engine_for(group)
+            info = {"replica": self.replica, "group": group, "variants": list(g.engine.names)}
+            async for item in replica_stream(g.engine, variant, prompt, kwargs, info):
+                yield item
+        finally:
+            self.guard.leave()
 
 
 class RayBackend:
     """``server.build_app``'s backend over Ray: ``model`` -> variant group -> a replica holding it."""
 
-    def __init__(self, handle, groups: VariantGroups, context: int):
+    def __init__(self, handle, groups: VariantGroups, context: int, grace_s: float = 30.0):
         self.handle, self.groups, self.context = handle, groups, context
-        self.names, self.dirs, self.parents = groups.names, groups.dirs, groups.parents
+        self.names, self.parents = groups.names, groups.parents
+        self.affinity = GroupAffinity(grace_s)
+        self.lost_errors = tuple(c for c in (getattr(ray.exceptions, n, None) for n in
+                                             ("RayActorError", "ActorUnavailableError")) if isinstance(c, type))
         self.codecs = {}
         for gid, gnames in groups.group_names.items():
             self.codecs.update({n: c for n, c in oa.load_codecs(groups.groups[gid], gnames).items()
                                 if n not in self.codecs})
 
     async def submit(self, variant: str, prompt: list, **kw):
-        gen = self.handle.options(stream=True, multiplexed_model_id=self.groups.route(variant)) \
-            .generate.remote(variant, list(prompt), kw)
-        return await RemoteJob(gen, cancel=gen.cancel).start()
+        group = self.groups.route(variant)
+
+        async def start(may_move: bool):
+            gen = self.handle.options(stream=True, multiplexed_model_id=group) \
+                .generate.remote(variant, list(prompt), kw, may_move)
+            return await RemoteJob(gen, cancel=gen.cancel).start()
+
+        return await start_with_affinity(start, group, self.affinity, lost_errors=self.lost_errors)
 
     async def warmup(self) -> list[dict]:
         """Load every group, one after another (each goes to a replica that holds none yet, while one is free)."""
-        return [await self.handle.options(multiplexed_model_id=gid).load.remote() for gid in self.groups.groups]
+        out = []
+        for gid in self.groups.groups:
+            info = await self.handle.options(multiplexed_model_id=gid).load.remote()
+            if "error" not in info:
+                self.affinity.placed(gid, str(info["replica"]))
+            out.append(info)
+        return out
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000)

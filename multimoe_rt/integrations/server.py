@@ -37,7 +37,7 @@ import re
 import time
 
 from ..engine import QueueFull
-from ..errors import EngineClosed, RequestError
+from ..errors import EngineClosed, EngineDead, RequestError
 from . import openai_api as oa
 from .metrics import Metrics
 from .openai_api import APIError
@@ -76,24 +76,12 @@ class EngineBackend:
         self.max_queue = engine.max_queue
 
     async def submit(self, variant: str, prompt: list[int], **kw):
-        if not self._takes_params:
-            kw = _legacy_fields(kw)
+        """``kw``: ``SamplingParams`` fields."""
         return self.engine.submit(variant, prompt, **kw)
 
-    @property
-    def _takes_params(self) -> bool:
-        import inspect
-
-        return "params" in inspect.signature(self.engine.submit).parameters
-
     def health(self) -> tuple[bool, str]:
-        check = getattr(self.engine, "health", None)
-        if check is not None:
-            return check()
-        thread = getattr(self.engine, "_thread", None)   # engines without health(): is the step loop alive?
-        if thread is not None and not thread.is_alive() and not getattr(self.engine, "_closing", False):
-            return False, "the engine loop has stopped"
-        return True, ""
+        check = getattr(self.engine, "health", None)   # an engine without it is taken as healthy
+        return check() if check is not None else (True, "ok")
 
     def stats(self) -> dict:
         e = self.engine
@@ -102,24 +90,6 @@ class EngineBackend:
 
     async def aclose(self, timeout: float | None) -> None:
         await asyncio.to_thread(self.engine.shutdown, True, timeout)
-
-
-_LEGACY_NEUTRAL = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-                   "frequency_penalty": 0.0, "min_tokens": 0}
-
-
-def _legacy_fields(kw: dict) -> dict:
-    """For an engine without ``SamplingParams`` (before it landed): neutral values dropped, others refused."""
-    kw = dict(kw)
-    for key, neutral in _LEGACY_NEUTRAL.items():
-        if kw.pop(key, neutral) != neutral:
-            raise RequestError(f"{key} is not supported by this engine")
-    for key in ("stop_token_ids", "logprobs"):
-        if kw.pop(key, None) is not None:
-            raise RequestError(f"{key} is not supported by this engine")
-    if "stop" in kw:
-        kw["stop"] = [list(s) for s in kw["stop"]]
-    return kw
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -541,9 +511,12 @@ def build_app(backend, *, default_max_tokens: int = 16, max_body_bytes: int = 8 
             for i, ids in enumerate(prompts):
                 room = ctx - len(ids)
                 n_new = req.max_tokens or (room if kind == "chat" else min(state.default_max_tokens, room))
+                if req.sampling["min_tokens"] > n_new:
+                    raise APIError(400, f"'min_tokens' ({req.sampling['min_tokens']}) is over the {n_new} tokens this "
+                                   "request may generate (max_tokens, or the default, or the context left)",
+                                   param="min_tokens", code="invalid_value")
                 for j in range(req.n):
-                    kw = dict(req.sampling, max_new_tokens=n_new, min_tokens=min(req.sampling["min_tokens"], n_new),
-                              seed=None if req.seed is None else (req.seed + j) % 2**63)
+                    kw = dict(req.sampling, max_new_tokens=n_new, seed=None if req.seed is None else (req.seed + j) % 2**63)
                     if pr.token_stops:
                         kw["stop"] = pr.token_stops
                     if req.logprobs is not None:
@@ -556,6 +529,8 @@ def build_app(backend, *, default_max_tokens: int = 16, max_body_bytes: int = 8 
                 c.job.cancel()
             if isinstance(e, QueueFull):
                 raise APIError(429, f"the server is busy: {e}", code="queue_full") from None
+            if isinstance(e, EngineDead):
+                raise APIError(503, f"the engine has stopped: {e}", code="engine_dead") from None
             if isinstance(e, EngineClosed):
                 raise APIError(503, "the server is shutting down", code="shutting_down") from None
             if isinstance(e, RequestError):
