@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The bare GPU machine, emulated on CPU: a fresh copy of the checkout and a clean venv holding only torch and
-# triton (triton 3.6 with numpy >= 2.4, as on the GPU image: the interpreter shim must carry it), nothing of
-# the project installed. Then `bash bench/gpu_check.sh --dry-run`, which must install the project itself and
+# The bare GPU machine, emulated on CPU: a fresh copy of the checkout and a clean venv holding the GPU image's
+# packages (triton 3.6 with numpy >= 2.4: the interpreter shim must carry it; no fastapi, uvicorn or openai),
+# nothing of the project installed, and no package index for the check (it installs with --no-index). Then `bash bench/gpu_check.sh --dry-run`, which must install the project itself and
 # run every step. Fails if the check fails (a failed step, a failed row of ours), if the CPU extension did not
 # build, if the JSON lacks a step, or if anything replaced the preinstalled torch or triton.
 set -euo pipefail
@@ -13,8 +13,10 @@ mkdir "$work/src" "$work/out"
 git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$work/src"   # no .venv, no build/, no _C
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
-"$py" -m pip install -q torch==2.13.0 "triton==${MULTIMOE_BARE_TRITON:-3.6.0}" \
-  || "$py" -m pip install -q torch==2.13.0 triton
+# The GPU image's packages (its torch is 2.11 with CUDA; the CPU 2.13 on local disk stands in), installed here
+# from the index; the check itself then installs the project with --no-index, as it must on the image.
+"$py" -m pip install -q torch==2.13.0 "triton==${MULTIMOE_BARE_TRITON:-3.6.0}" "transformers==5.17.0" safetensors \
+  "numpy>=2.4" pytest hypothesis matplotlib httpx tqdm prometheus-client ninja "setuptools>=70.1"
 before="$("$py" -c 'import torch, triton; print(torch.__version__, triton.__version__)')"
 echo "bare_gpu_check: clean venv with torch/triton $before; project not installed:"
 if (cd "$work" && "$py" -c "import multimoe_rt" 2>/dev/null); then echo "bare_gpu_check: multimoe_rt is importable before the check"; exit 1; fi
@@ -33,6 +35,8 @@ problems += [f"step {s} failed: {d['error'][:300]}" for s, d in steps.items() if
 inst = steps.get("1_install", {})
 if inst.get("skipped", {}).get("pip install"):
     problems.append("the dry run did not install the project: " + inst["skipped"]["pip install"])
+if not inst.get("offline"):
+    problems.append("the install step did not run offline (--no-index)")
 if not (inst.get("import") or {}).get("ext"):
     problems.append(f"CPU extension not built: {(inst.get('import') or {}).get('reason')}")
 rows = steps.get("4_kernels", {}).get("rows", [])

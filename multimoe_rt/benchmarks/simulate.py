@@ -36,6 +36,7 @@ import math
 import random
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -1134,18 +1135,25 @@ def plot_cases(cases, path, key="turnaround_mean") -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.8), squeeze=False)
-    for ax, c in zip(axes[0], cases):
+    # A grid a person can read (at most 3 panels a row), one legend for every system of every panel.
+    cols = min(3, len(cases))
+    rows_n = (len(cases) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.6 * rows_n + 0.6), squeeze=False)
+    handles = {}
+    for ax, c in zip(axes.flat, cases):
         for s in dict.fromkeys(r["system"] for r in c["rows"]):
             pts = [(r["rate"], r[key]) for r in c["rows"] if r["system"] == s]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+            handles.setdefault(s, line)
         ax.set_yscale("log")
         ax.set_xlabel("λ (requests/s)")
         ax.set_ylabel("mean turnaround (s)")
-        ax.set_title(c["name"], fontsize=8)
+        ax.set_title(textwrap.fill(c["name"], 48), fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(cases):]:
+        ax.set_visible(False)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.6 / (3.6 * rows_n + 0.6), 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1218,7 +1226,7 @@ def main(argv=None) -> int:
         res["files"] = {"json": str(out_dir / "simulate_paper.json"),
                         "png": plot_cases(res["cases"], out_dir / "simulate_paper.png")}
         _dump(res, out_dir / "simulate_paper.json")
-        print(res["files"])
+        print(f"\nJSON: {res['files']['json']}\nplot: {res['files']['png'] or '(no matplotlib)'}")
     elif a.cmd == "validate":
         rates = [float(x) for x in a.rates.split(",")] if a.rates else None
         res = validate(small=not a.full, rates=rates, n=a.requests, reps=a.reps, threads=a.threads,
@@ -1233,7 +1241,7 @@ def main(argv=None) -> int:
         res["files"] = {"json": str(out_dir / f"{tag}.json"),
                         "png": plot_validation(res["rows"], out_dir / f"{tag}.png")}
         _dump(res, out_dir / f"{tag}.json")
-        print(res["files"])
+        print(f"\nJSON: {res['files']['json']}\nplot: {res['files']['png'] or '(no matplotlib)'}")
     elif a.cmd == "validate-batching":
         res = validate_batching()
         if res is None:
@@ -1244,7 +1252,8 @@ def main(argv=None) -> int:
         res["files_written"] = {"json": str(out_dir / "simulate_validation_batching.json"),
                                 "png": plot_batching_validation(res["rows"], out_dir / "simulate_validation_batching.png")}
         _dump(res, out_dir / "simulate_validation_batching.json")
-        print(res["files_written"])
+        files = res["files_written"]
+        print(f"\nJSON: {files['json']}\nplot: {files['png'] or '(no matplotlib)'}")
     else:
         hw, model = HARDWARE[a.hardware], MODELS[a.model]
         systems = [s.strip() for s in a.systems.split(",") if s.strip()]
