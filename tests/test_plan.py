@@ -714,3 +714,70 @@ def test_fuzzed_plans_only_raise_plan_error_and_never_serve_wrong_weights(vs, di
 
     one()
     assert outcomes["refused"] > 0 and sum(outcomes.values()) >= 200
+
+
+# ---------------------------------------------------------------- plans proven against the checkpoints
+
+
+def _serves_own_weights(plan, vs, v, l, e):
+    """Load the plan and say whether (v, l, e) is served exactly its own checkpoint tensor."""
+    slab, table = load_slab(plan, vs)
+    slot = int(table.slots[v, l, e])
+    w1, w2 = vs[v].expert(l, e)
+    if slab.deltas is not None:
+        got1, got2 = slab.deltas.effective(slab.w1, slab.w2, slot, torch.float32)
+        return torch.allclose(got1, w1, atol=1e-2) and torch.allclose(got2, w2, atol=1e-2)
+    return torch.equal(slab.w1[slot], w1) and torch.equal(slab.w2[slot], w2)
+
+
+def test_own_entry_pointed_at_another_variants_copy_with_its_hash_is_refused(vs, dist):
+    """Old code loaded this and served variant a's expert to b (the plan's own hash list was trusted)."""
+    plan = make_plan(vs, share=0.0, distances=dist)
+    a, b = vs.names.index("a"), vs.names.index("b")
+    assert plan.status[a][0][1] == plan.status[b][0][1] == "own"
+    edited = copy.deepcopy(plan)
+    edited.slots[b][0][1] = plan.slots[a][0][1]
+    edited.hashes[b][0][1] = plan.hashes[a][0][1]
+    edited.slot_sources[plan.slots[b][0][1]]["variants"] = [a]  # b's old copy no longer reads b's tensor
+    with pytest.raises(PlanError, match=r"hashes\[2\]\[0\]\[1\].*variant 'b'.*checkpoint"):
+        _serves_own_weights(edited, vs, b, 0, 1)
+
+
+def test_own_entry_relabelled_duplicate_of_the_base_is_refused(vs, dist):
+    plan = make_plan(vs, share=0.0, distances=dist)
+    a = vs.names.index("a")
+    edited = copy.deepcopy(plan)
+    edited.status[a][0][1] = edited.choice[a][0][1] = "duplicate"
+    edited.slots[a][0][1] = plan.slots[0][0][1]
+    edited.hashes[a][0][1] = plan.hashes[0][0][1]
+    edited.distance[a][0][1] = 0.0
+    edited.slot_sources[plan.slots[a][0][1]]["variants"] = [0]
+    with pytest.raises(PlanError, match=r"hashes\[1\]\[0\]\[1\].*variant 'a'.*checkpoint"):
+        _serves_own_weights(edited, vs, a, 0, 1)
+
+
+def test_delta_pointed_at_another_variants_delta_is_refused(vs, dist):
+    plan = make_plan(vs, share=1.0, delta="int4", distances=dist, dtype=torch.float32)
+    a, b = vs.names.index("a"), vs.names.index("b")
+    assert plan.status[a][0][1] == plan.status[b][0][1] == "delta"
+    S = len(plan.slot_sources)
+    da, db = plan.slots[a][0][1] - S, plan.slots[b][0][1] - S
+    edited = copy.deepcopy(plan)
+    edited.slots[b][0][1] = plan.slots[a][0][1]
+    edited.deltas[da]["variants"] = [a, b]
+    edited.deltas[db]["variants"] = [a]
+    edited.hashes[b][0][1] = plan.hashes[a][0][1]
+    with pytest.raises(PlanError, match=r"hashes\[2\]\[0\]\[1\].*variant 'b'.*checkpoint"):
+        _serves_own_weights(edited, vs, b, 0, 1)
+
+
+def test_a_share_recorded_as_free_but_differing_is_refused(vs, dist):
+    """A share is a known approximation: its recorded distance to the variant's own tensor must say so."""
+    plan = make_plan(vs, share=1.0, distances=dist)
+    a = vs.names.index("a")
+    assert plan.status[a][0][1] == "shared" and plan.distance[a][0][1] > 0
+    assert _serves_own_weights(plan, vs, 0, 0, 1)
+    edited = copy.deepcopy(plan)
+    edited.distance[a][0][1] = 0.0
+    with pytest.raises(PlanError, match=r"distance\[1\]\[0\]\[1\]"):
+        load_slab(edited, vs)

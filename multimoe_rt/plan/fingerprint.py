@@ -19,6 +19,21 @@ def expert_hash(w1: torch.Tensor, w2: torch.Tensor, *biases: torch.Tensor) -> st
     return tensor_digest(w1, w2, *biases)
 
 
+_EXPERT_HASHES: dict = {}  # (path, fingerprint) -> [L][E]: each checkpoint content is hashed once per process
+
+
+def checkpoint_expert_hashes(variant, num_layers: int, num_experts: int, fingerprint: str | None = None) -> list:
+    """``[L][E]`` ``expert_hash`` of every expert in one variant's checkpoint: what a plan's ``hashes`` must equal.
+    Cached by content ``fingerprint`` when given, so loading many plans against one checkpoint hashes it once."""
+    key = (str(variant.path), fingerprint)
+    if fingerprint is not None and key in _EXPERT_HASHES:
+        return _EXPERT_HASHES[key]
+    hashes = [[expert_hash(*variant.expert_tensors(l, e)) for e in range(num_experts)] for l in range(num_layers)]
+    if fingerprint is not None:
+        _EXPERT_HASHES[key] = hashes
+    return hashes
+
+
 # Files up to this size are hashed whole; larger ones are sampled (a fine-tune changes nearly
 # every byte of the tensors it touches, so samples catch it; load_slab also re-hashes every
 # expert it reads against the plan).

@@ -12,7 +12,7 @@ from ..delta import DeltaError, canonical_spec
 from ..families import get_family
 from .common import DTYPE_NAMES, FAMILIES, METRICS, REPRESENTATIVES, SCOPES, PlanError, format_size
 from .fields import _desc, _fail, _finite, _grid, _int, _list, _str
-from .fingerprint import checkpoint_fingerprint
+from .fingerprint import checkpoint_expert_hashes, checkpoint_fingerprint
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # format 1: no deltas, costs or entry_cost (they default to empty)
@@ -280,6 +280,11 @@ class Plan:
                     if (s >= S) != (st == "delta"):
                         _fail(f"slots[{v}][{l}][{e}]", f"{s} with status {st!r}: ids >= {S} (the slots) are deltas, "
                                                        f"and only they")
+                    if (st in ("shared", "delta") and self.metric == "l2" and h[v][l][e] != h[a][l][e]
+                            and not self.distance[v][l][e] > 0):
+                        _fail(f"distance[{v}][{l}][{e}]", f"{self.distance[v][l][e]}: variant {names[v]!r} is served "
+                                                          f"an approximation ({st}) of an expert that differs from "
+                                                          f"the anchor's, so its recorded L2 distance must be > 0")
                     if st == "delta":
                         delta = self.deltas[s - S]
                         if (delta["layer"], delta["expert"]) != (l, e) or v not in delta["variants"]:
@@ -347,6 +352,15 @@ class Plan:
                 raise PlanError(f"stale plan: checkpoint of variant {self.variant_names[v]!r} at "
                                 f"{variant.path} changed since the plan was made (fingerprint "
                                 f"{fp} != {self.fingerprints[v]}); re-run `multimoe-rt plan`")
+            # Every entry, served or not: check_consistent proves what each entry gets from these hashes, so
+            # they must be the checkpoints' own, not whatever a hand edit wrote into the plan.
+            actual = checkpoint_expert_hashes(variant, self.num_layers, self.num_experts, fp)
+            for l in range(self.num_layers):
+                for e in range(self.num_experts):
+                    if self.hashes[v][l][e] != actual[l][e]:
+                        raise PlanError(f"plan field 'hashes[{v}][{l}][{e}]' does not match variant "
+                                        f"{self.variant_names[v]!r}'s checkpoint at layer {l} expert {e}: the plan "
+                                        f"was edited or made for other weights; re-run `multimoe-rt plan`")
         self.check_consistent()
 
     # ---- JSON
