@@ -1,8 +1,9 @@
 """The optional C++/CUDA extension multimoe_rt._C: whether it loaded, and thin wrappers.
 
 ``available`` / ``reason`` say whether the extension loaded and why not; ``has_cuda_ops`` whether it
-was built with the CUDA sources. Importing _C registers the ops torch.ops.multimoe_rt.align_cpu
-(and .align_cuda), which the wrappers call.
+was built with the CUDA sources; ``has_delta_ops`` whether it has the fused CPU delta ops. Importing _C
+registers the ops torch.ops.multimoe_rt.align_cpu, .sign1_matmul, .int4_matmul (and .align_cuda), which the
+wrappers call.
 """
 from __future__ import annotations
 
@@ -67,3 +68,54 @@ def align_cuda(slot_ids: torch.Tensor, num_slots: int, block_m: int):
         raise RuntimeError("align_cuda: multimoe_rt._C was built without CUDA ops"
                            + ("" if available else f" ({reason})"))
     return torch.ops.multimoe_rt.align_cuda(slot_ids, int(num_slots), int(block_m))
+
+
+def _has_op(name: str) -> bool:
+    try:
+        getattr(torch.ops.multimoe_rt, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# The fused CPU delta ops; a _C built before they existed loads without them.
+has_delta_ops = available and _has_op("sign1_matmul") and _has_op("int4_matmul")
+
+
+def _need_delta_ops(what: str) -> None:
+    if not has_delta_ops:
+        raise RuntimeError(f"{what}: " + (f"{reason}" if not available else
+                                          "the loaded multimoe_rt._C predates the fused delta ops; rebuild it "
+                                          "with `pip install --no-build-isolation -e .`"))
+
+
+def sign1_matmul(x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """``x @ D.T`` in float32 ``[M, N]`` for the sign1 delta ``D = scale[:, None] * (+-1 from bits)`` (delta.py's
+    layout), read from the packed bits in C++; x ``[M, k]`` float32/bfloat16/float16 on CPU."""
+    _need_delta_ops("sign1_matmul")
+    return torch.ops.multimoe_rt.sign1_matmul(x, bits, scale, int(k))
+
+
+def int4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """``x @ D.T`` in float32 ``[M, N]`` for the int4 delta ``D = (code - 8) * scales[n, col // group]``
+    (delta.py's layout), dequantised in registers in C++; x ``[M, k]`` float32/bfloat16/float16 on CPU."""
+    _need_delta_ops("int4_matmul")
+    return torch.ops.multimoe_rt.int4_matmul(x, codes, scales, int(k), int(group))
+
+
+def set_delta_cpu_kernel(name: str) -> None:
+    """Force the CPU delta kernels ("auto", "scalar", "direct", "lut"), for tests and benchmarks."""
+    _need_delta_ops("set_delta_cpu_kernel")
+    _C.set_delta_cpu_kernel(name)
+
+
+def delta_cpu_kernel() -> str:
+    """The forced CPU delta kernel, or "auto"."""
+    _need_delta_ops("delta_cpu_kernel")
+    return _C.delta_cpu_kernel()
+
+
+def delta_cpu_isa() -> str:
+    """What the CPU delta ops run on "auto" here: "avx2" or "scalar"."""
+    _need_delta_ops("delta_cpu_isa")
+    return _C.delta_cpu_isa()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .delta import DeltaTensors, as_tensors, int4_decode, sign1_decode, sign1_signs
+from . import _ext
+from .delta import INT4_GROUP, DeltaTensors, as_tensors, int4_decode, sign1_decode, sign1_signs
 from .torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, apply_activation, moe_reference
 
 
@@ -44,22 +45,39 @@ def effective_weights(t: DeltaTensors, row, w1: torch.Tensor, w2: torch.Tensor, 
     return e1, e2
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _delta_terms(x: torch.Tensor, parts: dict, m: int, k: int, acc) -> torch.Tensor | None:
-    """``x @ D_m.T`` (``m`` = 0: w1, 1: w2) in ``acc`` without materialising the lowrank product."""
+    """``x @ D_m.T`` (``m`` = 0: w1, 1: w2) in ``acc`` without materialising the lowrank product.
+
+    On CPU in 16/32-bit, sign1 and int4 run the C++ kernels, which read the packed bits/codes and never
+    decode a whole delta (decode is bound by bytes; unpacking one per call cost up to 26x a dense expert).
+    Elsewhere (GPU tensors, float64 references, no extension) they are decoded and multiplied in torch."""
     out = None
 
     def add(t):
         nonlocal out
         out = t if out is None else out + t
 
+    # The C++ ops have no backward: a graph that needs one takes the torch path.
+    fused = (_ext.has_delta_ops and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES and acc == torch.float32
+             and not x.requires_grad)
     if "lowrank" in parts:
         U, V = parts["lowrank"][2 * m], parts["lowrank"][2 * m + 1]
         add(((x @ V.T) @ U.T).to(acc))
     if "int4" in parts:
-        add((x @ int4_decode(parts["int4"][2 * m], parts["int4"][2 * m + 1], k, x.dtype).T).to(acc))
+        codes, scales = parts["int4"][2 * m], parts["int4"][2 * m + 1]
+        if fused:
+            add(_ext.int4_matmul(x, codes, scales, k, INT4_GROUP))
+        else:
+            add((x @ int4_decode(codes, scales, k, x.dtype).T).to(acc))
     if "sign1" in parts:
-        signs = sign1_signs(parts["sign1"][2 * m], k, x.dtype)
-        add((x @ signs.T).to(acc) * parts["sign1"][2 * m + 1].to(acc))
+        bits, scale = parts["sign1"][2 * m], parts["sign1"][2 * m + 1]
+        if fused:
+            add(_ext.sign1_matmul(x, bits, scale, k))
+        else:
+            add((x @ sign1_signs(bits, k, x.dtype).T).to(acc) * scale.to(acc))
     return out
 
 
