@@ -60,6 +60,7 @@ class Batch:
     logit_rows: torch.Tensor  # [N] tokens whose logits are returned, in entry order
     segments: list            # [(set, start, end)] over tokens
     logit_segments: list      # [(set, start, end)] over logit_rows
+    rope_groups: list | None = None  # [(seq_len, token indices)]: for a rotary that depends on the length
 
 
 def _segments(sets: list[int]) -> list[tuple[int, int, int]]:
@@ -72,11 +73,14 @@ def _segments(sets: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # transformers' rope types whose frequencies follow the length
 CTX_BUCKET = 16  # key lengths are rounded up to a multiple of this: fewer distinct shapes per step
 
 
-def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = None, max_len: int | None = None) -> Batch:
-    """Host-side indices of one step. ``entries`` must be sorted by ``set``; ``max_len`` caps the key length."""
+def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = None, max_len: int | None = None,
+               by_length: bool = False) -> Batch:
+    """Host-side indices of one step. ``entries`` must be sorted by ``set``; ``max_len`` caps the key length;
+    ``by_length``: group tokens by their sequence's length after this step (``rope_groups``)."""
     if not entries:
         raise ValueError("make_batch: a batch needs at least one sequence")
     if any(a.set > b.set for a, b in zip(entries, entries[1:])):
@@ -123,9 +127,16 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
         groups.append(AttnGroup(seq_slots=dev([entries[i].slot for i in members]), q_index=dev(q_index),
                                 tokens=dev(group_tokens), rows=dev(rows), mask=mask.to(device, non_blocking=True)))
 
+    rope_groups = None
+    if by_length:
+        lengths: dict[int, list[int]] = {}
+        for e, o in zip(entries, offsets):
+            lengths.setdefault(e.start + len(e.tokens), []).extend(range(o, o + len(e.tokens)))
+        rope_groups = [(n, dev(idx)) for n, idx in sorted(lengths.items())]
     return Batch(tokens=dev(tokens), positions=dev(positions), sets=dev(sets), variants=dev(variants),
                  token_slots=dev(token_slots), groups=groups, logit_rows=dev(logit_rows),
-                 segments=_segments(sets), logit_segments=_segments([sets[r] for r in logit_rows]))
+                 segments=_segments(sets), logit_segments=_segments([sets[r] for r in logit_rows]),
+                 rope_groups=rope_groups)
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, segments) -> torch.Tensor:
@@ -190,6 +201,9 @@ class BatchedModel:
         moe = self.family.moe_layer_indices(cfg.to_dict())
         self.moe_index = [moe.index(i) if i in moe else None for i in range(cfg.num_hidden_layers)]
         self.rotary = _rotary_class(self.family)(cfg).to(slab.device)
+        # transformers rescales these by the longest position of a call: here each sequence is its own call
+        self.rope_by_length = getattr(self.rotary, "rope_type", "default") in LENGTH_DEPENDENT_ROPE
+        self._inv_freq0 = self.rotary.inv_freq.detach().clone()
         self.backend = ops.choose_backend(slab.device, backend)
         act, self.alpha, self.limit = self.family.activation(cfg.to_dict())  # raises, naming an unsupported one
         self.activation = act
@@ -208,7 +222,29 @@ class BatchedModel:
                               f"{self.family.name} config mixes {sorted(kinds)}")
 
     def batch(self, entries: list[BatchEntry]) -> Batch:
-        return make_batch(entries, self.slab.device, self.window, self.kv.max_len)
+        return make_batch(entries, self.slab.device, self.window, self.kv.max_len, by_length=self.rope_by_length)
+
+    def _rope(self, x, b: Batch):
+        """cos/sin ``[T, 1, d]``. A length-dependent rotary gets each sequence's own length: a fresh state and
+        one call per distinct length, whose largest position is that length - 1, as when the sequence runs alone."""
+        if b.rope_groups is None:
+            cos, sin = self.rotary(x, b.positions[None])
+            return cos[0, :, None], sin[0, :, None]
+        r = self.rotary
+        parts = []
+        for _, idx in b.rope_groups:
+            # Forget what an earlier call changed. transformers' longrope copies the long frequencies into a
+            # buffer that aliases original_inv_freq, so both are restored from a private copy, unaliased.
+            r.original_inv_freq = self._inv_freq0.clone()
+            r.register_buffer("inv_freq", self._inv_freq0.clone(), persistent=False)
+            if hasattr(r, "original_max_seq_len"):  # dynamic: its growth
+                r.max_seq_len_cached = r.original_max_seq_len
+            parts.append((idx, *r(x[idx], b.positions[idx][None])))
+        cos = x.new_empty(x.shape[0], parts[0][1].shape[-1], dtype=parts[0][1].dtype)
+        sin = torch.empty_like(cos)
+        for idx, c, s in parts:
+            cos[idx], sin[idx] = c[0], s[0]
+        return cos[:, None], sin[:, None]
 
     @torch.inference_mode()
     def forward(self, b: Batch) -> torch.Tensor:
@@ -229,8 +265,7 @@ class BatchedModel:
         W = self.weights
         V = W.embed.shape[1]
         x = W.embed.view(-1, W.embed.shape[-1])[b.sets * V + b.tokens]
-        cos, sin = self.rotary(x, b.positions[None])
-        cos, sin = cos[0, :, None], sin[0, :, None]
+        cos, sin = self._rope(x, b)
         for layer, L in enumerate(W.layers):
             x = x + self._attention(layer, L, rms_norm(x, L["ln1"][b.sets], self.eps), b, cos, sin)
             h = rms_norm(x, L["ln2"][b.sets], self.eps)

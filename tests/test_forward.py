@@ -147,3 +147,28 @@ def test_forward_refuses_a_concurrent_call(dirs):
         with pytest.raises(RuntimeError, match="another thread"):
             m.forward(b)
     assert m.forward(b).shape == (1, 64)
+
+
+ROPES = {"dynamic": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+         "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.2, 1.3],
+                      "long_factor": [2.0, 3.0, 5.0, 9.0], "original_max_position_embeddings": 16}}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_length_dependent_rope_is_per_sequence_in_a_mixed_batch(tmp_path, rope):
+    """Old code: one rotary per step, scaled for the longest sequence in it, so a short one mixed with a long one
+    got other logits than alone (rel err 0.44 in the issue)."""
+    torch.manual_seed(0)
+    cfg = T.MixtralConfig(**{**MIXTRAL, "head_dim": 8, "max_position_embeddings": 16, "rope_parameters": ROPES[rope]})
+    T.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    g = torch.Generator().manual_seed(1)
+    short, long = (torch.randint(0, 64, (n,), generator=g).tolist() for n in (5, 40))
+    m = build([tmp_path / "m"])
+    mixed = m.forward(m.batch([BatchEntry(0, 0, 0, short, 0), BatchEntry(0, 0, 1, long, 0)]))
+    alone = [m.forward(m.batch([BatchEntry(0, 0, 2 + i, p, 0)]))[0] for i, p in enumerate((short, long))]
+    for i, p in enumerate((short, long)):
+        assert rel_err(mixed[i], alone[i]) <= 1e-5, i
+        assert rel_err(mixed[i], own_logits(tmp_path / "m", p)) <= FP32_TOL, i  # a fresh model: no rotary state
+    # a decode of the short sequence next to a prefill of the long one
+    step = m.forward(m.batch([BatchEntry(0, 0, 0, [7], 5), BatchEntry(0, 0, 4, long, 0)]))
+    assert rel_err(step[0], own_logits(tmp_path / "m", short + [7])) <= FP32_TOL
