@@ -319,16 +319,24 @@ class BatchedModel:
     def _moe(self, layer, L, h, b: Batch):
         top_w, top_ids = self._route(L, h, b)
         slots = self.table.resolve(layer, top_ids, b.variants)
-        if self.slab.host_tier is not None:
-            slots = self.slab.host_tier.translate(slots)
-        workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
-        out = ops.fused_moe(h, slots, top_w, self.slab.w1, self.slab.w2, True, backend=self.backend,
-                            check_slots=False, workspace=workspace, activation=self.activation,
-                            deltas=self.slab.deltas)
+        tier = self.slab.host_tier
+        chunks = None if tier is None else tier.split(slots)
+        if chunks is None:
+            out = self._experts(h, slots if tier is None else tier.translate(slots), top_w)
+        else:  # more host experts than the cache holds: page and compute them chunk by chunk
+            out = torch.empty_like(h)
+            for rows in chunks:
+                out[rows] = self._experts(h[rows], tier.translate(slots[rows]), top_w[rows])
         if self.spec.shared_expert == "sigmoid_gate":  # Qwen2-MoE: a dense MLP per variant, gated per token
             gate = torch.sigmoid(grouped_linear(h, L["shared_gate"], b.segments))
             out = out + gate * self._mlp(h, L["shared_gate_up"], L["shared_down"], b)
         return out
+
+    def _experts(self, h, slots, top_w):
+        workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
+        return ops.fused_moe(h, slots, top_w, self.slab.w1, self.slab.w2, True, backend=self.backend,
+                             check_slots=False, workspace=workspace, activation=self.activation,
+                             deltas=self.slab.deltas)
 
     def _dense_mlp(self, L, h, b: Batch):
         return self._mlp(h, L["mlp_gate_up"], L["mlp_down"], b)

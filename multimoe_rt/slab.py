@@ -155,6 +155,23 @@ class HostTier:
         self.remap = torch.arange(first_host_id + self.num_host, dtype=torch.int64, device=slab.device)
         self.stats = {"fetches": 0, "hits": 0, "bytes_copied": 0}
 
+    def split(self, slot_ids: torch.Tensor) -> list[torch.Tensor] | None:
+        """Token rows of ``slot_ids [T, K]`` in consecutive chunks whose host experts fit the cache (None: one
+        call fits). A mixed batch can read variants x experts of a layer; one token reads at most K <= capacity."""
+        is_host = slot_ids >= self.first_host_id
+        host = slot_ids[is_host]
+        if host.numel() == 0 or torch.unique(host).numel() <= self.capacity:
+            return None
+        chunks, current, start = [], set(), 0
+        for t, row in enumerate(torch.where(is_host, slot_ids, -1).tolist()):
+            need = {i for i in row if i >= 0}
+            if len(current | need) > self.capacity:
+                chunks.append(torch.arange(start, t, device=slot_ids.device))
+                current, start = set(), t
+            current |= need
+        chunks.append(torch.arange(start, len(slot_ids), device=slot_ids.device))
+        return chunks
+
     def translate(self, slot_ids: torch.Tensor) -> torch.Tensor:
         host = slot_ids[slot_ids >= self.first_host_id]
         if host.numel() == 0:

@@ -172,3 +172,19 @@ def test_length_dependent_rope_is_per_sequence_in_a_mixed_batch(tmp_path, rope):
     # a decode of the short sequence next to a prefill of the long one
     step = m.forward(m.batch([BatchEntry(0, 0, 0, [7], 5), BatchEntry(0, 0, 4, long, 0)]))
     assert rel_err(step[0], own_logits(tmp_path / "m", short + [7])) <= FP32_TOL
+
+
+def test_offloaded_experts_serve_a_mixed_batch_that_needs_more_than_the_cache(dirs):
+    """Old code: "one call needs 8 host-tier experts but the cache has 4 slots" for a batch of several variants
+    (the cache holds one layer's experts; a mixed batch reads variants x experts of a layer)."""
+    vs = VariantSet.from_dirs(dirs)
+    slot_bytes = plan.make_plan(vs, share=0.0).slot_nbytes
+    m = build(dirs, share=0.0, budget_bytes=(vs.num_experts + 2) * slot_bytes, offload=True)
+    tier = m.slab.host_tier
+    assert tier is not None and tier.capacity == vs.num_experts
+    g = torch.Generator().manual_seed(5)
+    prompts = [(v, torch.randint(0, 64, (11,), generator=g).tolist()) for v in (0, 1, 2)]
+    logits = m.forward(m.batch(entries_for(m, prompts)))
+    for (v, p), lg in zip(sorted(prompts, key=lambda x: m.weights.resident()[x[0]]), logits):
+        assert rel_err(lg, own_logits(dirs[v], p)) <= FP32_TOL, v
+    assert tier.stats["fetches"] > tier.capacity  # it really paged more experts than fit at once
