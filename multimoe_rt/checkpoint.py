@@ -172,6 +172,11 @@ class Variant:
             self.config = json.loads(cfg_path.read_text())
         except ValueError as e:
             raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from e
+        gen_path = self.path / "generation_config.json"
+        try:  # optional: transformers reads its generation defaults (EOS first of all) from here
+            self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        except ValueError as e:
+            raise CheckpointError(f"{gen_path}: not valid JSON: {e}") from e
         self.adapter: Family = family_for_config(self.config, cfg_path)
         self.family = self.adapter.name
         self._entries = _load_index(self.path)
@@ -186,6 +191,20 @@ class Variant:
         self.expert_nbytes = (self._n1 * self.hidden_size + self.hidden_size * self.intermediate_size) * \
             _DTYPES[self._expert_dtype][1]
         self.dtype = _DTYPES[self._expert_dtype][0]
+
+    @property
+    def eos_token_ids(self) -> tuple:
+        """The ids generation stops at, as transformers decides: generation_config.json's ``eos_token_id`` if it
+        sets one, else config.json's; either may be an int or a list."""
+        eos = self.generation_config.get("eos_token_id")
+        if eos is None:
+            eos = self.config.get("eos_token_id")
+        if eos is None:
+            return ()
+        ids = eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise CheckpointError(f"{self.path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        return tuple(ids)
 
     # ---- layout (the adapter calls these) ----
     def _expect(self, name: str, shape) -> _Entry:

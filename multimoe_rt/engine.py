@@ -186,7 +186,7 @@ class Engine:
     """
 
     def __init__(self, model: BatchedModel, max_step_tokens: int = 256, max_queue: int = 4096,
-                 mix_variants: bool = True, group_variants: bool = False, eos_token_id: int | None = None):
+                 mix_variants: bool = True, group_variants: bool = False, eos_token_id: int | list | None = None):
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         self.model, self.weights, self.kv = model, model.weights, model.kv
@@ -227,7 +227,7 @@ class Engine:
         heads = cfg["num_attention_heads"]
         kv = KVCache(cfg["num_hidden_layers"], max_seqs, max_len, cfg.get("num_key_value_heads") or heads,
                      cfg.get("head_dim") or cfg["hidden_size"] // heads, dtype=dtype, device=device)
-        engine_kwargs.setdefault("eos_token_id", cfg.get("eos_token_id"))
+        engine_kwargs.setdefault("eos_token_id", list(vs[0].eos_token_ids) or None)  # variants share a tokenizer
         return cls(BatchedModel(cfg, weights, slab, table, kv, backend), **engine_kwargs)
 
     # -- submission (any thread) --------------------------------------------------------------

@@ -224,3 +224,34 @@ def test_grouped_admission_takes_variants_in_order_of_their_oldest_request(dirs,
             assert h.result(timeout=30).tokens == own_greedy(refs, v, [1, 2, 3], 3)
     admitted = [order[i] for i in sorted(range(5), key=lambda i: hs[i].admitted)]
     assert admitted == [names[0], names[0], names[1], names[1], names[0]]  # FIFO would alternate
+
+
+def _with_json(src, dst, **files):
+    """A copy of checkpoint ``src`` at ``dst`` with some JSON files' fields replaced ({file: {key: value}})."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    for fname, fields in files.items():
+        path = dst / f"{fname}.json"
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**doc, **fields}))
+    return dst
+
+
+def test_eos_as_transformers_does_it(dirs, tmp_path):
+    """Old code: an EOS list in config.json never matched, generation_config.json was ignored, and a request's
+    eos_token_id had to be one int."""
+    p = [3, 4, 5]
+    with Engine.from_pretrained([dirs[0]], max_seqs=2, max_len=64) as eng:
+        full = eng.generate(dirs[0].name, p, max_new_tokens=8, ignore_eos=True)
+        stop_at = full.index(full[2]) + 1
+        h = eng.submit(dirs[0].name, p, max_new_tokens=8, eos_token_id=[63 if full[2] != 63 else 62, full[2]])
+        assert h.result(30).tokens == full[:stop_at] and h.finish_reason == "stop"
+    listed = _with_json(dirs[0], tmp_path / "listed", config={"eos_token_id": [62, full[2]]},
+                        generation_config={"eos_token_id": None})
+    generation = _with_json(dirs[0], tmp_path / "generation", generation_config={"eos_token_id": [full[2]]})
+    for d in (listed, generation):
+        with Engine.from_pretrained([d], max_seqs=2, max_len=64) as eng:
+            h = eng.submit(d.name, p, max_new_tokens=8).result(30)
+            assert h.tokens == full[:stop_at] and h.finish_reason == "stop", d.name
