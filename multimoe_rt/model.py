@@ -57,6 +57,8 @@ def hf_generate(model, family: str, input_ids, max_new_tokens=25, eos_token_id=N
     """transformers' generate with the settings every system here uses (greedy unless ``do_sample``;
     pad = the config's pad id, else EOS, else 0); returns the new token ids only."""
     input_ids = input_ids.to(next(model.parameters()).device)
+    if kwargs.get("attention_mask") is None:  # no padding here: without a mask transformers drops prompt pad ids
+        kwargs["attention_mask"] = torch.ones_like(input_ids)
     pad = model.config.pad_token_id
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
                pad_token_id=pad if pad is not None else (eos_token_id if eos_token_id is not None else 0), **kwargs)

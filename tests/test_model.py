@@ -281,3 +281,18 @@ def test_nan_weights_are_refused_at_load_not_served_as_token_zero(tmp_path):
             MultiVariantModel.from_pretrained(dirs)
     mv = MultiVariantModel.from_pretrained(dirs, check_finite=False)  # the opt-out loads it, as asked
     assert torch.isnan(mv.forward("mixtral-v1", torch.randint(2, 64, (1, 4)))).any()
+
+
+def test_token_id_zero_in_a_prompt_is_a_token(tmp_path):
+    """Old code: generate passed pad id 0 with no attention mask, so transformers masked every prompt token 0."""
+    dirs = save_variants(tmp_path, "mixtral", n=2)
+    mv = MultiVariantModel.from_pretrained(dirs)
+    ids = torch.tensor([[5, 0, 7, 0, 0, 9]])
+    ref = reference("mixtral", dirs[1])
+    with torch.no_grad():
+        logits = ref(input_ids=ids).logits[0, -1]
+    got = mv.generate("mixtral-v1", ids, max_new_tokens=1)
+    assert got.reshape(-1).tolist() == [int(logits.argmax())]
+    want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
+    assert mv.generate("mixtral-v1", ids, max_new_tokens=6).reshape(-1).tolist() == want.tolist()
