@@ -382,10 +382,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=RESULTS_HELP)
     p.add_argument("--quiet", action="store_true")
+    s = p.add_argument_group("realistic layer shapes (synthetic random-init variants; multimoe_rt/benchmarks/synthetic.py)")
+    s.add_argument("--synthetic", choices=["mid", "large"], default=None,
+                   help="mid: H=1024 I=2048, 2 layers; large: Mixtral-8x7B's layer (H=4096 I=14336), 1 layer. "
+                        "Compares one variant, mixed dense copies, every expert shared, each codec plan, the mixed "
+                        "plan and transformers; writes batching-synthetic-<shape>-<dtype>.json (mid: ~5 min on 2 CPU cores)")
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--seqs", type=int, default=32, help="sequences, all queued at once (saturated)")
+    s.add_argument("--prompt-tokens", type=int, default=16)
+    s.add_argument("--new-tokens", type=int, default=16)
+    s.add_argument("--reps", type=int, default=2, help="interleaved repetitions (each system once per repetition)")
+    s.add_argument("--systems", default=None, help="comma-separated subset of the systems (default: all)")
+    s.add_argument("--device", default="cpu")
+
+
+def main_synthetic(args) -> dict:
+    from . import synthetic
+
+    systems = tuple(x.strip() for x in args.systems.split(",")) if args.systems else synthetic.SYSTEMS
+    out = synthetic.run(args.synthetic, getattr(torch, args.dtype), args.variants or 4, args.seqs, args.prompt_tokens,
+                        args.new_tokens, args.reps, systems, args.device, args.seed, out_dir=args.out,
+                        log=None if args.quiet else print)
+    print(synthetic.table(out))
+    print(f"\nJSON: {out['files']['json']}\nplot: {out['files']['plot']}")
+    return out
 
 
 def main_args(args) -> dict:
     torch.set_num_threads(args.threads)
+    if args.synthetic:
+        return main_synthetic(args)
     count = args.variants or 4
     dirs = zoo_dirs(args.small, count, not args.quiet)
     tag = "batching-small" if args.small else f"batching-{count}v"

@@ -1,0 +1,387 @@
+"""Continuous batching at realistic layer shapes (``multimoe-rt bench-batch --synthetic mid|large``).
+
+The tiny zoos (hidden 32 and 128) spend their time on overhead; decode at real shapes is bound by the bytes it
+reads. So this bench builds random-init variants of a Mixtral-like MoE at real per-layer shapes and serves them
+every way at once, in one run:
+
+* ``one_variant``  : every request to the base (one variant's experts and non-expert set).
+* ``mixed_dense``  : requests spread over all variants, each variant with its own dense expert copies.
+* ``mixed_shared`` : the same mix with every expert shared (one variant's expert bytes): what mixing costs.
+* ``sign1`` / ``int4`` / ``lowrank16``: every fine-tuned expert stored as the base's plus a compressed delta.
+* ``mixed_plan``   : the mixed plan (``plan.mixed``): per entry, share / a codec / a dense copy, by measured
+                     calibration loss, in the int4 plan's bytes.
+* ``transformers`` : every variant's full transformers model resident, batched ``generate`` per variant.
+
+The variants: the base is transformers' random init (std ``initializer_range``); each fine-tune adds to every
+expert matrix W a delta of relative norm ``DELTA["relative_norm"]`` whose energy is ``DELTA["lowrank_energy"]``
+in a random rank-``DELTA["rank"]`` part and the rest i.i.d. Gaussian noise (a fine-tune's update is low rank
+plus a full-rank tail); every non-expert matrix moves by 2% of its standard deviation.
+
+Reported per system: saturated tokens/s, the decode step time, device bytes, and the bytes a decode step reads
+(the roofline counter: the non-expert sets of the variants in the batch, the distinct experts and deltas the
+routed tokens touch, in expectation under uniform routing, and the KV cache). The roofline time of a step is
+max(bytes / measured copy bandwidth, FLOPs / measured matmul rate in the dtype), measured on this machine
+(``ceilings.py``); ``vs_roofline`` is the measured decode step over it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import results_dir
+from .ceilings import measure_ceilings
+
+SHAPES = {
+    # H=1024, I=2048: the shape of issue 26's first measurements.
+    "mid": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_local_experts=8,
+                num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=2, vocab_size=8192),
+    # Mixtral-8x7B's per-layer shapes, one layer (a full model does not fit next to its peers).
+    "large": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_local_experts=8,
+                  num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    # The whole path in seconds, for tests only (time here is overhead, as on the tiny zoos).
+    "test": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_local_experts=4,
+                 num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
+}
+DELTA = {"relative_norm": 0.1, "rank": 8, "lowrank_energy": 0.8, "non_expert_relative_std": 0.02}
+CODECS = ("sign1", "int4", "lowrank16")
+SYSTEMS = ("one_variant", "mixed_dense", "mixed_shared", *CODECS, "mixed_plan", "transformers")
+PLAN_SYSTEMS = {"mixed_dense", "mixed_shared", *CODECS, "mixed_plan"}
+
+
+# ---------------------------------------------------------------- the variants
+
+def _fine_tune(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``w [..., n, k]`` plus a delta per matrix: low rank plus noise, relative norm DELTA["relative_norm"]."""
+    w32 = w.float()
+    n, k = w32.shape[-2:]
+    r = DELTA["rank"]
+    low = torch.randn(*w32.shape[:-2], n, r, generator=g) @ torch.randn(*w32.shape[:-2], r, k, generator=g)
+    noise = torch.randn(w32.shape, generator=g)
+
+    def unit(t):  # per matrix
+        return t / t.flatten(-2).norm(dim=-1)[..., None, None]
+
+    delta = math.sqrt(DELTA["lowrank_energy"]) * unit(low) + math.sqrt(1 - DELTA["lowrank_energy"]) * unit(noise)
+    scale = DELTA["relative_norm"] * w32.flatten(-2).norm(dim=-1)[..., None, None]
+    return (w32 + scale * delta).to(w.dtype)
+
+
+def build_variants(shape: str, n_variants: int, dtype: torch.dtype, seed: int = 0, log=print) -> dict:
+    """``{name: directory}`` of ``n_variants`` synthetic variants (base first), cached under the results folder's
+    sibling ``~/.cache/multimoe_rt/synthetic`` (rebuilt when the recipe changes)."""
+    import transformers as T
+
+    recipe = {"shape": SHAPES[shape], "delta": DELTA, "seed": seed, "dtype": str(dtype)}
+    key = f"{shape}-{n_variants}v-{str(dtype).replace('torch.', '')}-s{seed}"
+    root = Path.home() / ".cache" / "multimoe_rt" / "synthetic" / key
+    names = ["base"] + [f"ft{i}" for i in range(1, n_variants)]
+    dirs = {n: root / n for n in names}
+    stamp = root / "recipe.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == recipe and all((d / "config.json").exists() for d in dirs.values()):
+        return dirs
+    log(f"building {n_variants} synthetic {shape} variants in {root} (once)")
+    torch.manual_seed(seed)
+    cfg = T.MixtralConfig(**SHAPES[shape], max_position_embeddings=4096)
+    model = T.MixtralForCausalLM(cfg).to(dtype).eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, name in enumerate(names):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        with torch.no_grad():
+            for k, p in model.state_dict().items():
+                if i == 0:
+                    p.copy_(base[k])
+                elif "experts" in k:
+                    p.copy_(_fine_tune(base[k], g))
+                else:
+                    b = base[k].float()
+                    std = b.std() if b.numel() > 1 and b.std() > 0 else b.abs().mean()
+                    p.copy_((b + DELTA["non_expert_relative_std"] * std * torch.randn(b.shape, generator=g)).to(dtype))
+        model.save_pretrained(dirs[name])
+    stamp.write_text(json.dumps(recipe))
+    return dirs
+
+
+# ---------------------------------------------------------------- the plans
+
+def make_plans(vs, dtype, systems, calib_tokens: int, log=print) -> dict:
+    """``system -> Plan`` for the plan-based systems asked for."""
+    from multimoe_rt import plan as plan_mod
+
+    plans = {}
+    for s in systems:
+        if s in ("one_variant", "mixed_dense"):
+            plans[s] = plans.get("mixed_dense") or plan_mod.make_plan(vs, share=0.0, dtype=dtype)
+        elif s == "mixed_shared":
+            plans[s] = plan_mod.make_plan(vs, share=1.0, dtype=dtype)
+        elif s in CODECS:
+            log(f"planning {s}: every fine-tuned expert as the base's plus a {s} delta")
+            plans[s] = plan_mod.make_plan(vs, share=1.0, delta=s, dtype=dtype)
+    if "mixed_plan" in systems:
+        from multimoe_rt import criterion
+        from multimoe_rt.plan.mixed import DEFAULT_CODECS
+
+        int4 = plans.get("int4") or plan_mod.make_plan(vs, share=1.0, delta="int4", dtype=dtype)
+        g = torch.Generator().manual_seed(1)
+        vocab = vs[0].config["vocab_size"]
+        # Random tokens stand in for text: the variants are random too; what is measured is the procedure's cost.
+        batches = {n: criterion.lm_batches(torch.randint(0, vocab, (calib_tokens,), generator=g), seq_len=64,
+                                           max_tokens=calib_tokens, batch_size=4)
+                   for n in vs.names[1:]}
+        log(f"measuring the mixed plan's costs ({len(vs.names) - 1} variants x every expert x share + {len(DEFAULT_CODECS)} codecs)")
+        costs = criterion.measure_costs(vs, batches, codecs=DEFAULT_CODECS, progress=False, calibration="random tokens")
+        plans["mixed_plan"] = plan_mod.make_plan(vs, budget_bytes=int4.expert_bytes,
+                                                 metric="loss", costs=costs, codecs=list(DEFAULT_CODECS), dtype=dtype)
+    return plans
+
+
+# ---------------------------------------------------------------- the roofline counter
+
+def _delta_spec(d: dict) -> str:
+    parts = []
+    if d["lowrank_rank"] > 0:
+        parts.append(f"lowrank{d['lowrank_rank']}")
+    if d["int4"] >= 0:
+        parts.append("int4")
+    if d["sign1"] >= 0:
+        parts.append("sign1")
+    return "+".join(parts)
+
+
+def step_bytes(engine, cfg: dict, variants_in_batch: dict, context: int) -> dict:
+    """Expected bytes one decode step reads: ``cfg`` the checkpoints' config, ``variants_in_batch`` maps variant
+    index -> sequences in the step.
+
+    Routing is taken as uniform (random-init routers are close to it): a (layer, expert) entry read by n tokens
+    is touched with probability 1 - (1 - k/E)^n. A dense slot is touched if any of the variants reading it
+    (its own, the ones that share it, the deltas built on it) touches it; a delta by its own variant's tokens.
+    """
+    from multimoe_rt.delta import DESC_COLUMNS, spec_nbytes
+
+    model = engine.model
+    slab, table = model.slab, model.table
+    H, I = cfg["hidden_size"], cfg["intermediate_size"]
+    E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
+    itemsize = slab.w1.element_size()
+    n1 = slab.w1.shape[1]
+    miss = 1.0 - k / E
+    pools = slab.deltas
+    slots = table.slots.cpu()
+    expert = 0.0
+    for layer in range(slots.shape[1]):
+        slot_tokens, delta_p = {}, 0.0
+        for v, n in variants_in_batch.items():
+            for e in range(E):
+                i = int(slots[v, layer, e])
+                if pools is None:
+                    slot_tokens[i] = slot_tokens.get(i, 0) + n
+                    continue
+                d = dict(zip(DESC_COLUMNS, pools._desc_host[i]))
+                slot_tokens[d["base"]] = slot_tokens.get(d["base"], 0) + n
+                spec = _delta_spec(d)
+                if spec:
+                    delta_p += (1 - miss ** n) * spec_nbytes(spec, n1, H, I, itemsize)
+        expert += sum((1 - miss ** n) * slab.slot_nbytes for n in slot_tokens.values()) + delta_p
+    # Non-expert: every matrix of each variant's set but the embedding table (a step reads only its rows).
+    weights = model.weights
+    per_set = weights.set_nbytes - weights.embed[0].numel() * weights.embed.element_size()
+    non_expert = len(variants_in_batch) * per_set
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    seqs = sum(variants_in_batch.values())
+    kv = seqs * context * cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * itemsize
+    # FLOPs: per token, 2 x the matrices it multiplies (k experts, attention, router, LM head).
+    L, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    attn = H * (heads * head_dim) * 2 + H * kv_heads * head_dim * 2
+    flops = 2 * seqs * (L * (attn + H * E + k * (n1 * H + H * I)) + cfg["vocab_size"] * H)
+    return {"bytes": expert + non_expert + kv, "expert_bytes": expert, "non_expert_bytes": non_expert,
+            "kv_bytes": kv, "flops": flops}
+
+
+# ---------------------------------------------------------------- systems
+
+def _trace(names, n: int, prompt_len: int, vocab: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [(names[i % len(names)], torch.randint(3, vocab, (prompt_len,), generator=g).tolist()) for i in range(n)]
+
+
+def run_engine(engine, trace, new_tokens: int) -> dict:
+    """Saturated: every request queued at once. The decode step time is read off the tail where every sequence
+    decodes (from the last first token to the last finish), so prefill does not blur it."""
+    t0 = time.perf_counter()
+    handles = [engine.submit(v, p, max_new_tokens=new_tokens, ignore_eos=True) for v, p in trace]
+    for h in handles:
+        h.result()
+    end = max(h.finish for h in handles)
+    tokens = sum(len(h.tokens) for h in handles)
+    decode = (end - max(h.first_token for h in handles)) / max(1, new_tokens - 1)
+    return {"tokens": tokens, "wall_s": end - t0, "tokens_per_s": tokens / (end - t0), "decode_step_s": decode}
+
+
+def run_transformers(models: dict, trace, new_tokens: int) -> dict:
+    """One batched greedy ``generate`` per variant over all of its requests (equal prompt lengths: no padding)."""
+    t0 = time.perf_counter()
+    tokens, steps = 0, 0.0
+    for v, model in models.items():
+        prompts = [p for u, p in trace if u == v]
+        if not prompts:
+            continue
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        tokens += (out.shape[1] - ids.shape[1]) * out.shape[0]
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def run(shape: str = "mid", dtype=torch.bfloat16, n_variants: int = 4, seqs: int = 32, prompt_len: int = 16,
+        new_tokens: int = 16, reps: int = 2, systems=SYSTEMS, device="cpu", seed: int = 0, calib_tokens: int = 512,
+        out_dir=None, log=print) -> dict:
+    log = log or (lambda *_: None)
+    from multimoe_rt.checkpoint import VariantSet
+    from multimoe_rt.engine import Engine
+    from multimoe_rt.machine import machine_info
+
+    device = torch.device(device)
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    dirs = build_variants(shape, n_variants, dtype, seed, log)
+    vs = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
+    vocab = vs[0].config["vocab_size"]
+    max_len = prompt_len + new_tokens + 8
+    plans = make_plans(vs, dtype, systems, calib_tokens, log)
+    engines = {}
+    for s in systems:
+        if s in PLAN_SYSTEMS or s == "one_variant":
+            if s == "one_variant" and "mixed_dense" in engines:
+                engines[s] = engines["mixed_dense"]
+                continue
+            log(f"loading {s}")
+            engines[s] = Engine.from_pretrained(vs, plan=plans[s], max_seqs=seqs, max_len=max_len, device=device,
+                                                dtype=dtype, max_step_tokens=seqs * prompt_len + seqs)
+    mixed_trace = _trace(vs.names, seqs, prompt_len, vocab, seed)
+    one_trace = [(vs.names[0], p) for _, p in mixed_trace]
+    traces = {s: one_trace if s == "one_variant" else mixed_trace for s in systems}
+    for s, e in engines.items():  # warm-up: every code path once (allocations, first-call dispatch)
+        run_engine(e, traces[s][:max(2, len(vs.names))], 2)
+    measured = {s: [] for s in systems}
+    hf = None
+    if "transformers" in systems:
+        from transformers import MixtralForCausalLM
+
+        log("loading every variant's transformers model")
+        hf = {n: MixtralForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval() for n, d in dirs.items()}
+        run_transformers({n: hf[n] for n in list(hf)[:1]}, mixed_trace[:2], 2)
+    for rep in range(reps):
+        for s in systems:
+            r = run_transformers(hf, mixed_trace, new_tokens) if s == "transformers" else run_engine(engines[s], traces[s], new_tokens)
+            measured[s].append(r)
+            log(f"  rep {rep}: {s:13} {r['tokens_per_s']:8.1f} tokens/s")
+    ceilings = measure_ceilings(device, dtype=dtype)
+    bw, peak = ceilings["copy_GBps"] * 1e9 / 2, ceilings["matmul_TFLOPs"] * 1e12  # copy moves 2 bytes per byte read
+    rows = {}
+    for s in systems:
+        tps = [m["tokens_per_s"] for m in measured[s]]
+        row = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps}
+        if s == "transformers":
+            row["device_bytes"] = sum(sum(t.numel() * t.element_size() for t in m.parameters()) for m in hf.values()) \
+                + engines[next(iter(engines))].memory_footprint()["kv_cache_bytes"] if engines else 0
+        else:
+            e = engines[s]
+            row["device_bytes"] = e.memory_footprint()["total_device_bytes"]
+            in_batch = {0: seqs} if s == "one_variant" else {v: seqs // len(vs.names) + (v < seqs % len(vs.names))
+                                                              for v in range(min(seqs, len(vs.names)))}
+            sb = step_bytes(e, vs[0].config, in_batch, prompt_len + new_tokens // 2)
+            roof = max(sb["bytes"] / bw, sb["flops"] / peak)
+            step = statistics.median(m["decode_step_s"] for m in measured[s])
+            row.update(decode_step_s=step, step_bytes=sb, roofline_step_s=roof,
+                       roofline_bound="bytes" if sb["bytes"] / bw >= sb["flops"] / peak else "flops",
+                       vs_roofline=step / roof)
+        rows[s] = row
+    for e in {id(e): e for e in engines.values()}.values():
+        e.shutdown()
+    out = {"bench": "batching-synthetic", "shape": shape, "config": SHAPES[shape], "delta_recipe": DELTA,
+           "dtype": str(dtype).replace("torch.", ""), "variants": n_variants, "sequences": seqs,
+           "prompt_tokens": prompt_len, "new_tokens": new_tokens, "reps": reps, "device": str(device),
+           "machine": machine_info(), "ceilings": ceilings, "systems": rows, "ratios": ratios(rows),
+           "notes": ["tokens_per_s: medians of interleaved repetitions (each system once per repetition)",
+                     "step_bytes: expected bytes of one decode step under uniform routing (see module docstring)",
+                     "transformers: one batched generate per variant, one after another"]}
+    out["files"] = write(out, out_dir)
+    return out
+
+
+def ratios(rows: dict) -> dict:
+    """One entry per codec plan (and the shared plan): its throughput and bytes against the others."""
+    out = {}
+    tps = {s: r["tokens_per_s"] for s, r in rows.items()}
+    for s in (*CODECS, "mixed_plan", "mixed_shared"):
+        if s not in rows:
+            continue
+        r = {"vs_roofline": rows[s].get("vs_roofline")}
+        for other, key in (("one_variant", "vs_one_variant"), ("mixed_dense", "vs_mixed_dense"),
+                           ("transformers", "vs_transformers")):
+            if other in tps:
+                r[key] = tps[s] / tps[other]
+        if "transformers" in rows:
+            r["bytes_vs_transformers"] = rows[s]["device_bytes"] / rows["transformers"]["device_bytes"]
+        out[s] = r
+    return out
+
+
+def table(out: dict) -> str:
+    rows = out["systems"]
+    one = rows.get("one_variant", {}).get("tokens_per_s")
+    lines = [f"{out['shape']} ({out['config']['hidden_size']}/{out['config']['intermediate_size']}), {out['dtype']}, "
+             f"{out['variants']} variants, {out['sequences']} sequences, {out['machine']['cpu']}",
+             f"{'system':14} {'tokens/s':>9} {'vs one':>7} {'device MB':>10} {'step MB read':>12} {'step ms':>8} "
+             f"{'roofline ms':>11} {'vs roof':>8}"]
+    for s, r in rows.items():
+        sb = r.get("step_bytes", {})
+        lines.append(f"{s:14} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / one if one else float('nan'):7.2f} "
+                     f"{r['device_bytes'] / 1e6:10.1f} {sb.get('bytes', float('nan')) / 1e6:12.1f} "
+                     f"{1e3 * r.get('decode_step_s', float('nan')):8.1f} {1e3 * r.get('roofline_step_s', float('nan')):11.1f} "
+                     f"{r.get('vs_roofline', float('nan')):8.2f}")
+    return "\n".join(lines)
+
+
+def write(out: dict, out_dir) -> dict:
+    out_dir = results_dir(out_dir)
+    tag = f"batching-synthetic-{out['shape']}-{out['dtype']}" + ("" if out["variants"] == 4 else f"-{out['variants']}v")
+    files = {"json": str(out_dir / f"{tag}.json")}
+    Path(files["json"]).write_text(json.dumps(out, indent=1, default=str))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        files["plot"] = None
+        return files
+    rows = out["systems"]
+    names = list(rows)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar(names, [rows[s]["tokens_per_s"] for s in names], color="tab:blue")
+    a.set_ylabel("saturated tokens/s")
+    b.bar(names, [rows[s]["device_bytes"] / 1e6 for s in names], color="tab:gray", label="device")
+    b.bar(names, [rows[s].get("step_bytes", {}).get("bytes", 0) / 1e6 for s in names], color="tab:orange",
+          label="read per decode step")
+    b.set_ylabel("MB")
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=40, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{out['shape']} shape, {out['dtype']}, {out['variants']} variants, {out['sequences']} sequences "
+                 f"({out['machine']['cpu']})", fontsize=9)
+    fig.tight_layout()
+    files["plot"] = str(out_dir / f"{tag}.png")
+    fig.savefig(files["plot"], dpi=110)
+    plt.close(fig)
+    return files
