@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections import deque
 
 import torch
@@ -36,6 +37,19 @@ from .weights import VariantWeights
 
 log = logging.getLogger(__name__)
 _END = object()
+
+
+DEFAULT_MAX_LEN = 512  # the KV cache reserves max_seqs x max_len positions: long-context models opt in
+
+
+def model_positions(config: dict) -> int | None:
+    """Positions the model attends over: ``max_position_embeddings``, times the factor of dynamic NTK scaling
+    (which extends past it; the other scalings' configs already state the extended length)."""
+    n = config.get("max_position_embeddings")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if n and rope.get("rope_type", rope.get("type")) == "dynamic" and rope.get("factor"):
+        n = int(n * rope["factor"])
+    return n
 
 
 class QueueFull(RequestError):
@@ -183,6 +197,18 @@ class Engine:
     ``group_variants``: admit waiting requests variant by variant (variants in the order of their oldest
     request) instead of strictly by arrival. Under load a step then holds fewer variants, so it reads
     fewer distinct experts; it stays first-come first-served at the level of variants, so nothing starves.
+
+    What a request gets, exactly. Its tokens come from its own variant's weights and its own sampling state
+    (``SamplingParams``; a seeded request has its own generator). Batching is not bit-invariant: which other
+    sequences share a step changes the reduction order of the matmuls, which moves fp32 logits by about 1e-7
+    relative (more in bf16/fp16). So greedy tokens equal those of the request run alone unless two of its top
+    logits are within about 1e-6 of each other (fp32); a seeded sample likewise, unless its uniform draw falls
+    within that distance of a boundary of the cumulative distribution.
+
+    Failures stay with the requests they concern: a stage of a step that fails (admission, set load, forward,
+    sampling, emit, retire) ends those requests with a ``StepError`` naming the stage, and the loop goes on.
+    If the loop dies anyway, every waiting and later request fails with ``EngineDead`` and ``health()`` is
+    ``(False, reason)``.
     """
 
     def __init__(self, model: BatchedModel, max_step_tokens: int = 256, max_queue: int = 4096,
@@ -208,10 +234,14 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, dirs, names=None, plan=None, share: float | None = None, budget=None,
-                        resident_sets: int | None = None, max_seqs: int = 64, max_len: int = 512,
+                        resident_sets: int | None = None, max_seqs: int = 64, max_len: int | None = None,
                         device="cpu", dtype=torch.float32, backend=None, **engine_kwargs) -> "Engine":
         """Load variant directories, plan the slab (``share``/``budget``/``plan`` as in ``plan.make_plan``;
-        default: every variant keeps its own experts), and start the engine."""
+        default: every variant keeps its own experts), and start the engine.
+
+        ``max_len`` (prompt + new tokens per sequence) defaults to the model's positions, at most 512; a value
+        above the model's positions is clamped to them, with a warning. EOS: generation_config.json's, else
+        config.json's (an id or a list), of the first variant."""
         from . import plan as plan_mod
         from .checkpoint import VariantSet
 
@@ -224,6 +254,14 @@ class Engine:
         slab, table = plan_mod.load_slab(plan, vs, device=device, dtype=dtype)
         weights = VariantWeights.from_variant_set(vs, resident_sets or len(vs), device=device, dtype=dtype)
         cfg = vs[0].config
+        positions = model_positions(cfg)
+        if max_len is None:
+            max_len = min(DEFAULT_MAX_LEN, positions or DEFAULT_MAX_LEN)
+        elif positions is not None and max_len > positions:
+            warnings.warn(f"max_len={max_len} is above the model's {positions} positions (max_position_embeddings"
+                          f"{' x dynamic rope factor' if positions != cfg.get('max_position_embeddings') else ''}); "
+                          f"clamped to {positions}", UserWarning, stacklevel=2)
+            max_len = positions
         heads = cfg["num_attention_heads"]
         kv = KVCache(cfg["num_hidden_layers"], max_seqs, max_len, cfg.get("num_key_value_heads") or heads,
                      cfg.get("head_dim") or cfg["hidden_size"] // heads, dtype=dtype, device=device)

@@ -88,17 +88,17 @@ def test_stream_iterator_async_and_stop_sequences(dirs):
 
 def test_cancel_frees_the_slot_and_shutdown_without_drain_cancels(dirs):
     name = dirs[0].name
-    eng = Engine.from_pretrained(dirs, max_seqs=2, max_len=512)
-    h = eng.submit(name, [5, 6, 7], max_new_tokens=400, ignore_eos=True)
+    eng = Engine.from_pretrained(dirs, max_seqs=2, max_len=128)
+    h = eng.submit(name, [5, 6, 7], max_new_tokens=120, ignore_eos=True)
     next(iter(h))
     h.cancel()
     h._done.wait(30)
-    assert h.finish_reason == "cancelled" and len(h.tokens) < 400
+    assert h.finish_reason == "cancelled" and len(h.tokens) < 120
     deadline = time.time() + 10
     while eng.kv.num_free != 2 and time.time() < deadline:
         time.sleep(0.01)
     assert eng.kv.num_free == 2
-    long = [eng.submit(name, [5, 6], max_new_tokens=400, ignore_eos=True) for _ in range(4)]
+    long = [eng.submit(name, [5, 6], max_new_tokens=120, ignore_eos=True) for _ in range(4)]
     eng.shutdown(drain=False, timeout=30)
     assert all(x.done and x.finish_reason in ("cancelled", "length") for x in long)
     assert any(x.finish_reason == "cancelled" for x in long)
@@ -255,3 +255,15 @@ def test_eos_as_transformers_does_it(dirs, tmp_path):
         with Engine.from_pretrained([d], max_seqs=2, max_len=64) as eng:
             h = eng.submit(d.name, p, max_new_tokens=8).result(30)
             assert h.tokens == full[:stop_at] and h.finish_reason == "stop", d.name
+
+
+def test_max_len_never_exceeds_the_models_positions(dirs):
+    """Old code: from_pretrained defaulted to max_len=512 over this model's 128 positions, without a word."""
+    with Engine.from_pretrained(dirs[:1], max_seqs=1) as eng:
+        assert eng.kv.max_len == 128
+    with pytest.warns(UserWarning, match="max_len=512 .* 128 positions"):
+        eng = Engine.from_pretrained(dirs[:1], max_seqs=1, max_len=512)
+    with eng:
+        assert eng.kv.max_len == 128
+        with pytest.raises(RequestError, match="exceeds the context of 128 tokens"):
+            eng.submit(dirs[0].name, [1] * 100, max_new_tokens=40)
