@@ -3,8 +3,9 @@
 Each step the engine (1) finishes weight-set loads whose copy landed, (2) admits waiting requests
 whose variant is resident, while KV slots last, (3) runs ONE ``BatchedModel`` forward over every
 running sequence: a decode token for each, plus prompt chunks within the step's token budget, all
-variants mixed, (4) samples each sequence with its own settings and generator, streams the token,
-and retires finished sequences (EOS, stop sequence, max tokens, cancel), freeing their KV slot.
+variants mixed, (4) samples every sequence in one batched call (``sampling.sample_batch``: per-sequence
+``SamplingParams`` and generator), streams the tokens, and retires finished sequences (EOS, stop token or
+sequence, max tokens, cancel), freeing their KV slot.
 
 A request for a variant whose non-expert set is not resident starts the paper's partial
 reconfiguration: its set is copied into a free or idle device set while the batch keeps running.
