@@ -130,8 +130,10 @@ def test_zoo_list_path_clean(small_zoo, tmp_path, capsys):
     assert main(["zoo", "list", "--cache", str(root)]) == 0
     out = capsys.readouterr().out
     assert f"zoo cache: {root}" in out and f"{entry.name}" in out and "ok" in out and "temporary" in out
-    assert main(["zoo", "path", "--cache", str(root)]) == 0
+    assert main(["zoo", "path", "--root", "--cache", str(root)]) == 0
     assert capsys.readouterr().out.strip() == str(root)
+    assert main(["zoo", "path", "--small", "--cache", str(root)]) == 0  # the entry a command would use
+    assert Path(capsys.readouterr().out.strip()).parent == root
     # a damaged entry is named, and the command that would reuse it says exactly what to delete
     victim = entry / "ptb" / "model.safetensors"
     victim.write_bytes(victim.read_bytes()[:1000])
@@ -197,3 +199,18 @@ def test_results_go_to_one_documented_folder(tmp_path, monkeypatch):
     assert results_dir(create=False) == Path.home() / ".cache" / "multimoe_rt" / "results"
     args = cli.build_parser().parse_args(["eval", "--small"])
     assert args.out is None and cli_args._results(args) == results_dir(create=False)
+
+
+def test_plan_arguments_a_new_user_gets_wrong(tmp_path, capsys):
+    dirs = save_variants(tmp_path, "mixtral", n=2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()  # the save's progress output
+    one_line_error(capsys, ["plan", str(empty), "--share", "0.5"], "no config.json")
+    one_line_error(capsys, ["generate", str(empty), "--prompt-ids", "1,2"], "no config.json")
+    out = str(tmp_path / "p.json")
+    one_line_error(capsys, ["plan", str(dirs[0]), str(dirs[0]), "--share", "0.5", "-o", out], "given twice", "--names")
+    one_line_error(capsys, ["plan", *map(str, dirs), "--budget", "30Mb", "-o", out], "capital B")
+    # A budget too small for one copy per expert: the fix is named as the flag, not a Python keyword.
+    one_line_error(capsys, ["plan", *map(str, dirs), "--budget", "1KB", "-o", out, "--quiet"],
+                   "--offload")

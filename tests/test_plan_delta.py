@@ -294,3 +294,15 @@ def test_cli_plan_with_codecs_and_costs(mixtral, tmp_path):
     text.write_text("x")
     # --codecs needs --budget: a usage error (exit 2) before any measurement
     assert main(["plan", *dirs, "--codecs", "sign1", "--calib-text", f"v1={text}", "-o", str(tmp_path / "q.json")]) == 2
+
+
+def test_room_for_every_own_copy_gives_the_exact_plan():
+    """A generous budget must not approximate an expert because its measured cost came out at or below zero
+    (calibration noise): every unit dense. Under a tight budget the costs still decide."""
+    from multimoe_rt.plan.mixed import choose
+
+    units = [[(0, -0.01, "share"), (3, -0.02, "sign1"), (10, 0.0, "dense")],
+             [(0, 0.5, "share"), (3, 0.1, "sign1"), (10, 0.0, "dense")]]
+    assert choose(units, budget=1000) == [2, 2]
+    assert choose(units, budget=20) == [2, 2]
+    assert choose(units, budget=3) == [0, 1]

@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from .args import PROG, RESULTS_ENV, _existing_dir, _existing_file, _finite, _fraction, _nonneg_int, _out_dir, _out_file, _pos_int, _size
+from .args import PROG, RESULTS_ENV, _existing_dir, _model_dir, _existing_file, _finite, _fraction, _nonneg_int, _out_dir, _out_file, _pos_int, _size
 from .zoo import _RECIPES, _remove_own_zoo_temp, cmd_zoo_build, cmd_zoo_clean, cmd_zoo_list, cmd_zoo_path
 from .commands import _bench_module, _calib_text, _serve_qos_args, cmd_bench_qos, cmd_bench_reliability, cmd_demo, cmd_eval, cmd_generate, cmd_plan, cmd_serve
 
@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     zl.add_argument("--cache", default=None, help=cache_help)
     zl.set_defaults(func=cmd_zoo_list)
     zp = zoo_sub.add_parser("path", parents=[common],
-                            help="where the zoo lives: the cache root, or a recipe's entry (built or not)")
-    zp.add_argument("--recipe", choices=_RECIPES, default=None)
+                            help="where a recipe's zoo lives (built or not; default mixtral-tiny), or --root")
+    zp.add_argument("--recipe", choices=_RECIPES, default="mixtral-tiny")
+    zp.add_argument("--root", action="store_true", help="print the cache root instead of the recipe's entry")
     zp.add_argument("--small", action="store_true")
     zp.add_argument("--data", type=_existing_dir, default=None, help="copy of shared/data")
     zp.add_argument("--cache", default=None, help=cache_help)
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- plan: expert consolidation (multimoe_rt/plan/)
     pl = add("plan", help="decide which experts the variants share (Algorithm 1); write plan JSON")
-    pl.add_argument("variant_dirs", nargs="+", type=_existing_dir, metavar="VARIANT_DIR",
+    pl.add_argument("variant_dirs", nargs="+", type=_model_dir, metavar="VARIANT_DIR",
                     help="HF directories, anchor (base) first")
     pl.add_argument("--names", default=None, help="comma-separated variant names (default: directory names)")
     pl.add_argument("--budget", type=_size, default=None,
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- generate: one prompt, one variant, streamed
     g = add("generate", help="generate from one prompt with one variant, streamed to the terminal")
-    g.add_argument("variant_dirs", nargs="*", type=_existing_dir, metavar="VARIANT_DIR",
+    g.add_argument("variant_dirs", nargs="*", type=_model_dir, metavar="VARIANT_DIR",
                    help="HF directories, base first (default: the mixtral-tiny zoo, built if needed)")
     g.add_argument("-v", "--variant", default=None, help="variant to generate with (default: the first)")
     g.add_argument("-p", "--prompt", default=None, help="prompt text (the checkpoint's tokenizer encodes it)")

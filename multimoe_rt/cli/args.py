@@ -98,12 +98,36 @@ def _rates(text: str) -> list[float]:
 
 @_type
 def _existing_dir(text: str) -> Path:
+    return _existing_dir_check(text)
+
+
+def _existing_dir_check(text: str) -> Path:
     p = Path(text)
     if not p.exists():
         raise ValueError(f"{text}: no such directory")
     if not p.is_dir():
         raise ValueError(f"{text}: not a directory")
     return p
+
+
+@_type
+def _model_dir(text: str) -> Path:
+    """A Hugging Face model directory: it exists and holds a config.json (checked before any tokenizer)."""
+    p = _existing_dir_check(text)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{text}: no config.json: not a Hugging Face model directory")
+    return p
+
+
+def _distinct_dirs(dirs, names) -> None:
+    """The same directory twice is the same variant twice, unless --names tells them apart."""
+    seen = {}
+    for d in dirs:
+        key = Path(d).resolve()
+        if key in seen and not names:
+            _usage(f"{d} is given twice (also as {seen[key]}): give each variant once, or name the copies with "
+                   f"--names a,b,...")
+        seen[key] = d
 
 
 @_type

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .args import QOS_SYSTEMS, RESULTS_ENV, ZOO_QOS_VARIANTS, _check_device, _dtype, _existing_dir, _existing_file, _fraction, _out_dir, _pos_int, _rates, _results, _usage
+from .args import _distinct_dirs, QOS_SYSTEMS, RESULTS_ENV, ZOO_QOS_VARIANTS, _check_device, _dtype, _existing_dir, _existing_file, _fraction, _out_dir, _pos_int, _rates, _results, _usage
 from .zoo import _RECIPES, _zoo_dirs
 
 # ---------------------------------------------------------------- plan
@@ -15,6 +15,7 @@ def cmd_plan(args) -> int:
     from ..checkpoint import VariantSet
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
+    _distinct_dirs(args.variant_dirs, names)
     if names is not None and len(names) != len(args.variant_dirs):
         _usage(f"--names gives {len(names)} names for {len(args.variant_dirs)} directories")
     if not 0 <= args.anchor < len(args.variant_dirs):
@@ -44,11 +45,14 @@ def cmd_plan(args) -> int:
     costs = None
     if args.metric == "loss" or codecs:
         costs = _measured_costs(args, vs, codecs)
-    plan = plan_mod.make_plan(
-        vs, budget_bytes=args.budget, share=args.share, threshold=args.threshold,
-        metric="loss" if codecs else args.metric, scope=args.scope, representative=args.representative,
-        anchor=args.anchor, non_expert_bytes=non_expert, offload=args.offload, seed=args.seed, dtype=dtype,
-        calib=calib, progress=not args.quiet, costs=costs, delta=args.delta, codecs=codecs)
+    try:
+        plan = plan_mod.make_plan(
+            vs, budget_bytes=args.budget, share=args.share, threshold=args.threshold,
+            metric="loss" if codecs else args.metric, scope=args.scope, representative=args.representative,
+            anchor=args.anchor, non_expert_bytes=non_expert, offload=args.offload, seed=args.seed, dtype=dtype,
+            calib=calib, progress=not args.quiet, costs=costs, delta=args.delta, codecs=codecs)
+    except plan_mod.PlanError as e:  # the library speaks Python keywords; a CLI user needs the flag
+        raise plan_mod.PlanError(str(e).replace("offload=True", "--offload")) from None
     print(plan.summary())
     plan.to_json(args.output)
     print(f"plan written to {args.output}")
@@ -170,6 +174,7 @@ def cmd_generate(args) -> int:
             _usage("--prompt-ids is empty: give at least one token id")
     if args.variant_dirs:
         dirs = list(args.variant_dirs)
+        _distinct_dirs(dirs, args.names)
         names = [n.strip() for n in args.names.split(",")] if args.names else [d.name for d in dirs]
         if len(names) != len(dirs):
             _usage(f"--names gives {len(names)} names for {len(dirs)} directories")

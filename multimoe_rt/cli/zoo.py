@@ -142,7 +142,7 @@ def cmd_zoo_list(args) -> int:
 def cmd_zoo_path(args) -> int:
     from ..lab import zoo
 
-    if args.recipe is None:
+    if args.root:
         print(zoo.cache_root(args.cache))
         return 0
     print(_zoo_entry(args.recipe, args.small, args.cache, args.data))

@@ -37,6 +37,10 @@ def parse_size(text: str | int) -> int:
             raise PlanError(f"size must be a finite number of bytes >= 0, got {text!r}")
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if m and m.group(2) and not m.group(2).endswith("B"):
+        # '30Mb' is megabits to most readers: refuse rather than guess bytes.
+        raise PlanError(f"cannot parse size {text!r}: a size counts bytes, with a capital B "
+                        f"(KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '{m.group(1)}MiB'")
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise PlanError(f"cannot parse size {text!r}: expected a number with an optional unit "
                         f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '40GiB'")

@@ -102,7 +102,12 @@ def choose(unit_options: list[list[tuple[int, float, str]]], budget: int) -> lis
     """Per unit, the index (into its option list) chosen: minimise the summed cost within ``budget`` bytes.
 
     ``unit_options[u]`` lists (bytes, cost, option) of unit u; the option with the fewest bytes (ties: lowest
-    cost) is every unit's start, and must fit: the caller budgets it."""
+    cost) is every unit's start, and must fit: the caller budgets it. With room for every unit's own dense copy
+    the answer is exact (every unit dense), whatever the measured costs say: a cost measured at or below zero
+    is calibration noise, not a reason to approximate a weight that fits."""
+    dense = [next((j for j, p in enumerate(opts) if p[2] == DENSE), None) for opts in unit_options]
+    if None not in dense and sum(opts[j][0] for opts, j in zip(unit_options, dense)) <= budget:
+        return dense
     hulls = [_hull(opts) for opts in unit_options]
     pos = [0] * len(hulls)
     spent = sum(h[0][0] for h in hulls)
