@@ -29,7 +29,7 @@ import json, sys
 path, before, after = sys.argv[1:4]
 r = json.load(open(path))
 steps = r["steps"]
-want = ["1_install", "2_env", "3_tests", "4_kernels", "5_switch", "6_batched_forward", "7_delta_codecs"]
+want = ["1_install", "2_env", "3_tests", "4_kernels", "5_switch", "6_batched_forward", "7_delta_codecs", "8_synthetic"]
 problems = [f"step {s} missing from the JSON" for s in want if s not in steps]
 problems += [f"step {s} failed: {d['error'][:300]}" for s, d in steps.items() if "error" in d]
 inst = steps.get("1_install", {})

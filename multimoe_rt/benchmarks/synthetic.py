@@ -88,7 +88,7 @@ def build_variants(shape: str, n_variants: int, dtype: torch.dtype, seed: int = 
     log(f"building {n_variants} synthetic {shape} variants in {root} (once)")
     torch.manual_seed(seed)
     cfg = T.MixtralConfig(**SHAPES[shape], max_position_embeddings=4096)
-    model = T.MixtralForCausalLM(cfg).to(dtype).eval()
+    model = T.MixtralForCausalLM(cfg).to(dtype).eval()  # initialised on the CPU: the same weights on any machine
     base = {k: v.clone() for k, v in model.state_dict().items()}
     for i, name in enumerate(names):
         g = torch.Generator().manual_seed(seed * 1000 + i)
@@ -231,7 +231,7 @@ def run_transformers(models: dict, trace, new_tokens: int) -> dict:
         prompts = [p for u, p in trace if u == v]
         if not prompts:
             continue
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=model.device)
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -385,3 +385,16 @@ def write(out: dict, out_dir) -> dict:
     fig.savefig(files["plot"], dpi=110)
     plt.close(fig)
     return files
+
+
+def gpu_check(device, dry: bool, deadline: float, log=print) -> dict:
+    """The GPU check's step 8: the large shape in bf16 on the GPU (the test shape on a dry run), one repetition
+    of the systems that fit its time limit."""
+    device = torch.device(device)
+    shape, dtype = ("test", torch.float32) if dry else ("large", torch.bfloat16)
+    systems = ("one_variant", "mixed_dense", "mixed_shared", "sign1", "int4", "transformers")
+    out = run(shape, dtype, 4, seqs=32, prompt_len=16, new_tokens=16, reps=1, systems=systems, device=device,
+              out_dir=None, log=log)
+    return {"shape": shape, "dtype": out["dtype"], "ceilings": out["ceilings"], "ratios": out["ratios"],
+            "rows": [dict(system=s, **{k: v for k, v in r.items() if k != "tokens_per_s_runs"})
+                     for s, r in out["systems"].items()], "json": out["files"]["json"]}
