@@ -8,8 +8,8 @@ every way at once, in one run:
 * ``mixed_dense``  : requests spread over all variants, each variant with its own dense expert copies.
 * ``mixed_shared`` : the same mix with every expert shared (one variant's expert bytes): what mixing costs.
 * ``sign1`` / ``int4`` / ``lowrank16``: every fine-tuned expert stored as the base's plus a compressed delta.
-* ``mixed_plan``   : the mixed plan (``plan.mixed``): per entry, share / a codec / a dense copy, by measured
-                     calibration loss, in the int4 plan's bytes.
+* ``mixed_plan``   : the mixed plan (``plan.mixed``): per entry, share / one of the codecs above / a dense copy,
+                     by measured calibration loss (random-token batches), in the int4 plan's bytes.
 * ``transformers`` : every variant's full transformers model resident, batched ``generate`` per variant.
 
 The variants: the base is transformers' random init (std ``initializer_range``); each fine-tune adds to every
@@ -124,7 +124,6 @@ def make_plans(vs, dtype, systems, calib_tokens: int, log=print) -> dict:
             plans[s] = plan_mod.make_plan(vs, share=1.0, delta=s, dtype=dtype)
     if "mixed_plan" in systems:
         from multimoe_rt import criterion
-        from multimoe_rt.plan.mixed import DEFAULT_CODECS
 
         int4 = plans.get("int4") or plan_mod.make_plan(vs, share=1.0, delta="int4", dtype=dtype)
         g = torch.Generator().manual_seed(1)
@@ -133,10 +132,10 @@ def make_plans(vs, dtype, systems, calib_tokens: int, log=print) -> dict:
         batches = {n: criterion.lm_batches(torch.randint(0, vocab, (calib_tokens,), generator=g), seq_len=64,
                                            max_tokens=calib_tokens, batch_size=4)
                    for n in vs.names[1:]}
-        log(f"measuring the mixed plan's costs ({len(vs.names) - 1} variants x every expert x share + {len(DEFAULT_CODECS)} codecs)")
-        costs = criterion.measure_costs(vs, batches, codecs=DEFAULT_CODECS, progress=False, calibration="random tokens")
+        log(f"measuring the mixed plan's costs ({len(vs.names) - 1} variants x every expert x share + {len(CODECS)} codecs)")
+        costs = criterion.measure_costs(vs, batches, codecs=CODECS, progress=False, calibration="random tokens")
         plans["mixed_plan"] = plan_mod.make_plan(vs, budget_bytes=int4.expert_bytes,
-                                                 metric="loss", costs=costs, codecs=list(DEFAULT_CODECS), dtype=dtype)
+                                                 metric="loss", costs=costs, codecs=list(CODECS), dtype=dtype)
     return plans
 
 
