@@ -227,6 +227,8 @@ def sample_batch(logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], list
     log-softmax after penalties and min_tokens, before temperature and filtering."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"sample_batch: {logits.shape[0]} logit rows for {len(rows)} sequences")
+    if not bool(torch.isfinite(logits).all()):  # a NaN would come out as an arbitrary token
+        raise ValueError("the model produced non-finite logits (NaN or inf)")
     for r in rows:  # before anything can fail: a retry of this step draws nothing twice
         if not r.params.greedy and r.u is None:
             r.u = torch.rand(1, generator=r.generator, device=r.generator.device)

@@ -6,6 +6,7 @@ case the other requests of the same step still get their own tokens and the engi
 """
 
 import pytest
+import torch
 
 import multimoe_rt.engine as engine_mod
 from multimoe_rt.engine import Engine
@@ -182,3 +183,23 @@ def test_sampled_tokens_are_unchanged_for_the_others_when_one_row_fails(dirs, mo
         with eng._cond:
             hs = [eng.submit(names[i], PROMPTS[i], seed=10 + i, **kw) for i in range(3)]
         assert [h.result(timeout=WAIT).tokens for h in hs] == want
+
+
+def test_non_finite_logits_fail_only_their_request(dirs, expected):
+    with Engine.from_pretrained(dirs, max_seqs=8, max_len=64) as eng:
+        forward = eng.model.forward
+
+        def nan_for_poison(b):
+            return forward(b).masked_fill(poisoned_rows(eng, b)[:, None], float("nan"))
+        eng.model.forward = nan_for_poison
+        good, bad = submit_together(eng, poisoned=0)
+        with pytest.raises(StepError, match="sampling.*non-finite"):
+            bad.result(timeout=WAIT)
+        for v, p, h in good:
+            assert h.result(timeout=WAIT).tokens == expected[(v, tuple(p))], (v, p)
+
+
+def poisoned_rows(eng, b):
+    """Which logit rows of batch ``b`` belong to a running sequence whose prompt holds POISON."""
+    slots = {s.slot for s in eng.running if POISON in s.h.prompt}
+    return torch.tensor([int(s) in slots for s in b.token_slots[b.logit_rows].tolist()], dtype=torch.bool)

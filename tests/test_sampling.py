@@ -206,3 +206,22 @@ def test_engine_stop_token_ids_min_tokens_and_logprobs(engine):
         assert len(top) == 2 and lp <= 0 and all(v <= 0 for _, v in top)
     assert held.logprobs[3:] == [] or held.logprobs[3][1][0][0] == held.tokens[3]  # greedy: the chosen one leads
     assert engine.submit(name, [3, 4, 5], max_new_tokens=2).result(30).logprobs is None
+
+
+def test_extreme_accepted_values_sample_valid_tokens():
+    logits, prompts, outputs = random_case(6, n=5)
+    logits[0, 3] = 1e30  # a huge logit, as a broken but finite model gives
+    extremes = [SamplingParams.make(V, temperature=1e300, repetition_penalty=1e-300, min_p=1.0, seed=1),
+                SamplingParams.make(V, temperature=1e-5, repetition_penalty=1e300, top_p=1e-300, seed=2),
+                SamplingParams.make(V, temperature=5e-6, presence_penalty=2, frequency_penalty=-2),
+                SamplingParams.make(V, temperature=3.0, top_k=1, min_tokens=16, seed=3),
+                SamplingParams.make(V, temperature=0.5, top_k=V + 100, logprobs=20, seed=4)]
+    rows = [Row(p, prompts[i], [] if i == 3 else outputs[i] * 20, make_generator(p, "cpu"),
+                end_ids=tuple(range(V - 1))) for i, p in enumerate(extremes)]
+    tokens, lps = sample_batch(logits, rows)
+    assert all(0 <= t < V for t in tokens)
+    assert tokens[3] == V - 1  # every other id suppressed by min_tokens
+    assert math.isfinite(lps[4][0]) and len(lps[4][1]) == 20
+    logits[1, 5] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        sample_batch(logits, rows)
