@@ -65,27 +65,37 @@ def test_full_sharing_keeps_each_variants_own_non_expert_path(family_dirs):
 
 
 def test_prefetch_then_activate_never_reads_a_half_copied_set(tmp_path):
+    """Ordering by events, not by the clock: the background copy is held after its first tensor, so the forward
+    of the active variant provably runs mid-copy; activate must not return before every tensor has landed."""
     dirs = save_variants(tmp_path, "mixtral", n=2)
     mv = MultiVariantModel.from_pretrained(dirs)
     ref = reference("mixtral", dirs[1])
     ref0 = reference("mixtral", dirs[0])
     ids = torch.randint(2, 64, (1, 8))
-    copied = []
-    mv.store.copy_hook = lambda v, name: (copied.append(name), time.sleep(0.02))  # a slow "side stream" copy
+    copied, started, release = [], threading.Event(), threading.Event()
+
+    def hold_after_first(v, name):  # a slow "side stream" copy, held open by the test
+        copied.append(name)
+        if len(copied) == 1:
+            started.set()
+            assert release.wait(60), "the test never released the copy"
+
+    mv.store.copy_hook = hold_after_first
     before = mv.store.stats["tensors_copied"]
-    t0 = time.perf_counter()
     mv.prefetch("mixtral-v1")
-    assert mv.active_variant == "mixtral-v0"  # nothing flipped yet: the copy runs in the background
-    # a request of the active variant while the copy runs reads v0's weights, whole
+    assert started.wait(60)
+    assert mv.active_variant == "mixtral-v0"  # nothing flipped yet: the copy is in flight
+    # a request of the active variant while the copy is held reads v0's weights, whole
     assert rel_err(mv.forward("mixtral-v0", ids), run(ref0, "mixtral", None, ids, None)) <= FP32_TOL
-    during = len(copied)
+    assert len(copied) == 1
+    release.set()
     mv.activate()
     n = len(copied)
-    time.sleep(0.05)
-    # activate returned only once every tensor to copy had landed: none came after
-    assert n == len(copied) == mv.store.stats["tensors_copied"] - before > during  # the forward ran mid-copy
-    assert time.perf_counter() - t0 >= 0.02 * n and mv.active_variant == "mixtral-v1"
+    # activate returned only once every tensor had landed: the store counted each, and none came after
+    assert n > 1 and n == mv.store.stats["tensors_copied"] - before
+    assert mv.active_variant == "mixtral-v1"
     assert rel_err(mv.forward("mixtral-v1", ids), run(ref, "mixtral", None, ids, None)) <= FP32_TOL
+    assert len(copied) == n
 
 
 def test_failed_copy_keeps_the_old_variant_serving(tmp_path):
