@@ -1,11 +1,12 @@
-// Python module multimoe_rt._C and the torch.library ops multimoe_rt::align_cpu, ::sign1_matmul and
-// ::int4_matmul (and ::align_cuda where built with CUDA). The module is imported for its side effect of
-// registering the ops.
+// Python module multimoe_rt._C and the torch.library ops multimoe_rt::align_cpu, ::sign1_matmul,
+// ::int4_matmul, ::lowp_linear, ::lowp_linear_scalar (and ::align_cuda where built with CUDA). The module is
+// imported for its side effect of registering the ops.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "align.h"
 #include "delta_cpu.h"
+#include "lowp_linear.h"
 
 TORCH_LIBRARY_FRAGMENT(multimoe_rt, m) {
   m.def("align_cpu(Tensor slot_ids, int num_slots, int block_m) -> (Tensor, Tensor, Tensor)");
@@ -14,6 +15,10 @@ TORCH_LIBRARY_FRAGMENT(multimoe_rt, m) {
   m.impl("sign1_matmul", c10::DispatchKey::CPU, TORCH_FN(multimoe_rt::sign1_matmul));
   m.def("int4_matmul(Tensor x, Tensor codes, Tensor scales, int k, int group) -> Tensor");
   m.impl("int4_matmul", c10::DispatchKey::CPU, TORCH_FN(multimoe_rt::int4_matmul));
+  m.def("lowp_linear(Tensor x, Tensor w) -> Tensor");
+  m.impl("lowp_linear", c10::DispatchKey::CPU, TORCH_FN(multimoe_rt::lowp_linear));
+  m.def("lowp_linear_scalar(Tensor x, Tensor w) -> Tensor");
+  m.impl("lowp_linear_scalar", c10::DispatchKey::CPU, TORCH_FN(multimoe_rt::lowp_linear_scalar));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

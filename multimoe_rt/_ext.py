@@ -1,9 +1,9 @@
 """The optional C++/CUDA extension multimoe_rt._C: whether it loaded, and thin wrappers.
 
 ``available`` / ``reason`` say whether the extension loaded and why not; ``has_cuda_ops`` whether it
-was built with the CUDA sources; ``has_delta_ops`` whether it has the fused CPU delta ops. Importing _C
-registers the ops torch.ops.multimoe_rt.align_cpu, .sign1_matmul, .int4_matmul (and .align_cuda), which the
-wrappers call.
+was built with the CUDA sources; ``has_delta_ops`` whether it has the fused CPU delta ops; ``has_lowp_linear``
+whether it has the CPU bf16/fp16-weight linear. Importing _C registers the ops torch.ops.multimoe_rt.align_cpu,
+.sign1_matmul, .int4_matmul, .lowp_linear (and .align_cuda), which the wrappers call.
 """
 from __future__ import annotations
 
@@ -119,3 +119,18 @@ def delta_cpu_isa() -> str:
     """What the CPU delta ops run on "auto" here: "avx2" or "scalar"."""
     _need_delta_ops("delta_cpu_isa")
     return _C.delta_cpu_isa()
+
+
+# The CPU linear with bf16/fp16 weights (csrc/lowp_linear_cpu.cpp); a _C built before it existed lacks it.
+has_lowp_linear = available and _has_op("lowp_linear")
+
+
+def lowp_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` in x's dtype, accumulated in float32, for CPU tensors x ``[M, K]`` (float32/bfloat16/float16)
+    and w ``[N, K]`` bfloat16/float16 (rows may be strided); the weights are widened in registers. Callers
+    pick it through ``cpu_linear.linear``, which knows where it beats torch."""
+    if not has_lowp_linear:
+        raise RuntimeError("lowp_linear: " + (f"{reason}" if not available else
+                                              "the loaded multimoe_rt._C predates lowp_linear; rebuild it "
+                                              "with `pip install --no-build-isolation -e .`"))
+    return torch.ops.multimoe_rt.lowp_linear(x, w)

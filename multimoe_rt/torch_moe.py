@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import cpu_linear
+
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float64 is accepted by the torch and reference backends (gradcheck); the Triton kernels take FLOAT_DTYPES.
@@ -338,7 +340,10 @@ def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: s
     T, K = slot_ids.shape
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     pair_out = torch.empty(T * K, hidden.shape[1], dtype=acc, device=hidden.device)
-    grouped = _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1, b2)
+    # bf16/fp16 experts on a CPU whose torch matmul is slow in 16 bits: the per-slot loop with the C++ linear
+    # (cpu_linear), which torch._grouped_mm cannot use. Each slot's run is at most T rows.
+    lowp = cpu_linear.use_op(hidden[: min(T, cpu_linear.MAX_ROWS)], w1[0]) if w1.shape[0] else False
+    grouped = None if lowp else _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1, b2)
     if grouped is not None:
         y, order = grouped
         pair_out[order] = y.to(acc)
@@ -347,9 +352,16 @@ def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: s
         x = hidden[tokens]
         for slot, start, n in runs:
             xs = x[start : start + n]
-            h = xs @ w1[slot].T if b1 is None else torch.addmm(b1[slot], xs, w1[slot].T)
-            a = apply_activation(h, gated, activation, alpha, limit)
-            y = a @ w2[slot].T if b2 is None else torch.addmm(b2[slot], a, w2[slot].T)
+            if lowp:
+                h = cpu_linear.linear(xs, w1[slot])
+                h = h if b1 is None else h + b1[slot]
+                a = apply_activation(h, gated, activation, alpha, limit)
+                y = cpu_linear.linear(a, w2[slot])
+                y = y if b2 is None else y + b2[slot]
+            else:
+                h = xs @ w1[slot].T if b1 is None else torch.addmm(b1[slot], xs, w1[slot].T)
+                a = apply_activation(h, gated, activation, alpha, limit)
+                y = a @ w2[slot].T if b2 is None else torch.addmm(b2[slot], a, w2[slot].T)
             pair_out[order[start : start + n]] = y.to(acc)
     pair_out *= topk_weights.reshape(-1, 1).to(acc)
     return pair_out.view(T, K, hidden.shape[1]).sum(1).to(hidden.dtype)  # explicit H: T may be 0
