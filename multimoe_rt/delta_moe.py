@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
+from . import _ext, cpu_linear
 from .delta import INT4_GROUP, DeltaTensors, as_tensors, int4_decode, sign1_decode, sign1_signs
 from .torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, apply_activation, moe_reference
 
@@ -124,7 +124,7 @@ def moe_torch_delta(hidden, expert_ids, topk_weights, w1, w2, gated: bool, pools
     x = hidden[tokens]
     for base, start, n, subs in groups:
         xs = x[start:start + n]
-        h = (xs @ w1[base].T).to(acc)
+        h = cpu_linear.linear(xs, w1[base]).to(acc)
         parts_of = []
         for row, s0, m in subs:
             parts = entry_parts(t, row, n1, H, I)
@@ -133,7 +133,7 @@ def moe_torch_delta(hidden, expert_ids, topk_weights, w1, w2, gated: bool, pools
                 parts_of.append((parts, a0, m))
                 h[a0:a0 + m] += _delta_terms(xs[a0:a0 + m], parts, 0, H, acc)
         a = apply_activation(h, gated, activation, alpha, limit).to(hidden.dtype)
-        y = (a @ w2[base].T).to(acc)
+        y = cpu_linear.linear(a, w2[base]).to(acc)
         for parts, a0, m in parts_of:
             y[a0:a0 + m] += _delta_terms(a[a0:a0 + m], parts, 1, I, acc)
         out[order[start:start + n]] = y

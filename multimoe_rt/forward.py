@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import ops, torch_moe
+from . import cpu_linear, ops, torch_moe
 from .errors import CheckpointError
 from .families import family_for_config, route_softmax_topk
 
@@ -140,12 +140,16 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, segments) -> torch.Tensor:
-    """``x[a:b] @ w[s].T`` for every segment ``(s, a, b)``; ``w`` is ``[sets, out, in]``."""
+    """``x[a:b] @ w[s].T`` for every segment ``(s, a, b)``; ``w`` is ``[sets, out, in]``. 16-bit weights on a CPU
+    without native 16-bit matmul go through ``cpu_linear`` (torch's own path there is compute-bound)."""
     if len(segments) == 1:
-        return x @ w[segments[0][0]].t()
+        return cpu_linear.linear(x, w[segments[0][0]])
     y = x.new_empty(x.shape[0], w.shape[1])
     for s, a, b in segments:
-        torch.mm(x[a:b], w[s].t(), out=y[a:b])
+        if cpu_linear.use_op(x[a:b], w[s]):
+            y[a:b] = cpu_linear.linear(x[a:b], w[s])
+        else:
+            torch.mm(x[a:b], w[s].t(), out=y[a:b])
     return y
 
 
