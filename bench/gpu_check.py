@@ -5,11 +5,11 @@
 Nothing of the project is imported before step 1 has installed it: a bare GPU machine has torch and triton
 preinstalled, nothing else of ours. After step 1 the driver re-executes itself (fresh interpreter, so the
 new editable install is on sys.path) and carries on from the JSON. Every step has a time limit (SIGALRM;
-subprocesses get the time left and are killed with their children); the limits add up to 355 s. The JSON
+subprocesses get the time left and are killed with their children); the limits add up to 360 s. The JSON
 is rewritten after every step, so a run killed from outside still returns what it finished.
 
 Steps (limit in seconds) and what each writes under ``steps.<name>`` in the JSON:
-  1_install (140)  editable install against the preinstalled torch, offline (``pip install --no-index
+  1_install (125)  editable install against the preinstalled torch, offline (``pip install --no-index
         --no-build-isolation --no-deps -e .``: the GPU machine reaches no index; fastapi, uvicorn, openai and
         the other serving/plotting packages are optional there and their tests skip; torch and triton are pinned by a constraints file, so pip can never replace them),
         CUDA_HOME from the real nvcc (multimoe_rt/_cuda_home.py), TORCH_CUDA_ARCH_LIST from the GPU; build
@@ -21,20 +21,23 @@ Steps (limit in seconds) and what each writes under ``steps.<name>`` in the JSON
         to always).
   2_env (15)  machine (GPU, driver, versions), nvidia-smi, nvcc, ceilings: D2D copy bandwidth and a large
         bf16 matmul rate (tiny CPU stand-ins in a dry run).
-  3_tests (75)  ``pytest -m gpu`` over the test files that have GPU tests (the bf16/fp16 kernel cases among
+  3_tests (60)  ``pytest -m gpu`` over the test files that have GPU tests (the bf16/fp16 kernel cases among
         them); a dry run also runs the align / grouped-GEMM tests in the Triton interpreter. Writes rc, summary
         line, tail per run. Fails on any failed test.
-  4_kernels (60)  multimoe_rt.benchmarks.kernels rows at Mixtral-8x7B and Switch-base-8 shapes (bf16; decode M=1,4,16,
+  4_kernels (45)  multimoe_rt.benchmarks.kernels rows at Mixtral-8x7B and Switch-base-8 shapes (bf16; decode M=1,4,16,
         prefill 512, 2048): ours (triton, torch; plain and through slab+table) against transformers' experts
         implementations, ms, GB/s, TFLOP/s, fraction of the ceilings. Fails if any row of ours failed (raised
         or wrong against float64); cases left when the limit nears are recorded as skipped.
-  5_switch (25)  Mixtral-8x7B's non-expert set copied host(pinned)->device on a side stream, alone and
+  5_switch (20)  Mixtral-8x7B's non-expert set copied host(pinned)->device on a side stream, alone and
         overlapped with an expert-GEMM prefill workload: copy ms and GB/s, TTFT impact prefetched/blocking.
-  6_batched_forward (20)  hook: the batched mixed-variant decode step at 1, 16, 64, 256 sequences of 4
+  6_batched_forward (15)  hook: the batched mixed-variant decode step at 1, 16, 64, 256 sequences of 4
         variants against one variant. Filled by ``multimoe_rt.benchmarks.batched_forward.gpu_check(device, dry, deadline,
         log) -> dict``; skipped with the reason while that does not exist.
-  7_delta_codecs (20)  hook: delta-coded experts (int4 / sign1 / lowrank) against the dense slab, filled by
+  7_delta_codecs (15)  hook: delta-coded experts (int4 / sign1 / lowrank) against the dense slab, filled by
         ``multimoe_rt.benchmarks.delta_codecs.gpu_check(...)`` the same way.
+  8_synthetic (65)  hook: ``bench-batch --synthetic large`` in bf16 (one variant, mixed dense copies, all shared,
+        sign1, int4, transformers; tokens/s, bytes read per step, roofline), by
+        ``multimoe_rt.benchmarks.synthetic.gpu_check(...)``; its JSON lands in $MULTIMOE_RESULTS.
 Then a short table. Exit status 1 if any step failed (a skipped hook is not a failure).
 
 JSON: ``$OUT/gpu_check.json`` where $OUT is set (the device machine), else --out DIR, else
@@ -681,6 +684,9 @@ def main(argv=None) -> int:
         name = "gpu_check-dryrun.json" if dry else (
             "gpu_check.json" if os.environ.get("OUT") and args.out is None else f"gpu_check-{socket.gethostname()}.json")
         OUT_PATH = out_dir / name
+        # Harness results (step 8's JSON) beside the check's own, so they come back from the device machine; the
+        # re-executed process after step 1 inherits it.
+        os.environ.setdefault("MULTIMOE_RESULTS", str(out_dir))
         RESULT.update(dry_run=dry, started=time.strftime("%Y-%m-%dT%H:%M:%S"), t0_epoch=time.time(),
                       host=socket.gethostname(), platform=platform.platform(), argv=sys.argv[1:],
                       limits_s=LIMITS, limit_scale=LIMIT_SCALE, json=str(OUT_PATH))
