@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import cpu_linear
 from .kernels import time_group
 
 
@@ -26,15 +27,16 @@ def measure_ceilings(device: torch.device, dry: bool = False, dtype: torch.dtype
     dst = torch.empty_like(src)
     t = time_group({"copy": lambda: dst.copy_(src)}, device, budget)["copy"]["median_ms"]
     del src, dst
-    # The best of a square matmul and a decode-like one (many weights, few rows): CPU libraries without native
-    # bf16 (AVX2 only) run the skinny shape several times faster than the square one.
+    # The best of a square matmul and a decode-like one (many weights, few rows) through cpu_linear, the path the
+    # runtime takes: on a CPU without native bf16, torch's own bf16 matmul is not what serving runs.
     shapes = [(N, N, N)] + ([] if device.type == "cuda" or dry else [(64, 4096, 4096)])
     rates = {}
     for m, k, n_ in shapes:
         a = torch.randn(m, k, dtype=dtype, device=device)
-        b = torch.randn(k, n_, dtype=dtype, device=device)
-        a @ b
-        t_mm = time_group({"mm": lambda: a @ b}, device, budget, min_reps=3)["mm"]["median_ms"]
+        b = torch.randn(n_, k, dtype=dtype, device=device)
+        mm = (lambda: cpu_linear.linear(a, b)) if device.type == "cpu" else (lambda: a @ b.T)
+        mm()
+        t_mm = time_group({"mm": mm}, device, budget, min_reps=3)["mm"]["median_ms"]
         rates[(m, k, n_)] = 2 * m * k * n_ / (t_mm / 1e3) / 1e12
         del a, b
     best = max(rates, key=rates.get)
