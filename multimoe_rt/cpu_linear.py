@@ -8,8 +8,8 @@ weight once and widens it in registers (csrc/lowp_linear_cpu.cpp); measured ther
 (16..256 rows) faster than torch's bf16/fp16 matmul and as fast as torch's fp32 matmul on the same shape from
 16 rows up (``python -m multimoe_rt.benchmarks.lowp_linear``).
 
-The rule (``use_op``): x and w on CPU, w bfloat16/float16, x float32/bfloat16/float16 and 2-D with at most
-``MAX_ROWS`` rows, no gradient wanted, the extension has the op, the CPU runs the op's AVX2+FMA+F16C kernel
+The rule (``use_op``): x and w on CPU, w bfloat16/float16, x float32/bfloat16/float16 and 2-D (longer than
+``MAX_ROWS`` rows: in blocks of that many), no gradient wanted, the extension has the op, the CPU runs the op's AVX2+FMA+F16C kernel
 (x86-64), and the CPU lacks native matmul support for w's dtype (bf16: AVX512_BF16 or AMX-BF16; fp16:
 AVX512_FP16 or AMX-FP16), where torch's oneDNN path may well be faster: not measured, so left to torch.
 ``MULTIMOE_LOWP_LINEAR=off`` always takes torch; ``=on`` drops the native-support check (to measure on such
@@ -26,7 +26,7 @@ import torch
 from . import _ext
 
 # No crossover against torch's bf16/fp16 matmul was found up to 256 rows (op 5-6x faster at 64..256 rows,
-# [4096, 1024], AVX2 EPYC); the limit only keeps long prefills, where neither was measured, on torch.
+# [4096, 1024], AVX2 EPYC); longer inputs run in blocks of this many rows.
 MAX_ROWS = 256
 LOWP_DTYPES = (torch.bfloat16, torch.float16)
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -77,7 +77,7 @@ def use_op(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if w.dtype not in LOWP_DTYPES or x.dtype not in X_DTYPES or x.dim() != 2 or w.dim() != 2:
         return False
-    if x.device.type != "cpu" or w.device.type != "cpu" or x.shape[0] > MAX_ROWS:
+    if x.device.type != "cpu" or w.device.type != "cpu":
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False  # the op has no backward
@@ -89,6 +89,10 @@ def use_op(x: torch.Tensor, w: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` (x ``[M, K]``, w ``[N, K]``) by the fastest path this machine has for it; in x's dtype either
     way (the op accumulates in float32 and rounds once, as torch's CPU matmul does)."""
-    if use_op(x, w):
+    if not use_op(x, w):
+        return x @ w.T
+    if x.shape[0] <= MAX_ROWS:
         return _ext.lowp_linear(x, w)
-    return x @ w.T
+    # A prefill: blocks of MAX_ROWS rows, each as fast per row as the op measured (torch's 16-bit path here is
+    # 5-6x slower at 256 rows; a 512-token prompt on one variant took it before).
+    return torch.cat([_ext.lowp_linear(x[i:i + MAX_ROWS], w) for i in range(0, x.shape[0], MAX_ROWS)])

@@ -149,12 +149,18 @@ def test_linear_picks_the_op_where_it_should(counting):
     assert counting == [4, 4]
 
 
+def test_a_prefill_runs_in_blocks_of_max_rows(counting):
+    x, w = make(2 * cpu_linear.MAX_ROWS + 3, 9, 33, torch.bfloat16, torch.bfloat16, seed=5)
+    out = cpu_linear.linear(x, w)
+    assert counting == [cpu_linear.MAX_ROWS, cpu_linear.MAX_ROWS, 3]
+    assert out.shape == (x.shape[0], 9) and rel_err(out, reference(x, w)) <= 2e-2
+
+
 def test_linear_falls_back_to_torch(counting, monkeypatch):
     x, w = make(4, 9, 33, torch.bfloat16, torch.bfloat16, seed=2)
     cases = [
         (x.float(), w.float()),                                    # float32 weights
         (x.double(), w.double()),                                  # float64
-        (torch.randn(cpu_linear.MAX_ROWS + 1, 33).bfloat16(), w),  # prefill-sized
         (x.clone().requires_grad_(), w),                           # gradient wanted
         (x, w.clone().requires_grad_()),
     ]
