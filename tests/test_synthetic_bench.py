@@ -2,6 +2,7 @@
 roofline counter adds up, and the JSON carries one ratio entry per codec plan."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,9 +11,7 @@ from multimoe_rt.benchmarks import synthetic
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory, monkeypatch_module=None):
-    import os
-
+def out(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     old = os.environ.get("HOME")
     os.environ["HOME"] = str(home)  # the variants' cache goes under ~/.cache

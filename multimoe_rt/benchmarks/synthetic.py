@@ -225,7 +225,7 @@ def run_engine(engine, trace, new_tokens: int) -> dict:
 def run_transformers(models: dict, trace, new_tokens: int) -> dict:
     """One batched greedy ``generate`` per variant over all of its requests (equal prompt lengths: no padding)."""
     t0 = time.perf_counter()
-    tokens, steps = 0, 0.0
+    tokens = 0
     for v, model in models.items():
         prompts = [p for u, p in trace if u == v]
         if not prompts:
@@ -250,7 +250,7 @@ def run(shape: str = "mid", dtype=torch.bfloat16, n_variants: int = 4, seqs: int
     device = torch.device(device)
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
-        raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+        raise SystemExit(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
     dirs = build_variants(shape, n_variants, dtype, seed, log)
     vs = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
     vocab = vs[0].config["vocab_size"]
@@ -290,8 +290,9 @@ def run(shape: str = "mid", dtype=torch.bfloat16, n_variants: int = 4, seqs: int
         tps = [m["tokens_per_s"] for m in measured[s]]
         row = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps}
         if s == "transformers":
-            row["device_bytes"] = sum(sum(t.numel() * t.element_size() for t in m.parameters()) for m in hf.values()) \
-                + engines[next(iter(engines))].memory_footprint()["kv_cache_bytes"] if engines else 0
+            # Every full model, plus a KV cache as large as the engines' (what a batched generate holds at most).
+            kv = next(iter(engines.values())).memory_footprint()["kv_cache_bytes"] if engines else 0
+            row["device_bytes"] = kv + sum(t.numel() * t.element_size() for m in hf.values() for t in m.parameters())
         else:
             e = engines[s]
             row["device_bytes"] = e.memory_footprint()["total_device_bytes"]
