@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -23,19 +22,10 @@ import torch
 
 from .. import _ext
 from ..delta import INT4_GROUP, int4_decode, sign1_signs
+from ..machine import cpu_model
 
 SHAPES = {"mid": (1024, 2048), "large": (4096, 14336)}
 MS = (1, 4, 16, 64)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def _matrices(H: int, I: int, dtype, g):
@@ -131,7 +121,7 @@ def main(argv=None):
         # depends on M).
         rows += run([shape], dtypes, a.large_reps if shape == "large" else a.reps,
                     old_ms if shape != "large" else {1})
-    info = {"cpu": _cpu_name(), "isa": _ext.delta_cpu_isa(), "threads": a.threads, "torch": torch.__version__,
+    info = {"cpu": cpu_model(), "isa": _ext.delta_cpu_isa(), "threads": a.threads, "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     print(json.dumps(info))
     print(table(rows))

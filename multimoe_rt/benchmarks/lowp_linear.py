@@ -16,26 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 
 from .. import _ext, cpu_linear
+from ..machine import cpu_model
 
 SHAPES = "4096x1024,1024x2048,8192x1024,28672x4096"
 MS = "1,4,16,32,64"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def _interleaved(cands: dict, reps: int, budget: float) -> dict:
@@ -126,10 +116,10 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",") if s]
     ms = [int(m) for m in a.ms.split(",") if m]
-    print(f"CPU {_cpu_name()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+    print(f"CPU {cpu_model()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
           f"{a.threads} thread(s); cpu_linear picks the op here: "
           f"{cpu_linear.use_op(torch.zeros(1, 8, dtype=torch.bfloat16), torch.zeros(1, 8, dtype=torch.bfloat16))}")
-    out = dict(cpu=_cpu_name(), torch=torch.__version__, threads=a.threads,
+    out = dict(cpu=cpu_model(), torch=torch.__version__, threads=a.threads,
                linear=bench_linear(shapes, ms, a.reps, a.budget),
                moe=bench_moe([int(t) for t in a.moe_tokens.split(",") if t], a.reps, a.budget))
     if a.json:
