@@ -1,13 +1,15 @@
-"""multimoe_rt.benchmarks.simulate: cost model (roofline, copy time, memory fit), the simulators, and a small validation run."""
+"""The QoS simulator (multimoe_rt.benchmarks.sim_*): cost model (roofline, copy time, memory fit), the simulators, and a small validation run."""
 
+import json
 import math
+from dataclasses import replace
 
 import pytest
 
-from multimoe_rt.benchmarks import simulate as sim
+from multimoe_rt.benchmarks import sim_model, sim_systems, sim_validate
 
-A100, H200 = sim.HARDWARE["a100-80gb-pcie"], sim.HARDWARE["h200"]
-MIX, QWEN = sim.MODELS["mixtral-8x7b"], sim.MODELS["qwen3-30b-a3b"]
+A100, H200 = sim_model.HARDWARE["a100-80gb-pcie"], sim_model.HARDWARE["h200"]
+MIX, QWEN = sim_model.MODELS["mixtral-8x7b"], sim_model.MODELS["qwen3-30b-a3b"]
 
 
 def test_model_sizes_match_published_parameter_counts():
@@ -19,109 +21,109 @@ def test_model_sizes_match_published_parameter_counts():
 
 
 def test_roofline_decode_is_bandwidth_bound_and_prefill_sees_more_experts():
-    cost = sim.Roofline(H200, MIX, "resident", 1)
-    bytes_ = MIX.non_expert_bytes + MIX.layers * sim.distinct_touched(8, 2, 1) * MIX.expert_bytes \
+    cost = sim_model.Roofline(H200, MIX, "resident", 1)
+    bytes_ = MIX.non_expert_bytes + MIX.layers * sim_model.distinct_touched(8, 2, 1) * MIX.expert_bytes \
         + 21 * MIX.kv_bytes_per_token
     expect = bytes_ / (H200.bandwidth * H200.bw_eff) + H200.step_overhead
     assert cost.step({0: 1}, [21]) == pytest.approx(expect, rel=1e-9)
-    assert sim.distinct_touched(8, 2, 1) == pytest.approx(2.0)
-    assert sim.distinct_touched(8, 2, 20) == pytest.approx(8 * (1 - 0.75 ** 20))
+    assert sim_model.distinct_touched(8, 2, 1) == pytest.approx(2.0)
+    assert sim_model.distinct_touched(8, 2, 20) == pytest.approx(8 * (1 - 0.75 ** 20))
     assert cost.step({0: 20}, [20]) > 2 * cost.step({0: 1}, [21])    # a prompt touches ~all experts
     # compute-bound at a large batch: time grows with tokens
     assert cost.step({0: 4096}, [1] * 4096) > cost.step({0: 2048}, [1] * 2048) * 1.5
 
 
 def test_copy_time_and_switch_bytes():
-    ours = sim.Roofline(A100, MIX, "ours", 2)
+    ours = sim_model.Roofline(A100, MIX, "ours", 2)
     assert ours.copy_time(25e9) == pytest.approx(1.0)
     assert ours.switch_blocking() == pytest.approx(MIX.non_expert_bytes / A100.link)
     assert ours.switch_after_prefetch(10.0) == 0.0
     assert ours.switch_after_prefetch(0.05) == pytest.approx(ours.switch_blocking() - 0.05)
-    swap = sim.Roofline(A100, MIX, "swap", 2)
+    swap = sim_model.Roofline(A100, MIX, "swap", 2)
     assert swap.switch_blocking() > 10 * ours.switch_blocking()      # whole model vs non-expert set
 
 
 def test_memory_fit():
     # one bf16 Mixtral (93 GB) does not fit an 80 GB A100; ours shares everything and still offloads
-    m = sim.plan_memory("ours", MIX, A100.mem_bytes, 2, reserve=4e9, kv=0)
+    m = sim_model.plan_memory("ours", MIX, A100.mem_bytes, 2, reserve=4e9, kv=0)
     assert m.share == 1.0 and not m.fits and 0.1 < m.miss < 0.4
     # on an H200 ours fits 2 variants by keeping some private experts (Algorithm 1: share only what is needed)
-    m = sim.plan_memory("ours", MIX, H200.mem_bytes, 2, reserve=4e9, kv=0)
+    m = sim_model.plan_memory("ours", MIX, H200.mem_bytes, 2, reserve=4e9, kv=0)
     assert m.fits and 0.0 < m.share < 1.0 and m.miss == 0.0
     # MIG: half of an H200 holds ~70% of one Mixtral
-    part = sim.Roofline(H200, MIX, "partitioned", 2, fraction=0.5)
+    part = sim_model.Roofline(H200, MIX, "partitioned", 2, fraction=0.5)
     assert 0.2 < part.mem.miss < 0.4
     # tiny model: everything fits everywhere
-    assert sim.plan_memory("resident", sim.MODELS["mixtral-tiny"], 1e9, 4, reserve=0, kv=0).miss == 0.0
+    assert sim_model.plan_memory("resident", sim_model.MODELS["mixtral-tiny"], 1e9, 4, reserve=0, kv=0).miss == 0.0
     with pytest.raises(ValueError):
-        sim.plan_memory("nope", MIX, 1e9, 2, reserve=0, kv=0)
+        sim_model.plan_memory("nope", MIX, 1e9, 2, reserve=0, kv=0)
 
 
 def _cal(p=0.01, d=0.001, **kw):
-    return sim.Calibrated(prefill_s=p, decode_s=d, **kw)
+    return sim_model.Calibrated(prefill_s=p, decode_s=d, **kw)
 
 
 def test_serial_queueing_by_hand():
     cost = _cal()   # service = 0.01 + 24 * 0.001 = 0.034 s
-    trace = [sim.Req(0.0, 0), sim.Req(0.01, 0), sim.Req(1.0, 0)]
-    out = sim.simulate_serial(trace, cost, switching=False, prefetch=False)
+    trace = [sim_model.Req(0.0, 0), sim_model.Req(0.01, 0), sim_model.Req(1.0, 0)]
+    out = sim_systems.simulate_serial(trace, cost, switching=False, prefetch=False)
     # turnarounds: 0.034, (0.068 - 0.01) = 0.058, 0.034
     assert out["turnaround_mean"] == pytest.approx((0.034 + 0.058 + 0.034) / 3)
     assert out["ttft_mean"] == pytest.approx((0.01 + (0.034 + 0.01 - 0.01) + 0.01) / 3)
 
 
 def test_prefetch_hides_switch_and_affinity_reorders():
-    gpu = sim.Roofline(A100, MIX, "ours", 2)
-    trace = [sim.Req(0.0, 0), sim.Req(0.1, 1)]
-    pre = sim.simulate_serial(trace, gpu, switching=True, prefetch=True)
-    block = sim.simulate_serial(trace, gpu, switching=True, prefetch=False)
+    gpu = sim_model.Roofline(A100, MIX, "ours", 2)
+    trace = [sim_model.Req(0.0, 0), sim_model.Req(0.1, 1)]
+    pre = sim_systems.simulate_serial(trace, gpu, switching=True, prefetch=True)
+    block = sim_systems.simulate_serial(trace, gpu, switching=True, prefetch=False)
     assert pre["switches"] == block["switches"] == 1
     assert block["turnaround_mean"] - pre["turnaround_mean"] == pytest.approx(gpu.switch_blocking() / 2, rel=1e-6)
     # affinity serves the queued request of the active variant first
     cost = _cal(switch_block_s=0.5, switch_prefetched_s=0.5)
-    trace = [sim.Req(0.0, 0), sim.Req(0.001, 1), sim.Req(0.002, 0)]
-    fcfs = sim.simulate_serial(trace, cost, switching=True, prefetch=False)
-    aff = sim.simulate_serial(trace, cost, switching=True, prefetch=False, policy="affinity", max_wait=10)
+    trace = [sim_model.Req(0.0, 0), sim_model.Req(0.001, 1), sim_model.Req(0.002, 0)]
+    fcfs = sim_systems.simulate_serial(trace, cost, switching=True, prefetch=False)
+    aff = sim_systems.simulate_serial(trace, cost, switching=True, prefetch=False, policy="affinity", max_wait=10)
     assert fcfs["switches"] == 2 and aff["switches"] == 1
     assert aff["turnaround_mean"] < fcfs["turnaround_mean"]
 
 
 def test_lanes_processor_sharing():
     cost = _cal(lane_slowdown=(1.0, 2.0))
-    both = sim.simulate_lanes([sim.Req(0.0, 0), sim.Req(0.0, 1)], lambda lane: cost, 2)
+    both = sim_systems.simulate_lanes([sim_model.Req(0.0, 0), sim_model.Req(0.0, 1)], lambda lane: cost, 2)
     assert both["turnaround_mean"] == pytest.approx(0.068)       # two at half speed
-    alone = sim.simulate_lanes([sim.Req(0.0, 0), sim.Req(5.0, 1)], lambda lane: cost, 2)
+    alone = sim_systems.simulate_lanes([sim_model.Req(0.0, 0), sim_model.Req(5.0, 1)], lambda lane: cost, 2)
     assert alone["turnaround_mean"] == pytest.approx(0.034)
-    same_lane = sim.simulate_lanes([sim.Req(0.0, 0), sim.Req(0.0, 0)], lambda lane: cost, 2)
+    same_lane = sim_systems.simulate_lanes([sim_model.Req(0.0, 0), sim_model.Req(0.0, 0)], lambda lane: cost, 2)
     assert same_lane["turnaround_mean"] == pytest.approx((0.034 + 0.068) / 2)
 
 
 def test_batching_beats_batch1_at_load_and_counts_copies():
-    trace = sim.poisson_trace(8.0, 120, 8, seed=1)
-    b = sim.simulate_system("batching", trace, H200, QWEN, 8, resident_sets=4)
-    o = sim.simulate_system("ours", trace, H200, QWEN, 8)
+    trace = sim_model.poisson_trace(8.0, 120, 8, seed=1)
+    b = sim_systems.simulate_system("batching", trace, H200, QWEN, 8, resident_sets=4)
+    o = sim_systems.simulate_system("ours", trace, H200, QWEN, 8)
     assert b["completed"] == o["completed"] == 120
     assert b["turnaround_mean"] < o["turnaround_mean"]
     assert b["switches"] >= 4                               # cold start + LRU misses of 8 variants over 4 sets
-    all_res = sim.simulate_system("batching", trace, H200, QWEN, 8, resident_sets=8)
+    all_res = sim_systems.simulate_system("batching", trace, H200, QWEN, 8, resident_sets=8)
     assert all_res["switches"] == 8 and all_res["turnaround_mean"] <= b["turnaround_mean"] * 1.01
 
 
 def test_paper_headline_direction():
     """2 x Mixtral-8x7B on an A100, λ well below every system's capacity: ours beats MIG by a wide margin."""
-    trace = sim.poisson_trace(0.02, 60, 2, seed=0)
-    ours = sim.simulate_system("ours", trace, A100, MIX, 2)
-    mig = sim.simulate_system("partitioned", trace, A100, MIX, 2)
+    trace = sim_model.poisson_trace(0.02, 60, 2, seed=0)
+    ours = sim_systems.simulate_system("ours", trace, A100, MIX, 2)
+    mig = sim_systems.simulate_system("partitioned", trace, A100, MIX, 2)
     assert 0.6 < 1 - ours["turnaround_mean"] / mig["turnaround_mean"] < 0.99
 
 
 def test_serve_qos_trace_is_replayed_exactly():
-    a = sim.serve_qos_trace(5.0, 10, 4, 0, 10)
-    b = sim.serve_qos_trace(5.0, 10, 4, 0, 10)
+    a = sim_model.serve_qos_trace(5.0, 10, 4, 0, 10)
+    b = sim_model.serve_qos_trace(5.0, 10, 4, 0, 10)
     assert [(r.arrival, r.variant) for r in a] == [(r.arrival, r.variant) for r in b]
     assert all(0 <= r.variant < 4 for r in a) and a[-1].arrival > a[0].arrival
     with pytest.raises(ValueError):
-        sim.poisson_trace(0.0, 3, 2)
+        sim_model.poisson_trace(0.0, 3, 2)
 
 
 def test_small_validation_run(tmp_path):
@@ -134,7 +136,7 @@ def test_small_validation_run(tmp_path):
     from tiny_models import save_variants
 
     dirs = {f"v{i}": p for i, p in enumerate(save_variants(tmp_path, "mixtral", n=2))}
-    out = sim.measure_and_simulate(dirs, rates=[5.0], n=12, reps=3, systems=["ours", "resident"], out_tokens=8)
+    out = sim_validate.measure_and_simulate(dirs, rates=[5.0], n=12, reps=3, systems=["ours", "resident"], out_tokens=8)
     assert {r["system"] for r in out["rows"]} == {"ours", "ours+affinity", "resident"}
     for r in out["rows"]:
         assert not math.isnan(r["err_mean"])
@@ -146,39 +148,39 @@ def test_small_validation_run(tmp_path):
 def _synthetic_batching(tmp_path, a=0.002, b=2e-5, c=5e-4, slow=1.0):
     """A tiny bench/batching.py-format file whose 'measurements' come from the engine simulator itself with a
     known step model (Poisson rows scaled by ``slow``)."""
-    names, step = ["x", "y", "z"], sim.linear_step(a, b, c)
+    names, step = ["x", "y", "z"], sim_validate.linear_step(a, b, c)
     shapes = {}
     for shape, (p, o) in {"paper": (20, 6), "long": (60, 8)}.items():
         sat, sweep = {}, []
-        tr = sim.batching_trace(names, None, 12, p, o, 0)
+        tr = sim_validate.batching_trace(names, None, 12, p, o, 0)
         for system in ("mixed", "one_variant", "batch1"):
-            t = [sim.replace(r, variant=0) for r in tr] if system == "one_variant" else tr
-            s = sim.simulate_batch1(t, a * o + b * (p + o)) if system == "batch1" else \
-                sim.simulate_engine(t, step, max_seqs=8)
+            t = [replace(r, variant=0) for r in tr] if system == "one_variant" else tr
+            s = sim_validate.simulate_batch1(t, a * o + b * (p + o)) if system == "batch1" else \
+                sim_validate.simulate_engine(t, step, max_seqs=8)
             sat[system] = {"requests": 12, "wall_s": s["duration_s"], "tokens_per_s": s["tokens_per_s"]}
         for li, rate in enumerate((20.0, 80.0)):
-            s = sim.simulate_engine(sim.batching_trace(names, rate, 10, p, o, 1 + li), step, max_seqs=8)
+            s = sim_validate.simulate_engine(sim_validate.batching_trace(names, rate, 10, p, o, 1 + li), step, max_seqs=8)
             sweep.append({"system": "mixed", "rate": rate, "requests": 10, "ttft_mean": s["ttft_mean"],
                           "turnaround_mean": slow * s["turnaround_mean"], "turnaround_p99": slow * s["turnaround_p99"]})
         shapes[shape] = {"prompt_len": p, "new_tokens": o, "saturated": sat, "sweep": sweep}
     d = {"variants": names, "max_seqs": 8, "shapes": shapes, "device_bytes": {}, "machine": {}}
     path = tmp_path / "batching-synth.json"
-    path.write_text(sim.json.dumps(d))
+    path.write_text(json.dumps(d))
     return path
 
 
 def test_validate_batching_recovers_a_known_step_model(tmp_path):
-    res = sim.validate_batching([_synthetic_batching(tmp_path)])
+    res = sim_validate.validate_batching([_synthetic_batching(tmp_path)])
     cal = res["files"][0]["calibration"]
     assert cal["a_step_s"] == pytest.approx(0.002, rel=0.05) and cal["b_token_s"] == pytest.approx(2e-5, rel=0.1)
     assert cal["c_variant_s"] == pytest.approx(5e-4, rel=0.1)
     rows = res["rows"]
     assert len(rows) == 4 and {r["system"] for r in rows} == {"mixed"}
     assert all(abs(r["err_mean"]) < 0.02 and abs(r["err_p99"]) < 0.02 for r in rows)
-    assert "mixed" in sim.batching_validation_table(rows)
+    assert "mixed" in sim_validate.batching_validation_table(rows)
 
 
 def test_validate_batching_reports_a_mismatch(tmp_path):
     # the Poisson rows are not used for calibration: measurements 50% slower show up as about -33% error
-    res = sim.validate_batching([_synthetic_batching(tmp_path, slow=1.5)])
+    res = sim_validate.validate_batching([_synthetic_batching(tmp_path, slow=1.5)])
     assert all(r["err_mean"] == pytest.approx(-1 / 3, abs=0.02) for r in res["rows"])
