@@ -89,16 +89,21 @@ def names(dirs):
     return [d.name for d in dirs]
 
 
-@pytest.fixture(scope="module")
-def server(dirs):
-    proc, url, log = start_server(dirs, "--resident-sets", "2")
-    yield url
+def stop_server(proc) -> None:
+    """SIGTERM drains and must exit 0; a server that does not stop is killed either way."""
     proc.send_signal(signal.SIGTERM)
     try:
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(dirs):
+    proc, url, log = start_server(dirs, "--resident-sets", "2")
+    yield url
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai", reason="the client-side checks use the of
 import httpx  # noqa: E402
 
 from multimoe_rt.engine import Engine  # noqa: E402
-from test_server import MAX_BATCH, TOK, metric, save_text_variants, start_server  # noqa: E402
+from test_server import MAX_BATCH, TOK, metric, save_text_variants, start_server, stop_server  # noqa: E402
 
 MAX_LEN = 2048
 QUEUE = 64
@@ -38,12 +38,7 @@ def server(dirs):
     proc, url, log = start_server(dirs, "--max-queue", str(QUEUE), "--header-timeout", "1", "--keep-alive-timeout",
                                   "1", "--body-timeout", "2", "--max-connections", "12")
     yield url
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
