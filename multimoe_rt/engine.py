@@ -1,11 +1,11 @@
 """Continuous batching over every variant at once: the scheduler, request handles and the step loop.
 
 Each step the engine (1) finishes weight-set loads whose copy landed, (2) admits waiting requests
-whose variant is resident, while KV slots last, (3) runs ONE ``BatchedModel`` forward over every
+whose variant is resident, while KV-cache rows last, (3) runs ONE ``BatchedModel`` forward over every
 running sequence: a decode token for each, plus prompt chunks within the step's token budget, all
 variants mixed, (4) samples every sequence in one batched call (``sampling.sample_batch``: per-sequence
 ``SamplingParams`` and generator), streams the tokens, and retires finished sequences (EOS, stop token or
-sequence, max tokens, cancel), freeing their KV slot.
+sequence, max tokens, cancel), freeing their KV-cache row.
 
 A request for a variant whose non-expert set is not resident starts the paper's partial
 reconfiguration: its set is copied into a free or idle device set while the batch keeps running.
@@ -126,7 +126,7 @@ class RequestHandle:
         return self._done.is_set()
 
     def cancel(self) -> None:
-        """Stop generating; the sequence's KV slot is freed at the engine's next step."""
+        """Stop generating; the sequence's KV-cache row is freed at the engine's next step."""
         self.cancelled = True
 
     def __iter__(self):
@@ -175,8 +175,8 @@ def _call_all(sinks, item) -> None:
 
 
 class _Sequence:
-    def __init__(self, h: RequestHandle, weight_set: int, slot: int, device):
-        self.h, self.set, self.slot = h, weight_set, slot
+    def __init__(self, h: RequestHandle, weight_set: int, kv_row: int, device):
+        self.h, self.set, self.kv_row = h, weight_set, kv_row
         self.cached = 0   # tokens whose keys are in the cache
         self.generator = make_generator(h.params, device)
         self.end_ids = (() if h.params.ignore_eos else h.eos) + h.params.stop_token_ids
@@ -192,7 +192,7 @@ class _Sequence:
 class Engine:
     """Continuous batching of mixed-variant requests over one ``BatchedModel`` (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE).
 
-    ``max_seqs``: sequences running at once (KV slots). ``max_step_tokens``: token budget of one
+    ``max_seqs``: sequences running at once (KV-cache rows). ``max_step_tokens``: token budget of one
     step (decodes first, then prompt chunks). ``mix_variants=False`` is the per-variant batching
     baseline: a batch holds one variant; the next variant starts when the batch drains.
     ``group_variants``: admit waiting requests variant by variant (variants in the order of their oldest
@@ -263,9 +263,7 @@ class Engine:
                           f"{' x dynamic rope factor' if positions != cfg.get('max_position_embeddings') else ''}); "
                           f"clamped to {positions}", UserWarning, stacklevel=2)
             max_len = positions
-        heads = cfg["num_attention_heads"]
-        kv = KVCache(cfg["num_hidden_layers"], max_seqs, max_len, cfg.get("num_key_value_heads") or heads,
-                     cfg.get("head_dim") or cfg["hidden_size"] // heads, dtype=dtype, device=device)
+        kv = KVCache.for_config(cfg, max_seqs, max_len, dtype=dtype, device=device)
         engine_kwargs.setdefault("eos_token_id", list(vs[0].eos_token_ids) or None)  # variants share a tokenizer
         return cls(BatchedModel(cfg, weights, slab, table, kv, backend), **engine_kwargs)
 
@@ -449,11 +447,11 @@ class Engine:
             return None
         if ws in self.draining:
             return None
-        slot = self.kv.allocate()
+        row = self.kv.allocate()
         try:
-            s = _Sequence(h, ws, slot, self.device)
+            s = _Sequence(h, ws, row, self.device)
         except BaseException:
-            self.kv.free(slot)
+            self.kv.free(row)
             raise
         self.waiting.remove(h)
         h.admitted = time.perf_counter()
@@ -478,7 +476,7 @@ class Engine:
             else:
                 chunk, done = [s.h.tokens[-1]], True
             budget -= len(chunk)
-            entries.append(BatchEntry(s.set, s.h.v, s.slot, chunk, s.cached, logits=done))
+            entries.append(BatchEntry(s.set, s.h.v, s.kv_row, chunk, s.cached, logits=done))
             fed.append(s)
         order = sorted(range(len(entries)), key=lambda i: entries[i].set)
         entries, fed = [entries[i] for i in order], [fed[i] for i in order]
@@ -556,12 +554,12 @@ class Engine:
         return None
 
     def _retire(self, s: _Sequence, reason: str, error: BaseException | None = None) -> None:
-        """Take ``s`` out of the batch and finish its request; if freeing its KV slot fails, the slot stays out
+        """Take ``s`` out of the batch and finish its request; if freeing its KV-cache row fails, the row stays out
         of the free list (never handed out twice) and the request fails."""
         if s in self.running:
             self.running.remove(s)
         try:
-            self.kv.free(s.slot)
+            self.kv.free(s.kv_row)
         except Exception as e:  # noqa: BLE001
             log.error("retiring request %s failed", s.h.id, exc_info=True)
             if error is None:

@@ -8,7 +8,7 @@ segment and every non-expert linear is one matmul per segment, the way Punica's 
 adapters in one batch. The experts run once per layer for the whole batch: slot ids come from
 ``table[variant of token, layer, expert]`` and one ``fused_moe`` call reads the shared slab.
 
-One step mixes prompt chunks and decodes. Attention reads keys from the ``KVCache`` slots over a padded
+One step mixes prompt chunks and decodes. Attention reads keys from the ``KVCache`` rows over a padded
 per-sequence view of the queries (``[B, Q]``), in two groups: the decodes (Q = 1) and the prompt chunks
 (Q = the longest chunk), so a long chunk does not pad every decode to its length. ``make_batch`` builds
 every index on the host; the forward itself never syncs with the host.
@@ -32,7 +32,7 @@ class BatchEntry:
     """One sequence's part of a step: ``tokens`` continue its cache at ``start``."""
     set: int          # device set of the variant's non-expert weights
     variant: int      # row of the slot table
-    slot: int         # KV-cache slot
+    kv_row: int       # the sequence's row of the KV cache
     tokens: list      # token ids fed this step (a prompt chunk, or the last sampled token)
     start: int        # position of tokens[0]
     logits: bool = True  # return the logits after the last token
@@ -42,7 +42,7 @@ class BatchEntry:
 class AttnGroup:
     """Sequences whose queries attention pads to one length Q. A step has at most two: the decodes (Q = 1)
     and the prompt chunks, so a long prompt chunk never pads every decode of the step to its length."""
-    seq_slots: torch.Tensor   # [B] KV slot per sequence
+    seq_rows: torch.Tensor    # [B] KV-cache row per sequence
     q_index: torch.Tensor     # [B, Q] token index of each padded query (T = padding)
     tokens: torch.Tensor      # [n] the group's tokens (flat indices)
     rows: torch.Tensor        # [n] their rows in the flattened [B * Q] queries
@@ -55,7 +55,7 @@ class Batch:
     positions: torch.Tensor   # [T]
     sets: torch.Tensor        # [T] weight set per token
     variants: torch.Tensor    # [T] slot-table row per token
-    token_slots: torch.Tensor  # [T] KV slot per token
+    token_rows: torch.Tensor  # [T] KV-cache row per token
     groups: list              # [AttnGroup]: the decodes, the prompt chunks
     logit_rows: torch.Tensor  # [N] tokens whose logits are returned, in entry order
     segments: list            # [(set, start, end)] over tokens
@@ -87,7 +87,7 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
         raise ValueError("make_batch: entries must be sorted by weight set")
     if any(not e.tokens for e in entries):
         raise ValueError("make_batch: every entry needs at least one token")
-    tokens, positions, sets, variants, token_slots, logit_rows, offsets = [], [], [], [], [], [], []
+    tokens, positions, sets, variants, token_rows, logit_rows, offsets = [], [], [], [], [], [], []
     for e in entries:
         offsets.append(len(tokens))
         n = len(e.tokens)
@@ -95,7 +95,7 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
         positions += range(e.start, e.start + n)
         sets += [e.set] * n
         variants += [e.variant] * n
-        token_slots += [e.slot] * n
+        token_rows += [e.kv_row] * n
         if e.logits:
             logit_rows.append(len(tokens) - 1)
 
@@ -124,7 +124,7 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
         if sliding_window is not None:
             mask &= (q_pos[:, :, None] - key[None, None, :]) < sliding_window
         mask[:, :, 0] |= q_pos < 0  # a padded query sees one key, so its softmax stays finite; its row is dropped
-        groups.append(AttnGroup(seq_slots=dev([entries[i].slot for i in members]), q_index=dev(q_index),
+        groups.append(AttnGroup(seq_rows=dev([entries[i].kv_row for i in members]), q_index=dev(q_index),
                                 tokens=dev(group_tokens), rows=dev(rows), mask=mask.to(device, non_blocking=True)))
 
     rope_groups = None
@@ -134,7 +134,7 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
             lengths.setdefault(e.start + len(e.tokens), []).extend(range(o, o + len(e.tokens)))
         rope_groups = [(n, dev(idx)) for n, idx in sorted(lengths.items())]
     return Batch(tokens=dev(tokens), positions=dev(positions), sets=dev(sets), variants=dev(variants),
-                 token_slots=dev(token_slots), groups=groups, logit_rows=dev(logit_rows),
+                 token_rows=dev(token_rows), groups=groups, logit_rows=dev(logit_rows),
                  segments=_segments(sets), logit_segments=_segments([sets[r] for r in logit_rows]),
                  rope_groups=rope_groups)
 
@@ -300,14 +300,14 @@ class BatchedModel:
         q, k, v = self._qkv(L, h, b)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         ck, cv = self.kv.k[layer], self.kv.v[layer]
-        ck[b.token_slots, b.positions] = k
-        cv[b.token_slots, b.positions] = v
+        ck[b.token_rows, b.positions] = k
+        cv[b.token_rows, b.positions] = v
         padded = torch.cat([q, q.new_zeros(1, self.nh, d)])
         out = q.new_empty(q.shape[0], self.nh * d)  # every token belongs to one group: every row is written
         for g in b.groups:
             ctx = g.mask.shape[-1]
-            keys = ck[g.seq_slots, :ctx].transpose(1, 2)    # [B, kv_heads, ctx, d]
-            values = cv[g.seq_slots, :ctx].transpose(1, 2)
+            keys = ck[g.seq_rows, :ctx].transpose(1, 2)    # [B, kv_heads, ctx, d]
+            values = cv[g.seq_rows, :ctx].transpose(1, 2)
             o = F.scaled_dot_product_attention(padded[g.q_index].transpose(1, 2), keys, values,  # [B, heads, Q, d]
                                                attn_mask=g.mask[:, None], scale=self.scaling,
                                                enable_gqa=self.nh != self.nkv)

@@ -1,6 +1,7 @@
-"""The KV cache of the batched forward: one contiguous slot of ``max_len`` positions per sequence.
+"""The KV cache of the batched forward: one contiguous row of ``max_len`` positions per sequence.
 
-Contiguous slots rather than vLLM's paged blocks: a slot is one index into a preallocated tensor,
+("Row", not "slot": a slot is a place in the expert slab.) Contiguous rows rather than vLLM's paged blocks:
+a row is one index into a preallocated tensor,
 so attention gathers a sequence's keys with plain indexing (no block table, no custom kernel) and
 the tiny-to-medium contexts this runtime serves waste little. The cost is that every sequence
 reserves ``max_len`` positions; paging is the upgrade when contexts grow long and uneven.
@@ -25,12 +26,19 @@ class KVCache:
             if n <= 0:
                 raise ValueError(f"KVCache: {what} must be positive, got {n}")
         shape = (num_layers, max_seqs, max_len, num_kv_heads, head_dim)
-        # Zeros, not empty: padded query rows read position 0 of unused slots, which must be finite.
+        # Zeros, not empty: padded query rows read position 0 of unused rows, which must be finite.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seqs, self.max_len = max_seqs, max_len
         self._free = list(range(max_seqs))[::-1]
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_config(cls, config: dict, max_seqs: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
+        """The cache a model of this ``config.json`` needs."""
+        heads = config["num_attention_heads"]
+        return cls(config["num_hidden_layers"], max_seqs, max_len, config.get("num_key_value_heads") or heads,
+                   config.get("head_dim") or config["hidden_size"] // heads, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -45,8 +53,8 @@ class KVCache:
         with self._lock:
             return self._free.pop() if self._free else None
 
-    def free(self, slot: int) -> None:
+    def free(self, row: int) -> None:
         with self._lock:
-            if not 0 <= slot < self.max_seqs or slot in self._free:
-                raise ValueError(f"KVCache.free: slot {slot} is not allocated")
-            self._free.append(slot)
+            if not 0 <= row < self.max_seqs or row in self._free:
+                raise ValueError(f"KVCache.free: row {row} is not allocated")
+            self._free.append(row)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from multimoe_rt.engine import Engine, QueueFull
-from multimoe_rt.serve import EngineClosed, RequestError
+from multimoe_rt.errors import EngineClosed, RequestError
 from tiny_models import reference, save_variants
 
 N_VARIANTS = 4

@@ -118,11 +118,11 @@ def test_emit_failure(dirs, expected):
 
 def test_retire_failure(dirs, expected):
     with Engine.from_pretrained(dirs, max_seqs=8, max_len=64) as eng:
-        slots, allocate, free = [], eng.kv.allocate, eng.kv.free
-        eng.kv.allocate = lambda: slots.append(allocate()) or slots[-1]
-        # admission is first come first served: the poisoned request, submitted fifth, gets the fifth slot
-        eng.kv.free = lambda slot: (_ for _ in ()).throw(OSError("injected")) \
-            if len(slots) > 4 and slot == slots[4] else free(slot)
+        rows, allocate, free = [], eng.kv.allocate, eng.kv.free
+        eng.kv.allocate = lambda: rows.append(allocate()) or rows[-1]
+        # admission is first come first served: the poisoned request, submitted fifth, gets the fifth row
+        eng.kv.free = lambda row: (_ for _ in ()).throw(OSError("injected")) \
+            if len(rows) > 4 and row == rows[4] else free(row)
         good, bad = submit_together(eng, poisoned=1)
         check(eng, expected, good, bad, "retire")
         assert len(bad.tokens) == 5
@@ -146,7 +146,7 @@ def test_a_dead_loop_fails_every_waiting_and_later_request_and_reports_it(dirs):
     eng = Engine.from_pretrained(dirs, max_seqs=2, max_len=64)
     try:
         eng.model.forward = lambda b: (_ for _ in ()).throw(Fatal("injected"))
-        hs = [eng.submit(eng.names[i % 3], [1, 2, 3], max_new_tokens=3) for i in range(5)]  # 3 wait: 2 slots
+        hs = [eng.submit(eng.names[i % 3], [1, 2, 3], max_new_tokens=3) for i in range(5)]  # 3 wait: 2 rows
         for h in hs:
             with pytest.raises(EngineDead, match="Fatal"):
                 h.result(timeout=WAIT)
@@ -201,5 +201,5 @@ def test_non_finite_logits_fail_only_their_request(dirs, expected):
 
 def poisoned_rows(eng, b):
     """Which logit rows of batch ``b`` belong to a running sequence whose prompt holds POISON."""
-    slots = {s.slot for s in eng.running if POISON in s.h.prompt}
-    return torch.tensor([int(s) in slots for s in b.token_slots[b.logit_rows].tolist()], dtype=torch.bool)
+    kv_rows = {s.kv_row for s in eng.running if POISON in s.h.prompt}
+    return torch.tensor([int(r) in kv_rows for r in b.token_rows[b.logit_rows].tolist()], dtype=torch.bool)

@@ -16,7 +16,7 @@ def test_every_error_class_is_a_multimoe_error_and_keeps_its_builtin_base():
     from multimoe_rt.engine import QueueFull
     from multimoe_rt.plan import PlanError
     from multimoe_rt.reconfig import SwitchError
-    from multimoe_rt.serve import EngineClosed, RequestError
+    from multimoe_rt.errors import EngineClosed, RequestError
 
     expected = {CheckpointError: ValueError, PlanError: ValueError, RequestError: ValueError, QueueFull: ValueError,
                 EngineClosed: RuntimeError, SwitchError: RuntimeError, errors.UnknownVariant: KeyError,

@@ -349,15 +349,15 @@ def test_batched_forward_mixes_variants_and_equals_each_variants_own_model(zoo, 
     for step in range(3):
         logits = m.forward(m.batch(entries))
         for e, lg in zip(entries, logits):
-            v, toks = seqs[e.slot]
+            v, toks = seqs[e.kv_row]
             with torch.no_grad():
                 want = refs[v](torch.tensor([toks])).logits[0, -1]
             assert rel_err(lg, want) <= TOL, (step, e.variant)
         nxt = []
         for e, lg in zip(entries, logits):
             tok = int(lg.argmax())
-            seqs[e.slot][1].append(tok)
-            nxt.append(BatchEntry(e.set, e.variant, e.slot, [tok], len(seqs[e.slot][1]) - 1))
+            seqs[e.kv_row][1].append(tok)
+            nxt.append(BatchEntry(e.set, e.variant, e.kv_row, [tok], len(seqs[e.kv_row][1]) - 1))
         entries = nxt
 
 

@@ -56,12 +56,12 @@ def test_mixed_prefill_then_decodes_match_each_variants_own_model(dirs):
     logits = m.forward(m.batch(es))
     for step in range(4):
         for e, lg in zip(es, logits):
-            ref = own_logits(dirs[e.variant], seqs[e.slot])
+            ref = own_logits(dirs[e.variant], seqs[e.kv_row])
             assert rel_err(lg, ref) <= FP32_TOL, (step, e.variant)
-        nxt = [BatchEntry(e.set, e.variant, e.slot, [int(torch.randint(0, 64, (1,), generator=g))], len(seqs[e.slot]))
+        nxt = [BatchEntry(e.set, e.variant, e.kv_row, [int(torch.randint(0, 64, (1,), generator=g))], len(seqs[e.kv_row]))
                for e in es]
         for e in nxt:
-            seqs[e.slot] += e.tokens
+            seqs[e.kv_row] += e.tokens
         es = nxt
         logits = m.forward(m.batch(es))
 
