@@ -68,6 +68,35 @@ def routing_weights(hidden_states: torch.Tensor, top_k_weights: torch.Tensor) ->
     return top_k_weights.to(torch.float64 if hidden_states.dtype == torch.float64 else torch.float32)
 
 
+def slab_moe(slab, hidden: torch.Tensor, slots: torch.Tensor, top_k_weights: torch.Tensor, backend: str,
+             activation: str, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """The slab MoE, the one experts call of both forwards (``SlabExperts`` and ``forward.BatchedModel``):
+    ``hidden [T, H]`` through the experts at ``slots [T, K]`` (slot-table ids) weighted by ``top_k_weights``, with
+    the slab's gating, expert biases (``b1``/``b2``) and compressed deltas, the given activation (``alpha``/``limit``
+    for the clamped SwiGLU) on ``backend``; the Triton path uses the slab's preallocated workspace.
+
+    Offloaded experts (``slab.host_tier``) are paged into the cache first; when one call needs more of them than
+    the cache holds (a mixed batch reads variants x experts of a layer) the tokens run in chunks that fit."""
+    weights = routing_weights(hidden, top_k_weights)
+    tier = slab.host_tier
+    chunks = None if tier is None else tier.split(slots)
+    if chunks is None:
+        return _fused(slab, hidden, slots if tier is None else tier.translate(slots), weights, backend, activation,
+                      alpha, limit)
+    out = torch.empty_like(hidden)
+    for rows in chunks:
+        out[rows] = _fused(slab, hidden[rows], tier.translate(slots[rows]), weights[rows], backend, activation,
+                           alpha, limit)
+    return out
+
+
+def _fused(slab, hidden, slots, weights, backend, activation, alpha, limit):
+    workspace = slab.workspace(*slots.shape) if backend == "triton" else None
+    return ops.fused_moe(hidden, slots, weights, slab.w1, slab.w2, slab.gated, backend=backend, check_slots=False,
+                         workspace=workspace, activation=activation, alpha=alpha, limit=limit, b1=slab.b1, b2=slab.b2,
+                         deltas=slab.deltas)
+
+
 class SlabExperts(nn.Module):
     """An experts module whose weights live in a shared ExpertSlab, found through a SlotTable.
 
@@ -97,13 +126,8 @@ class SlabExperts(nn.Module):
         if top_k_index.shape[-1] > self.num_experts:
             raise ValueError(f"top-k {top_k_index.shape[-1]} exceeds the {self.num_experts} experts of layer {self.layer}")
         slots = self.table.resolve(self.layer, top_k_index, self.active.value)
-        if self.slab.host_tier is not None:
-            slots = self.slab.host_tier.translate(slots)
-        workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
-        return ops.fused_moe(hidden_states, slots, routing_weights(hidden_states, top_k_weights), self.slab.w1,
-                             self.slab.w2, self.slab.gated, backend=self.backend, check_slots=False, workspace=workspace,
-                             activation=self.activation, alpha=self.alpha, limit=self.limit, b1=self.slab.b1,
-                             b2=self.slab.b2, deltas=self.slab.deltas)
+        return slab_moe(self.slab, hidden_states, slots, top_k_weights, self.backend, self.activation, self.alpha,
+                        self.limit)
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, slab_slots={self.slab.num_slots}, gated={self.slab.gated}, "

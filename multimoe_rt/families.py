@@ -133,6 +133,32 @@ def route_softmax_topk(logits: torch.Tensor, top_k: int, normalize: bool, out_dt
     return (w if out_dtype is None else w.to(out_dtype)), ids
 
 
+def route_grouped_sigmoid(logits: torch.Tensor, correction: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                          normalize: bool, scale: float):
+    """DeepSeek-V3: sigmoid scores; experts are chosen on score + ``correction`` (``e_score_correction_bias``, per
+    token here since variants differ) within the ``topk_group`` groups whose two best corrected scores sum highest,
+    but weighted by the uncorrected score, optionally renormalised, times ``scale`` (``routed_scaling_factor``).
+    ``logits`` fp32, as transformers computes them; weights stay fp32."""
+    scores = logits.sigmoid()
+    choice = scores + correction
+    T, E = choice.shape
+    group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    ids = torch.topk(choice.masked_fill(~score_mask.bool(), float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+    w = scores.gather(1, ids)
+    if normalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * scale, ids
+
+
+def route_topk_softmax(logits: torch.Tensor, top_k: int):
+    """GPT-OSS: top-k of the (biased) logits, softmax over those k in the logits' dtype."""
+    top, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(top, dim=-1, dtype=top.dtype), ids
+
+
 # ---------------------------------------------------------------------------------------------------
 # The adapter
 # ---------------------------------------------------------------------------------------------------
@@ -140,14 +166,35 @@ def route_softmax_topk(logits: torch.Tensor, top_k: int, normalize: bool, out_dt
 class Batched:
     """What the batched mixed-variant forward (``forward.BatchedModel``) needs from a decoder family.
 
+    ``attention``: ``"standard"`` (multi-head / grouped-query, ``attention.StandardAttention``) or ``"mla"``
+    (DeepSeek's multi-head latent attention, ``mla.LatentAttention``, with its own KV-cache layout).
     ``qk_norm``: None, ``"head"`` (RMSNorm over each head's dim, Qwen3) or ``"full"`` (over the whole
-    projection, OLMoE). ``qkv_bias``: attention q/k/v biases (Qwen2). ``shared_expert``: a dense shared
-    MLP (``"sigmoid_gate"``: scaled by sigmoid(x @ gate), Qwen2). ``router``: ``"mixtral"`` or
-    ``"qwen"`` (norm_topk_prob from the config, weights cast to the model dtype)."""
+    projection, OLMoE). ``qkv_bias`` / ``o_bias``: attention projection biases (Qwen2: q/k/v; GPT-OSS: all four), present only where
+    the config's ``bias_key`` is true when one is named (GPT-OSS and DeepSeek: ``attention_bias``).
+    ``sinks``: one learned logit per head in every softmax's denominator (GPT-OSS). Per-layer attention windows
+    come from the config's ``layer_types`` (else ``sliding_window`` for every layer).
+    ``shared_expert``: a dense shared MLP, ``"sigmoid_gate"`` (scaled by sigmoid(x @ gate), Qwen2) or ``"plain"``
+    (added as is, DeepSeek). ``router``: ``"mixtral"``, ``"qwen"`` (norm_topk_prob from the config, weights cast to
+    the model dtype), ``"grouped_sigmoid"`` (DeepSeek-V3, ``route_grouped_sigmoid``) or ``"topk_softmax"``
+    (GPT-OSS, ``route_topk_softmax``); ``router_bias``: the router's second tensor (``Family.router_tensors[1]``:
+    GPT-OSS's logit bias, DeepSeek's score correction) is stacked as ``router_bias``.
+    ``fp32_parts``: stacked tensors transformers keeps in fp32 whatever the model dtype (DeepSeek's router,
+    GPT-OSS's norms); ``norm_scale_fp32``: the RMSNorm multiplies by its weight before casting back (GPT-OSS)."""
     router: str = "mixtral"
+    attention: str = "standard"
+    bias_key: str | None = None  # config key that turns the attention biases on/off (transformers' default if absent)
     qk_norm: str | None = None
     qkv_bias: bool = False
+    o_bias: bool = False
+    sinks: bool = False
     shared_expert: str | None = None
+    router_bias: bool = False
+    fp32_parts: tuple = ()
+    norm_scale_fp32: bool = False
+
+    def biases(self, cfg) -> bool:
+        """Whether this config's attention projections carry biases (``cfg``: the transformers config)."""
+        return self.bias_key is None or bool(getattr(cfg, self.bias_key))
 
 
 @dataclass(frozen=True)
@@ -418,8 +465,6 @@ class SwitchFamily(Family):
         return out[:, 1:]  # the decoder sequence after its start token
 
 
-_QWEN_ROUTER = Batched(router="qwen")
-
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mixtral", ("mixtral",), "MixtralConfig", "MixtralForCausalLM", ("MixtralSparseMoeBlock",),
            intermediate_keys=("intermediate_size",),
@@ -438,11 +483,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3Config", "DeepseekV3ForCausalLM", ("DeepseekV3MoE",),
            intermediate_keys=("moe_intermediate_size",), experts_keys=("n_routed_experts", "num_local_experts"),
            router_tensors=("gate.weight", "gate.e_score_correction_bias"), router_shapes=("EH", "E"),
-           layer_rule="deepseek", shared_expert="shared_experts"),
+           layer_rule="deepseek", shared_expert="shared_experts",
+           batched=Batched(router="grouped_sigmoid", attention="mla", shared_expert="plain", router_bias=True,
+                           bias_key="attention_bias",
+                           fp32_parts=("router", "router_bias"))),
     Family("gpt_oss", ("gpt_oss",), "GptOssConfig", "GptOssForCausalLM", ("GptOssMLP",),
            intermediate_keys=("intermediate_size",), experts_keys=("num_local_experts", "num_experts"),
            clamped_swiglu=True, router_tensors=("router.weight", "router.bias"), router_shapes=("EH", "E"),
-           fused_transposed=True, expert_bias=True, per_expert=None),
+           fused_transposed=True, expert_bias=True, per_expert=None,
+           batched=Batched(router="topk_softmax", qkv_bias=True, o_bias=True, bias_key="attention_bias", sinks=True,
+                           router_bias=True,
+                           fp32_parts=("ln1", "ln2", "norm"), norm_scale_fp32=True)),
     SwitchFamily("switch", ("switch_transformers",), "SwitchTransformersConfig",
                  "SwitchTransformersForConditionalGeneration", ("SwitchTransformersSparseMLP",),
                  intermediate_keys=("d_ff",), experts_keys=("num_experts",), top_k_keys=(),

@@ -1,5 +1,6 @@
 """One batched decoder forward whose sequences may belong to different variants (Mixtral, Qwen3-MoE, OLMoE,
-Qwen2-MoE: the families whose ``families.Family.batched`` says what their layers add to Mixtral's).
+Qwen2-MoE, DeepSeek-V3, GPT-OSS: the families whose ``families.Family.batched`` says what their layers add to
+Mixtral's).
 
 The variant is an explicit input: every sequence of a ``Batch`` names its variant (the row of the
 slot table its experts come from) and the device set holding that variant's non-expert weights
@@ -8,10 +9,12 @@ segment and every non-expert linear is one matmul per segment, the way Punica's 
 adapters in one batch. The experts run once per layer for the whole batch: slot ids come from
 ``table[variant of token, layer, expert]`` and one ``fused_moe`` call reads the shared slab.
 
-One step mixes prompt chunks and decodes. Attention reads keys from the ``KVCache`` rows over a padded
+One step mixes prompt chunks and decodes. Attention (``attention.StandardAttention``, or DeepSeek's latent
+attention ``mla.LatentAttention``, as the family record says) reads keys from the KV-cache rows over a padded
 per-sequence view of the queries (``[B, Q]``), in two groups: the decodes (Q = 1) and the prompt chunks
 (Q = the longest chunk), so a long chunk does not pad every decode to its length. ``make_batch`` builds
-every index on the host; the forward itself never syncs with the host.
+every index (and one mask per attention window the layers use) on the host; the forward itself never syncs
+with the host.
 """
 
 from __future__ import annotations
@@ -20,11 +23,16 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from . import cpu_linear, ops, torch_moe
+from . import ops, torch_moe
+from .attention import StandardAttention
 from .errors import CheckpointError
-from .families import family_for_config, route_softmax_topk
+from .experts import slab_moe
+from .families import family_for_config, route_grouped_sigmoid, route_softmax_topk, route_topk_softmax
+from .layer_ops import grouped_linear, rms_norm, rotate  # noqa: F401  (rotate, grouped_linear: public here too)
+from .mla import LatentAttention
+
+ATTENTION = {"standard": StandardAttention, "mla": LatentAttention}  # families.Batched.attention -> its module
 
 
 @dataclass
@@ -43,10 +51,11 @@ class AttnGroup:
     """Sequences whose queries attention pads to one length Q. A step has at most two: the decodes (Q = 1)
     and the prompt chunks, so a long prompt chunk never pads every decode of the step to its length."""
     seq_rows: torch.Tensor    # [B] KV-cache row per sequence
+    seq_sets: torch.Tensor    # [B] weight set per sequence
     q_index: torch.Tensor     # [B, Q] token index of each padded query (T = padding)
     tokens: torch.Tensor      # [n] the group's tokens (flat indices)
     rows: torch.Tensor        # [n] their rows in the flattened [B * Q] queries
-    mask: torch.Tensor        # [B, Q, ctx] bool: which cached keys each query sees
+    masks: dict               # attention window (None: causal) -> [B, Q, ctx] bool: which cached keys each query sees
 
 
 @dataclass
@@ -77,10 +86,11 @@ LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # transformers' rope types whos
 CTX_BUCKET = 16  # key lengths are rounded up to a multiple of this: fewer distinct shapes per step
 
 
-def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = None, max_len: int | None = None,
+def make_batch(entries: list[BatchEntry], device, windows=(None,), max_len: int | None = None,
                by_length: bool = False) -> Batch:
-    """Host-side indices of one step. ``entries`` must be sorted by ``set``; ``max_len`` caps the key length;
-    ``by_length``: group tokens by their sequence's length after this step (``rope_groups``)."""
+    """Host-side indices of one step. ``entries`` must be sorted by ``set``; ``windows``: the attention windows the
+    layers use (None: causal), one mask each; ``max_len`` caps the key length; ``by_length``: group tokens by
+    their sequence's length after this step (``rope_groups``)."""
     if not entries:
         raise ValueError("make_batch: a batch needs at least one sequence")
     if any(a.set > b.set for a, b in zip(entries, entries[1:])):
@@ -120,12 +130,16 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
         ctx = -(-(int(q_pos.max()) + 1) // CTX_BUCKET) * CTX_BUCKET
         ctx = ctx if max_len is None else min(ctx, max_len)
         key = torch.arange(ctx)
-        mask = key[None, None, :] <= q_pos[:, :, None]
-        if sliding_window is not None:
-            mask &= (q_pos[:, :, None] - key[None, None, :]) < sliding_window
-        mask[:, :, 0] |= q_pos < 0  # a padded query sees one key, so its softmax stays finite; its row is dropped
-        groups.append(AttnGroup(seq_rows=dev([entries[i].kv_row for i in members]), q_index=dev(q_index),
-                                tokens=dev(group_tokens), rows=dev(rows), mask=mask.to(device, non_blocking=True)))
+        masks = {}
+        for window in dict.fromkeys(windows):
+            mask = key[None, None, :] <= q_pos[:, :, None]
+            if window is not None:
+                mask &= (q_pos[:, :, None] - key[None, None, :]) < window
+            mask[:, :, 0] |= q_pos < 0  # a padded query sees one key, so its softmax stays finite; its row is dropped
+            masks[window] = mask.to(device, non_blocking=True)
+        groups.append(AttnGroup(seq_rows=dev([entries[i].kv_row for i in members]),
+                                seq_sets=dev([entries[i].set for i in members]), q_index=dev(q_index),
+                                tokens=dev(group_tokens), rows=dev(rows), masks=masks))
 
     rope_groups = None
     if by_length:
@@ -137,32 +151,6 @@ def make_batch(entries: list[BatchEntry], device, sliding_window: int | None = N
                  token_rows=dev(token_rows), groups=groups, logit_rows=dev(logit_rows),
                  segments=_segments(sets), logit_segments=_segments([sets[r] for r in logit_rows]),
                  rope_groups=rope_groups)
-
-
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, segments) -> torch.Tensor:
-    """``x[a:b] @ w[s].T`` for every segment ``(s, a, b)``; ``w`` is ``[sets, out, in]``. 16-bit weights on a CPU
-    without native 16-bit matmul go through ``cpu_linear`` (torch's own path there is compute-bound)."""
-    if len(segments) == 1:
-        return cpu_linear.linear(x, w[segments[0][0]])
-    y = x.new_empty(x.shape[0], w.shape[1])
-    for s, a, b in segments:
-        if cpu_linear.use_op(x[a:b], w[s]):
-            y[a:b] = cpu_linear.linear(x[a:b], w[s])
-        else:
-            torch.mm(x[a:b], w[s].t(), out=y[a:b])
-    return y
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' MixtralRMSNorm: normalise in fp32, scale in the model dtype (``w`` per token)."""
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 def _rotary_class(family):
@@ -179,10 +167,12 @@ def _rotary_class(family):
 class BatchedModel:
     """A decoder family's forward over ``weights`` (non-expert sets), ``slab``/``table`` (experts) and ``kv``.
 
-    The family adapter (``families.Family.batched``) says what a layer adds to Mixtral's: q/k norms (per head,
-    Qwen3; over the whole projection, OLMoE, with its optional ``clip_qkv``), q/k/v biases and a gated shared
-    expert (Qwen2-MoE), the router (Mixtral's renormalised softmax top-k, or the Qwen family's with
-    ``norm_topk_prob``), and which layers are dense MLPs (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step``).
+    The family adapter (``families.Family.batched``) says what a layer adds to Mixtral's: the attention module
+    (standard, with q/k norms, biases, sinks and per-layer windows; or DeepSeek's latent attention), the router
+    (Mixtral's renormalised softmax top-k, the Qwen family's with ``norm_topk_prob``, DeepSeek-V3's grouped
+    sigmoid top-k with score correction and ``routed_scaling_factor``, GPT-OSS's softmax over the top-k biased
+    logits), a shared expert (gated, Qwen2-MoE; plain, DeepSeek-V3) and which layers are dense MLPs (Qwen's
+    ``mlp_only_layers`` / ``decoder_sparse_step``, DeepSeek's ``first_k_dense_replace``).
     """
 
     def __init__(self, config: dict, weights, slab, table, kv, backend: str | None = None):
@@ -194,13 +184,9 @@ class BatchedModel:
                                   f"{', '.join(batched_families())} (use MultiVariantModel for the others)")
         cfg = self.family.hf_config(config)
         self.spec, self.cfg, self.weights, self.slab, self.table, self.kv = spec, cfg, weights, slab, table, kv
-        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
-        self.scaling = self.head_dim ** -0.5
+        self.attention = ATTENTION[spec.attention](spec, cfg, kv)
         self.top_k, self.eps = cfg.num_experts_per_tok, cfg.rms_norm_eps
-        self.window = self._window(cfg)
-        self.clip_qkv = getattr(cfg, "clip_qkv", None)
-        self.normalize = True if spec.router == "mixtral" else bool(cfg.norm_topk_prob)
+        self.normalize = True if spec.router == "mixtral" else bool(getattr(cfg, "norm_topk_prob", True))
         # decoder layer -> MoE ordinal (the slot table's layer), None for a dense MLP layer
         moe = self.family.moe_layer_indices(cfg.to_dict())
         self.moe_index = [moe.index(i) if i in moe else None for i in range(cfg.num_hidden_layers)]
@@ -213,20 +199,9 @@ class BatchedModel:
         self.activation = act
         self._busy = threading.Lock()
 
-    def _window(self, cfg) -> int | None:
-        """The attention window every layer applies (None: causal); configs that mix kinds are refused."""
-        kinds = set(getattr(cfg, "layer_types", None) or [])
-        if not kinds:
-            return getattr(cfg, "sliding_window", None) or None
-        if kinds == {"full_attention"}:
-            return None
-        if kinds == {"sliding_attention"}:
-            return cfg.sliding_window
-        raise CheckpointError(f"the batched forward applies one attention window to every layer; this "
-                              f"{self.family.name} config mixes {sorted(kinds)}")
-
     def batch(self, entries: list[BatchEntry]) -> Batch:
-        return make_batch(entries, self.slab.device, self.window, self.kv.max_len, by_length=self.rope_by_length)
+        return make_batch(entries, self.slab.device, tuple(dict.fromkeys(self.attention.windows)), self.kv.max_len,
+                          by_length=self.rope_by_length)
 
     def _rope(self, x, b: Batch):
         """cos/sin ``[T, 1, d]``. A length-dependent rotary gets each sequence's own length: a fresh state and
@@ -271,76 +246,40 @@ class BatchedModel:
         x = W.embed.view(-1, W.embed.shape[-1])[b.sets * V + b.tokens]
         cos, sin = self._rope(x, b)
         for layer, L in enumerate(W.layers):
-            x = x + self._attention(layer, L, rms_norm(x, L["ln1"][b.sets], self.eps), b, cos, sin)
-            h = rms_norm(x, L["ln2"][b.sets], self.eps)
+            x = x + self.attention(layer, L, self._norm(x, L["ln1"][b.sets]), b, cos, sin)
+            h = self._norm(x, L["ln2"][b.sets])
             moe = self.moe_index[layer]
             x = x + (self._dense_mlp(L, h, b) if moe is None else self._moe(moe, L, h, b))
-        x = rms_norm(x[b.logit_rows], W.norm[b.sets[b.logit_rows]], self.eps)
+        x = self._norm(x[b.logit_rows], W.norm[b.sets[b.logit_rows]])
         return grouped_linear(x, W.lm_head, b.logit_segments)
 
-    def _qkv(self, L, h, b: Batch):
-        """Queries ``[T, heads, d]``, keys and values ``[T, kv_heads, d]`` before the rotary embedding."""
-        T, d = h.shape[0], self.head_dim
-        qkv = grouped_linear(h, L["qkv"], b.segments)
-        if self.spec.qkv_bias:
-            qkv = qkv + L["qkv_bias"][b.sets]
-        q, k, v = qkv.split([self.nh * d, self.nkv * d, self.nkv * d], -1)
-        if self.spec.qk_norm == "full":  # OLMoE: over the whole projection, then the optional clip
-            q, k = rms_norm(q, L["q_norm"][b.sets], self.eps), rms_norm(k, L["k_norm"][b.sets], self.eps)
-            if self.clip_qkv is not None:
-                q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q, k, v = q.reshape(T, self.nh, d), k.reshape(T, self.nkv, d), v.reshape(T, self.nkv, d)
-        if self.spec.qk_norm == "head":  # Qwen3: over each head's dim
-            q = rms_norm(q, L["q_norm"][b.sets][:, None], self.eps)
-            k = rms_norm(k, L["k_norm"][b.sets][:, None], self.eps)
-        return q, k, v
-
-    def _attention(self, layer, L, h, b: Batch, cos, sin):
-        d = self.head_dim
-        q, k, v = self._qkv(L, h, b)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        ck, cv = self.kv.k[layer], self.kv.v[layer]
-        ck[b.token_rows, b.positions] = k
-        cv[b.token_rows, b.positions] = v
-        padded = torch.cat([q, q.new_zeros(1, self.nh, d)])
-        out = q.new_empty(q.shape[0], self.nh * d)  # every token belongs to one group: every row is written
-        for g in b.groups:
-            ctx = g.mask.shape[-1]
-            keys = ck[g.seq_rows, :ctx].transpose(1, 2)    # [B, kv_heads, ctx, d]
-            values = cv[g.seq_rows, :ctx].transpose(1, 2)
-            o = F.scaled_dot_product_attention(padded[g.q_index].transpose(1, 2), keys, values,  # [B, heads, Q, d]
-                                               attn_mask=g.mask[:, None], scale=self.scaling,
-                                               enable_gqa=self.nh != self.nkv)
-            out[g.tokens] = o.transpose(1, 2).reshape(-1, self.nh * d)[g.rows]
-        return grouped_linear(out, L["o"], b.segments)
+    def _norm(self, x, w):
+        return rms_norm(x, w, self.eps, self.spec.norm_scale_fp32)
 
     def _route(self, L, h, b: Batch):
-        logits = grouped_linear(h, L["router"], b.segments)
+        router = self.spec.router
+        if router == "grouped_sigmoid":  # DeepSeek-V3: fp32 logits, as transformers' router computes them
+            c = self.cfg
+            logits = grouped_linear(h.float(), L["router"], b.segments)
+            return route_grouped_sigmoid(logits, L["router_bias"][b.sets].float(), self.top_k, c.n_group,
+                                         c.topk_group, self.normalize, c.routed_scaling_factor)
+        bias = L.get("router_bias")
+        logits = grouped_linear(h, L["router"], b.segments, bias, b.sets)
+        if router == "topk_softmax":
+            return route_topk_softmax(logits, self.top_k)
         # Mixtral hands fp32 weights to its experts; the Qwen family casts them to the model dtype
-        return route_softmax_topk(logits, self.top_k, self.normalize,
-                                  None if self.spec.router == "mixtral" else logits.dtype)
+        return route_softmax_topk(logits, self.top_k, self.normalize, None if router == "mixtral" else logits.dtype)
 
     def _moe(self, layer, L, h, b: Batch):
         top_w, top_ids = self._route(L, h, b)
         slots = self.table.resolve(layer, top_ids, b.variants)
-        tier = self.slab.host_tier
-        chunks = None if tier is None else tier.split(slots)
-        if chunks is None:
-            out = self._experts(h, slots if tier is None else tier.translate(slots), top_w)
-        else:  # more host experts than the cache holds: page and compute them chunk by chunk
-            out = torch.empty_like(h)
-            for rows in chunks:
-                out[rows] = self._experts(h[rows], tier.translate(slots[rows]), top_w[rows])
+        out = slab_moe(self.slab, h, slots, top_w, self.backend, self.activation, self.alpha, self.limit)
         if self.spec.shared_expert == "sigmoid_gate":  # Qwen2-MoE: a dense MLP per variant, gated per token
             gate = torch.sigmoid(grouped_linear(h, L["shared_gate"], b.segments))
             out = out + gate * self._mlp(h, L["shared_gate_up"], L["shared_down"], b)
+        elif self.spec.shared_expert == "plain":  # DeepSeek-V3: always added
+            out = out + self._mlp(h, L["shared_gate_up"], L["shared_down"], b)
         return out
-
-    def _experts(self, h, slots, top_w):
-        workspace = self.slab.workspace(*slots.shape) if self.backend == "triton" else None
-        return ops.fused_moe(h, slots, top_w, self.slab.w1, self.slab.w2, True, backend=self.backend,
-                             check_slots=False, workspace=workspace, activation=self.activation,
-                             deltas=self.slab.deltas)
 
     def _dense_mlp(self, L, h, b: Batch):
         return self._mlp(h, L["mlp_gate_up"], L["mlp_down"], b)
@@ -348,5 +287,6 @@ class BatchedModel:
     def _mlp(self, h, gate_up, down, b: Batch):
         a = torch_moe.apply_activation(grouped_linear(h, gate_up, b.segments), True, self.activation)
         return grouped_linear(a, down, b.segments)
+
 
 BatchedMixtral = BatchedModel  # the name of the Mixtral-only first version

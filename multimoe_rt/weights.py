@@ -39,40 +39,70 @@ def batched_tensor_names(family, config: dict, tied: bool) -> dict[str, list[str
     """Stacked tensor key -> checkpoint tensor names concatenated (along dim 0) to build it, for a decoder
     family the batched forward covers (``families.Family.batched``).
 
-    Every layer: ``ln1``, ``qkv``, ``o``, ``ln2``; MoE layers ``router`` (dense layers ``mlp_gate_up``,
-    ``mlp_down``); as the family has them: ``q_norm``/``k_norm``, ``qkv_bias``, and a shared expert's
-    ``shared_gate_up``/``shared_down``/``shared_gate``."""
+    Every layer: ``ln1``, ``ln2`` and its attention's tensors (``attention_tensor_names``); MoE layers ``router``
+    (and ``router_bias`` where the family's router has a second tensor), dense layers ``mlp_gate_up``/``mlp_down``;
+    a shared expert's ``shared_gate_up``/``shared_down`` (and ``shared_gate`` for a gated one)."""
     family = get_family(family)
     spec = family.batched
     if spec is None:
         raise CheckpointError(f"the batched forward does not cover the {family.name} family; it covers "
                               f"{', '.join(batched_families())}")
+    cfg = family.hf_config(config)
     moe = set(family.moe_layer_indices(config))
     names = {"embed": ["model.embed_tokens.weight"], "norm": ["model.norm.weight"]}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
         names[f"{i}.ln1"] = [f"{p}.input_layernorm.weight"]
-        names[f"{i}.qkv"] = [f"{p}.self_attn.{x}_proj.weight" for x in "qkv"]
-        if spec.qkv_bias:
-            names[f"{i}.qkv_bias"] = [f"{p}.self_attn.{x}_proj.bias" for x in "qkv"]
-        if spec.qk_norm:
-            names[f"{i}.q_norm"] = [f"{p}.self_attn.q_norm.weight"]
-            names[f"{i}.k_norm"] = [f"{p}.self_attn.k_norm.weight"]
-        names[f"{i}.o"] = [f"{p}.self_attn.o_proj.weight"]
+        names.update({f"{i}.{k}": v for k, v in attention_tensor_names(spec, cfg, f"{p}.self_attn").items()})
         names[f"{i}.ln2"] = [f"{p}.post_attention_layernorm.weight"]
         if i in moe:
-            names[f"{i}.router"] = [f"{p}.mlp.gate.weight"]
+            router = [f"{p}.mlp.{t}" for t in family.router_tensors]
+            names[f"{i}.router"] = router[:1]
+            if spec.router_bias:
+                names[f"{i}.router_bias"] = router[1:2]
             if spec.shared_expert:
                 s = f"{p}.mlp.{family.shared_expert}"
                 names[f"{i}.shared_gate_up"] = [f"{s}.gate_proj.weight", f"{s}.up_proj.weight"]
                 names[f"{i}.shared_down"] = [f"{s}.down_proj.weight"]
-                names[f"{i}.shared_gate"] = [f"{p}.mlp.{family.shared_expert}_gate.weight"]
+                if spec.shared_expert == "sigmoid_gate":
+                    names[f"{i}.shared_gate"] = [f"{p}.mlp.{family.shared_expert}_gate.weight"]
         else:
             names[f"{i}.mlp_gate_up"] = [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"]
             names[f"{i}.mlp_down"] = [f"{p}.mlp.down_proj.weight"]
     if not tied:
         names["lm_head"] = ["lm_head.weight"]
     return names
+
+
+def attention_tensor_names(spec, cfg, p: str) -> dict[str, list[str]]:
+    """One layer's attention tensors (under ``p``, its ``self_attn``) by stacked part name.
+
+    Standard: ``qkv`` (q, k, v stacked), ``o``, and as the family has them ``qkv_bias``/``o_bias``,
+    ``q_norm``/``k_norm``, ``sinks``. MLA: ``q`` or (``q_lora_rank`` set) ``q_a``/``q_a_norm``/``q_b``, then
+    ``kv_a`` (``kv_a_proj_with_mqa``), ``kv_a_norm``, ``kv_b``, ``o``, with ``q_a_bias``/``kv_a_bias``/``o_bias``
+    where ``attention_bias`` is set."""
+    bias = spec.biases(cfg)
+    if spec.attention == "mla":
+        out = ({"q": [f"{p}.q_proj.weight"]} if cfg.q_lora_rank is None else
+               {"q_a": [f"{p}.q_a_proj.weight"], "q_a_norm": [f"{p}.q_a_layernorm.weight"],
+                "q_b": [f"{p}.q_b_proj.weight"]})
+        out.update({"kv_a": [f"{p}.kv_a_proj_with_mqa.weight"], "kv_a_norm": [f"{p}.kv_a_layernorm.weight"],
+                    "kv_b": [f"{p}.kv_b_proj.weight"], "o": [f"{p}.o_proj.weight"]})
+        if bias:
+            if cfg.q_lora_rank is not None:
+                out["q_a_bias"] = [f"{p}.q_a_proj.bias"]
+            out.update({"kv_a_bias": [f"{p}.kv_a_proj_with_mqa.bias"], "o_bias": [f"{p}.o_proj.bias"]})
+        return out
+    out = {"qkv": [f"{p}.{x}_proj.weight" for x in "qkv"], "o": [f"{p}.o_proj.weight"]}
+    if spec.qkv_bias and bias:
+        out["qkv_bias"] = [f"{p}.{x}_proj.bias" for x in "qkv"]
+    if spec.o_bias and bias:
+        out["o_bias"] = [f"{p}.o_proj.bias"]
+    if spec.qk_norm:
+        out["q_norm"], out["k_norm"] = [f"{p}.q_norm.weight"], [f"{p}.k_norm.weight"]
+    if spec.sinks:
+        out["sinks"] = [f"{p}.sinks"]
+    return out
 
 
 def batched_families() -> list[str]:
@@ -84,6 +114,7 @@ def read_host_sets(variant_set, dtype=torch.float32) -> list[dict[str, torch.Ten
     """Every variant's non-expert tensors as the stacked keys of ``batched_tensor_names`` (host, ``dtype``)."""
     tied = bool(variant_set[0].config.get("tie_word_embeddings", False))
     sources = batched_tensor_names(variant_set.adapter, variant_set[0].config, tied)
+    keep = get_family(variant_set.adapter).batched.fp32_parts
     needed = {n for parts in sources.values() for n in parts}
     sets = []
     for v in variant_set:
@@ -97,7 +128,7 @@ def read_host_sets(variant_set, dtype=torch.float32) -> list[dict[str, torch.Ten
             missing = [n for n in parts if n not in available]
             if missing:
                 raise CheckpointError(f"{v.path}: missing non-expert tensor {missing[0]!r} of variant {v.name!r}")
-            t = torch.cat([v.tensor(n) for n in parts]).to(dtype).contiguous()
+            t = torch.cat([v.tensor(n) for n in parts]).to(part_dtype(key, keep, dtype)).contiguous()
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise CheckpointError(f"{v.path}: tensor(s) {parts} hold {bad} NaN/Inf values")
@@ -106,15 +137,21 @@ def read_host_sets(variant_set, dtype=torch.float32) -> list[dict[str, torch.Ten
     return sets
 
 
+def part_dtype(key: str, fp32_parts, dtype):
+    """The dtype a stacked tensor is held in: fp32 for the parts the family keeps in fp32, else ``dtype``."""
+    return torch.float32 if key.rpartition(".")[2] in fp32_parts else dtype
+
+
 class VariantWeights:
     """Host copies of every variant's non-expert set and ``num_sets`` device sets, LRU-managed.
 
     ``host``: one dict per variant with the keys of ``batched_tensor_names`` (``read_host_sets`` builds it
-    from checkpoints; benchmarks may pass random tensors).
+    from checkpoints; benchmarks may pass random tensors). ``fp32_parts``: part names held in fp32 whatever
+    ``dtype`` is (``families.Batched.fp32_parts``).
     """
 
     def __init__(self, names, host: list[dict[str, torch.Tensor]], num_sets: int, device="cpu",
-                 dtype=torch.float32):
+                 dtype=torch.float32, fp32_parts=()):
         if num_sets < 1:
             raise ValueError(f"num_sets must be >= 1, got {num_sets}")
         if len(names) != len(host) or not host:
@@ -123,12 +160,15 @@ class VariantWeights:
         self.num_sets = min(num_sets, len(self.names))
         self.device, self.dtype = torch.device(device), dtype
         self.tied = "lm_head" not in host[0]
-        self.num_layers = sum(1 for k in host[0] if k.endswith(".qkv"))
+        self.num_layers = sum(1 for k in host[0] if k.endswith(".ln1"))
         pin = torch.cuda.is_available()
-        self.host = [{k: (t.to(dtype).contiguous().pin_memory() if pin else t.to(dtype).contiguous())
-                      for k, t in h.items()} for h in host]
 
-        self.stacked = {k: torch.zeros((self.num_sets, *t.shape), dtype=dtype, device=self.device)
+        def held(k, t):
+            t = t.to(part_dtype(k, fp32_parts, dtype)).contiguous()
+            return t.pin_memory() if pin else t
+        self.host = [{k: held(k, t) for k, t in h.items()} for h in host]
+
+        self.stacked = {k: torch.zeros((self.num_sets, *t.shape), dtype=t.dtype, device=self.device)
                         for k, t in self.host[0].items()}
         # per decoder layer: its stacked tensors by part name (ln1, qkv, o, ln2, router | mlp_*, q_norm, ...)
         self.layers = [{k.partition(".")[2]: t for k, t in self.stacked.items() if k.partition(".")[0] == str(i)}
@@ -147,7 +187,8 @@ class VariantWeights:
 
     @classmethod
     def from_variant_set(cls, variant_set, num_sets: int, device="cpu", dtype=torch.float32) -> "VariantWeights":
-        return cls(variant_set.names, read_host_sets(variant_set, dtype), num_sets, device, dtype)
+        return cls(variant_set.names, read_host_sets(variant_set, dtype), num_sets, device, dtype,
+                   get_family(variant_set.adapter).batched.fp32_parts)
 
     @property
     def set_nbytes(self) -> int:

@@ -49,3 +49,26 @@ def reference(family: str, path):
 
 def rel_err(out, ref) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ---- independent random variants of any decoder family (the batched-forward tests) ------------------------
+def save_random_variants(root, config, n: int = 3, seed: int = 0, scale: float = 0.2) -> list:
+    """``n`` checkpoints of one transformers ``config`` (e.g. ``T.GptOssConfig(...)``), each with its own random
+    weights: every floating parameter and buffer drawn afresh (biases, sinks and DeepSeek's score correction
+    included, which transformers initialises to zero or constants), with standard deviation ``scale``."""
+    dirs = []
+    for i in range(n):
+        torch.manual_seed(seed * 100 + i)
+        model = T.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if not t.is_floating_point() or "inv_freq" in name:
+                    continue
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    t.copy_(1.0 + scale * torch.randn(t.shape))  # norms near one, so activations keep their size
+                else:
+                    t.copy_(scale * torch.randn(t.shape))
+        path = root / f"{config.model_type}-{seed}-v{i}"
+        model.save_pretrained(path)
+        dirs.append(path)
+    return dirs
