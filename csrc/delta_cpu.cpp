@@ -26,12 +26,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define MULTIMOE_X86_AVX2 1
-#define AVX2_FN __attribute__((target("avx2,fma")))
-#define AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
-#endif
+#include "x86_avx2.h"
 
 namespace multimoe_rt {
 namespace {
@@ -45,15 +40,6 @@ constexpr int64_t kSign1DirectMaxM = 3;
 constexpr int64_t kLutBytes = 32;       // byte columns per sign1 table block: 32 * 256 entries * 32 B = 256 KiB
 constexpr int64_t kMaxGroup = 1024;     // int4 group sizes the tail buffer holds
 constexpr int64_t kRowGrain = 32;       // output rows per parallel task
-
-bool cpu_has_avx2() {
-#ifdef MULTIMOE_X86_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // Whether this call runs the AVX2 kernels: on "auto" where the CPU has them, else as forced.
 bool use_avx2(int forced) { return forced == kAuto ? cpu_has_avx2() : forced != kScalar; }
@@ -104,13 +90,6 @@ void int4_rows_scalar(const float* x, int64_t M, int64_t kp, int64_t k, const ui
 
 #ifdef MULTIMOE_X86_AVX2
 // ------------------------------------------------------------------------------------------ AVX2
-
-AVX2_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 struct SignTable {
   alignas(32) float v[256][8];  // v[byte][i] = +1 where bit i of byte is set, else -1

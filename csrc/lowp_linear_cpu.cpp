@@ -26,27 +26,12 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define MULTIMOE_LOWP_X86 1
-#define LOWP_FN __attribute__((target("avx2,fma,f16c")))
-#define LOWP_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
-#endif
+#include "x86_avx2.h"
 
 namespace multimoe_rt {
 namespace {
 
 constexpr int64_t kStep = 16;  // columns per inner step: one 256-bit load of 16-bit weights
-
-bool cpu_has_simd() {
-#ifdef MULTIMOE_LOWP_X86
-  static const bool has =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // x (any of the three input dtypes, any strides) as float32 [M, kp], zero past column k. `interleave`: per 16
 // columns, the even ones then the odd ones (the bf16 kernel's lane order).
@@ -84,21 +69,14 @@ void rows_scalar(const float* x, int64_t M, int64_t k, const W* w, int64_t ws, i
   }
 }
 
-#ifdef MULTIMOE_LOWP_X86
+#ifdef MULTIMOE_X86_AVX2
 // ------------------------------------------------------------------------------------------ AVX2
-
-LOWP_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // The two halves (8 float32 each) of 16 weights at p, in the lane order x is packed in.
 struct Bf16W {
   static constexpr bool kInterleaved = true;
   template <int H>
-  static LOWP_INLINE __m256 half(const uint16_t* p) {
+  static AVX2_INLINE __m256 half(const uint16_t* p) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     if (H == 0) return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
     return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
@@ -108,7 +86,7 @@ struct Bf16W {
 struct F16W {
   static constexpr bool kInterleaved = false;
   template <int H>
-  static LOWP_INLINE __m256 half(const uint16_t* p) {
+  static AVX2_INLINE __m256 half(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * H)));
   }
 };
@@ -118,7 +96,7 @@ struct F16W {
 // vectors once and widens each weight row's half once. One token alone keeps even and odd sums apart: R
 // chains would not cover the FMA latency.
 template <typename W, int MB, int R>
-LOWP_FN void micro(const float* x, int64_t xs, const uint16_t* const* wp, int64_t steps, float* part, bool first) {
+AVX2_FN void micro(const float* x, int64_t xs, const uint16_t* const* wp, int64_t steps, float* part, bool first) {
   constexpr int A = MB == 1 ? 2 : 1;
   __m256 acc[A][R][MB];
   for (int a = 0; a < A; ++a)
@@ -158,7 +136,7 @@ LOWP_FN void micro(const float* x, int64_t xs, const uint16_t* const* wp, int64_
 // keeps its 8 accumulators, 4 weights and 2 x vectors in registers; 3 x 4 spilled accumulators and 3 x 3 / 4 x 2
 // measured slower (AVX2 EPYC, bf16 weights, M = 4..64).
 template <typename W, int R>
-LOWP_INLINE void token_blocks(const float* x, int64_t M, int64_t xs, const uint16_t* const* wp, int64_t steps,
+AVX2_INLINE void token_blocks(const float* x, int64_t M, int64_t xs, const uint16_t* const* wp, int64_t steps,
                               float* part, bool first) {
   int64_t m = 0;
   for (; m + 2 <= M; m += 2) micro<W, 2, R>(x + m * xs, xs, wp, steps, part + m * R * 8, first);
@@ -169,7 +147,7 @@ LOWP_INLINE void token_blocks(const float* x, int64_t M, int64_t xs, const uint1
 // token blocks), then the last partial step from a zero-padded copy so no load reads past a row (or past the
 // tensor, for its last row).
 template <typename W, typename O, int R>
-LOWP_FN void tile(const float* x, int64_t M, int64_t kp, int64_t k, const uint16_t* w, int64_t ws, int64_t n,
+AVX2_FN void tile(const float* x, int64_t M, int64_t kp, int64_t k, const uint16_t* w, int64_t ws, int64_t n,
                   int64_t chunk, float* part, O* out, int64_t N) {
   const int64_t full = k / kStep;
   const uint16_t* wp[R];
@@ -198,7 +176,7 @@ LOWP_FN void tile(const float* x, int64_t M, int64_t kp, int64_t k, const uint16
 constexpr int kTileRows = 4;
 
 template <typename W, typename O>
-LOWP_FN void rows_simd(const float* x, int64_t M, int64_t kp, int64_t k, const uint16_t* w, int64_t ws, int64_t n0,
+AVX2_FN void rows_simd(const float* x, int64_t M, int64_t kp, int64_t k, const uint16_t* w, int64_t ws, int64_t n0,
                        int64_t n1, O* out, int64_t N) {
   // Per-thread partial sums of one tile, [M][R][8]: allocating per call would cost more than the tile at M=1.
   thread_local std::vector<float> part_buf;
@@ -212,7 +190,7 @@ LOWP_FN void rows_simd(const float* x, int64_t M, int64_t kp, int64_t k, const u
   for (; n + kTileRows <= n1; n += kTileRows) tile<W, O, kTileRows>(x, M, kp, k, w, ws, n, chunk, part, out, N);
   for (; n < n1; ++n) tile<W, O, 1>(x, M, kp, k, w, ws, n, chunk, part, out, N);
 }
-#endif  // MULTIMOE_LOWP_X86
+#endif  // MULTIMOE_X86_AVX2
 
 // ------------------------------------------------------------------------------------------ op
 
@@ -226,7 +204,7 @@ void run(const float* x, int64_t M, int64_t kp, int64_t k, const at::Tensor& w, 
     at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) { f(t0 * tr, std::min(t1 * tr, N)); });
   };
   const bool bf16 = w.scalar_type() == at::kBFloat16;
-#ifdef MULTIMOE_LOWP_X86
+#ifdef MULTIMOE_X86_AVX2
   static_assert(tr == kTileRows, "tasks must split on tile boundaries");
   if (simd) {
     const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
@@ -265,7 +243,7 @@ at::Tensor lowp_linear_impl(const at::Tensor& x, const at::Tensor& w, bool allow
   if (k == 0) return out.zero_();
   // Rows may be strided (a slab slot, a column slice); columns must be adjacent for the vector loads.
   const at::Tensor wc = (k == 1 || w.stride(1) == 1) ? w : w.contiguous();
-  const bool simd = allow_simd && cpu_has_simd();
+  const bool simd = allow_simd && cpu_has_avx2();
   const int64_t kp = simd ? (k + kStep - 1) / kStep * kStep : k;
   at::Tensor xf = at::empty({M, kp}, x.options().dtype(at::kFloat));
   const bool interleave = simd && wt == at::kBFloat16;
