@@ -1,16 +1,15 @@
-"""Continuous batching over every variant at once: the scheduler, request handles and the step loop.
+"""Continuous batching over every variant at once: request handles and the step loop that carries out the
+scheduler's plans.
 
-Each step the engine (1) finishes weight-set loads whose copy landed, (2) admits waiting requests
-whose variant is resident, while KV-cache rows last, (3) runs ONE ``BatchedModel`` forward over every
-running sequence: a decode token for each, plus prompt chunks within the step's token budget, all
-variants mixed, (4) samples every sequence in one batched call (``sampling.sample_batch``: per-sequence
-``SamplingParams`` and generator), streams the tokens, and retires finished sequences (EOS, stop token or
-sequence, max tokens, cancel), freeing their KV-cache row.
-
-A request for a variant whose non-expert set is not resident starts the paper's partial
-reconfiguration: its set is copied into a free or idle device set while the batch keeps running.
-If every set is busy, the least recently used one stops taking new sequences (drains), so the
-waiting request gets it once that set's running sequences finish: no request waits forever.
+Each step the engine (1) finishes weight-set loads whose copy landed, (2) asks ``scheduler.Scheduler`` for the
+step's plan (from its waiting and running requests, the resident sets and the free KV-cache rows) and carries it
+out: cancelled requests end, admitted ones take a KV-cache row, set loads start on the side (the paper's partial
+reconfiguration, while the batch keeps running), (3) runs ONE ``BatchedModel`` forward over the plan's chunks (a
+decode token for each running sequence, then prompt chunks within the step's token budget, all variants mixed),
+(4) samples every sequence in one batched call (``sampling.sample_batch``: per-sequence ``SamplingParams`` and
+generator), streams the tokens, and retires finished sequences (EOS, stop token or sequence, max tokens, cancel),
+freeing their KV-cache row. The policy itself (FCFS, drains, evictions, budgets) lives in ``scheduler.py``, which
+the simulator drives too.
 
 Ownership, in one sentence: one engine thread owns every sequence, the KV cache and the forward;
 other threads only enqueue requests and set cancel flags, under ``Engine._cond``.
@@ -29,11 +28,12 @@ from collections import deque
 
 import torch
 
+from .errors import EngineClosed, EngineDead, RequestError, StepError
 from .forward import BatchedModel, BatchEntry
 from .kv_cache import KVCache
-from .sampling import Row, SamplingParams, eos_ids, make_generator, sample_batch
-from .errors import EngineClosed, EngineDead, RequestError, StepError
 from .request_checks import as_token_ids
+from .sampling import Row, SamplingParams, eos_ids, make_generator, sample_batch
+from .scheduler import Scheduler, SchedulerState, SeqInfo, WeightSets
 from .weights import VariantWeights
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,8 @@ class Engine:
     ``group_variants``: admit waiting requests variant by variant (variants in the order of their oldest
     request) instead of strictly by arrival. Under load a step then holds fewer variants, so it reads
     fewer distinct experts; it stays first-come first-served at the level of variants, so nothing starves.
+    ``prefetch``: once KV-cache rows run out, the next ``prefetch`` waiting requests may still start their
+    variants' set loads into idle sets (the batch-1 system's look-ahead; ``max_seqs=1, prefetch=1`` is it).
 
     What a request gets, exactly. Its tokens come from its own variant's weights and its own sampling state
     (``SamplingParams``; a seeded request has its own generator). Batching is not bit-invariant: which other
@@ -213,9 +215,9 @@ class Engine:
     """
 
     def __init__(self, model: BatchedModel, max_step_tokens: int = 256, max_queue: int = 4096,
-                 mix_variants: bool = True, group_variants: bool = False, eos_token_id: int | list | None = None):
-        if max_step_tokens < 1:
-            raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
+                 mix_variants: bool = True, group_variants: bool = False, eos_token_id: int | list | None = None,
+                 prefetch: int = 0):
+        self.scheduler = Scheduler(max_step_tokens, None, mix_variants, group_variants, prefetch)
         self.model, self.weights, self.kv = model, model.weights, model.kv
         self.names, self.vocab_size = model.weights.names, model.weights.embed.shape[1]
         self.max_step_tokens, self.max_queue, self.mix = max_step_tokens, max_queue, mix_variants
@@ -224,7 +226,8 @@ class Engine:
         self.device = model.slab.device
         self.waiting: deque[RequestHandle] = deque()
         self.running: list[_Sequence] = []
-        self.draining: dict[int, int] = {}   # weight set -> the variant waiting for it
+        self.draining: dict[int, int] = {}   # weight set -> the variant waiting for it (the last plan's)
+        self._loading: set[int] = set()      # variants whose set load this engine started and poll has not reported
         self.stats = {"steps": 0, "tokens": 0, "finished": 0, "failed": 0, "cancelled": 0}
         self._ids = itertools.count()
         self._cond = threading.Condition()
@@ -395,89 +398,56 @@ class Engine:
             self._fail(failed, StepError(f"set load failed: {e!r}"))
             return
         for v, error in done:
+            self._loading.discard(v)
             if error is not None:
-                with self._cond:
-                    failed = [h for h in self.waiting if h.v == v]
-                    for h in failed:
-                        self.waiting.remove(h)
-                self._fail(failed, error)
+                self._fail(self._take_waiting(lambda h: h.v == v), error)
 
-    def _admit(self) -> None:
+    def _take_waiting(self, which) -> list[RequestHandle]:
+        with self._cond:
+            out = [h for h in self.waiting if which(h)]
+            for h in out:
+                self.waiting.remove(h)
+        return out
+
+    def _state(self) -> SchedulerState:
+        """The scheduler's input, read from the engine's own state (engine thread; ``_cond`` held)."""
+        resident = self.weights.resident()
+        loading = frozenset(v for v in self._loading if v not in resident)
+        waiting = tuple(SeqInfo(h.id, h.v, len(h.prompt), cancelled=h.cancelled) for h in self.waiting)
+        running = tuple(SeqInfo(s.h.id, s.h.v, len(s.h.prompt), s.cached, len(s.h.tokens), s.h.cancelled)
+                        for s in self.running)
+        return SchedulerState(waiting, running, WeightSets(self.weights.num_sets, resident, loading),
+                              self.kv.num_free, self.draining)
+
+    def _step(self) -> bool:
+        """One iteration: ask the scheduler for the plan and carry it out; False when nothing could run
+        (every waiting request needs a set being loaded)."""
         self._poll_loads()
         with self._cond:
-            self.draining = {k: u for k, u in self.draining.items() if any(h.v == u for h in self.waiting)}
-            for h in [h for h in self.waiting if h.cancelled]:
+            plan = self.scheduler.plan(self._state())
+            gone = set(plan.cancelled)
+            for h in [h for h in self.waiting if h.id in gone]:
                 self.waiting.remove(h)
                 h._close("cancelled")
                 self.stats["cancelled"] += 1
-            busy = {s.set for s in self.running}
-            only = self.running[0].h.v if (not self.mix and self.running) else None
-            candidates = list(self.waiting)
-            if self.group_variants:  # variants in the order of their oldest request, each one's requests together
-                rank = {}
-                for h in candidates:
-                    rank.setdefault(h.v, len(rank))
-                candidates.sort(key=lambda h: rank[h.v])  # stable: arrival order within a variant
-            for h in candidates:
-                if self.kv.num_free == 0:
-                    break
-                if only is not None and h.v != only:
-                    continue
-                try:
-                    s = self._admit_one(h, busy)
-                except Exception as e:  # noqa: BLE001 - this request fails, the queue goes on
-                    log.exception("admitting request %s failed", h.id)
-                    if h in self.waiting:
-                        self.waiting.remove(h)
-                    self._fail([h], StepError(f"request {h.id}: admission failed: {e!r}"))
-                    continue
-                if s is not None:
-                    busy.add(s.set)
-                    if not self.mix:
-                        only = h.v
-
-    def _admit_one(self, h: RequestHandle, busy: set) -> _Sequence | None:
-        """Start ``h`` if its variant's set is resident (else start or queue that set's load)."""
-        ws = self.weights.lookup(h.v)
-        if ws is None:
-            if self.weights.start_load(h.v, busy):
-                self.draining = {k: u for k, u in self.draining.items() if u != h.v}
-            elif not self.draining and (lru := self.weights.least_recent_set()) is not None:
-                self.draining[lru] = h.v
-            return None
-        if ws in self.draining:
-            return None
-        row = self.kv.allocate()
-        try:
-            s = _Sequence(h, ws, row, self.device)
-        except BaseException:
-            self.kv.free(row)
-            raise
-        self.waiting.remove(h)
-        h.admitted = time.perf_counter()
-        self.running.append(s)
-        return s
-
-    def _step(self) -> bool:
-        """One iteration; False when nothing could run (every waiting request needs a set being loaded)."""
-        self._admit()
-        for s in [s for s in self.running if s.h.cancelled]:
+        for s in [s for s in self.running if s.h.id in gone]:
             self._retire(s, "cancelled")
-        if not self.running:
+        self._admit(plan.admit)
+        self._start_loads(plan.loads)
+        self.draining = plan.draining
+        if not plan.runs:
             return False
+        by_id = {s.h.id: s for s in self.running}
         entries, fed = [], []
-        budget = self.max_step_tokens
-        for s in sorted(self.running, key=lambda s: s.prefilling):  # decodes first, then prompt chunks
-            if budget == 0:
-                break
-            if s.prefilling:
-                chunk = s.h.prompt[s.cached:s.cached + budget]
-                done = s.cached + len(chunk) == len(s.h.prompt)
-            else:
-                chunk, done = [s.h.tokens[-1]], True
-            budget -= len(chunk)
-            entries.append(BatchEntry(s.set, s.h.v, s.kv_row, chunk, s.cached, logits=done))
+        for c in plan.chunks:
+            s = by_id.get(c.seq)
+            if s is None:   # its admission failed
+                continue
+            chunk = s.h.prompt[c.start:c.start + c.length] if s.prefilling else [s.h.tokens[-1]]
+            entries.append(BatchEntry(s.set, s.h.v, s.kv_row, chunk, c.start, logits=c.logits))
             fed.append(s)
+        if not entries:   # every sequence the plan fed failed its admission
+            return True
         order = sorted(range(len(entries)), key=lambda i: entries[i].set)
         entries, fed = [entries[i] for i in order], [fed[i] for i in order]
         logits, sampled, failed = self._forward(entries, fed)
@@ -492,6 +462,45 @@ class Engine:
                 self._deliver(s, token, lp)
         self.stats["steps"] += 1
         return True
+
+    def _admit(self, ids) -> None:
+        """Start the admitted requests, in the plan's order: each takes a KV-cache row and marks its variant's
+        set used. A failure ends only that request."""
+        with self._cond:
+            by_id = {h.id: h for h in self.waiting}
+        for rid in ids:
+            h = by_id[rid]
+            try:
+                ws = self.weights.lookup(h.v)
+                if ws is None:   # the plan was made from this very state: only a broken store gets here
+                    raise StepError(f"variant {h.variant!r} is not resident")
+                row = self.kv.allocate()
+                try:
+                    s = _Sequence(h, ws, row, self.device)
+                except BaseException:
+                    self.kv.free(row)
+                    raise
+            except Exception as e:  # noqa: BLE001 - this request fails, the queue goes on
+                log.exception("admitting request %s failed", h.id)
+                self._fail(self._take_waiting(lambda x: x is h), StepError(f"request {h.id}: admission failed: {e!r}"))
+                continue
+            with self._cond:
+                self.waiting.remove(h)
+                self.running.append(s)
+            h.admitted = time.perf_counter()
+
+    def _start_loads(self, loads) -> None:
+        """Start the planned set loads; the store picks the set by the scheduler's own rule (a free one, else
+        the least recently used idle one). A load that cannot start fails the requests waiting for it."""
+        busy = {s.set for s in self.running}
+        for load in loads:
+            try:
+                if self.weights.start_load(load.variant, busy):
+                    self._loading.add(load.variant)
+            except Exception as e:  # noqa: BLE001 - the requests for this variant fail, the others go on
+                log.exception("starting the load of variant %s failed", load.variant)
+                self._fail(self._take_waiting(lambda h: h.v == load.variant),
+                           StepError(f"variant {self.names[load.variant]!r}: admission failed: set load: {e!r}"))
 
     def _forward(self, entries, fed):
         """``(logits [n, V], the n sequences they belong to, [(sequence, error)])``. A failed forward is
