@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import CheckpointError
 from .layer_ops import attend, grouped_linear, rms_norm, rotate
 
 
@@ -38,6 +39,12 @@ class StandardAttention:
         self.eps = cfg.rms_norm_eps
         self.clip_qkv = getattr(cfg, "clip_qkv", None)
         self.windows = layer_windows(cfg)
+        want = (cfg.num_hidden_layers, self.nkv, self.head_dim)
+        got = getattr(kv, "k", None)
+        if got is None or (got.shape[0], *got.shape[3:]) != want:
+            raise CheckpointError(f"{cfg.model_type}: the KV cache must hold (layers, kv heads, head dim) = {want}, got "
+                                  f"{type(kv).__name__} {None if got is None else (got.shape[0], *got.shape[3:])} "
+                                  f"(KVCache.for_config builds the right one)")
 
     def _qkv(self, L, h, b):
         """Queries ``[T, heads, d]``, keys and values ``[T, kv_heads, d]`` before the rotary embedding."""

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .errors import CheckpointError
+from .kv_cache import LatentKVCache
 from .layer_ops import attend, grouped_linear, rms_norm, rotate
 
 LORA_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps, not the config's
@@ -59,6 +61,13 @@ class LatentAttention:
         self.interleave = bool(getattr(cfg, "rope_interleave", False))
         self.scaling = softmax_scale(cfg)
         self.windows = [None] * cfg.num_hidden_layers  # DeepSeek-V3 attends causally over the whole context
+        if not isinstance(kv, LatentKVCache):
+            raise CheckpointError(f"{cfg.model_type}: latent attention needs a LatentKVCache (KVCache.for_config "
+                                  f"builds it), got {type(kv).__name__}")
+        want = (cfg.num_hidden_layers, self.r, self.dr)
+        if (kv.latent.shape[0], kv.kv_lora_rank, kv.rope_dim) != want:
+            raise CheckpointError(f"{cfg.model_type}: the latent cache holds (layers, kv_lora_rank, qk_rope_head_dim) = "
+                                  f"{(kv.latent.shape[0], kv.kv_lora_rank, kv.rope_dim)}, the config needs {want}")
 
     def _per_head(self, x, w, b, equation):
         """``einsum(equation, x[a:b], w[s])`` for each weight-set segment ``(s, a, b)`` of the batch."""
