@@ -21,9 +21,9 @@ openai = pytest.importorskip("openai", reason="the client-side checks use the of
 import httpx  # noqa: E402
 
 from multimoe_rt.engine import Engine  # noqa: E402
-from test_server import MAX_BATCH, TOK, metric, save_text_variants, start_server, stop_server  # noqa: E402
+# ref and client are test_server's fixtures, over this module's dirs and server
+from test_server import MAX_LEN, TOK, client, metric, ref, save_text_variants, start_server, stop_server  # noqa: E402,F401
 
-MAX_LEN = 2048
 QUEUE = 64
 
 
@@ -39,18 +39,6 @@ def server(dirs):
                                   "1", "--body-timeout", "2", "--max-connections", "12")
     yield url
     stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def ref(dirs):
-    eng = Engine.from_pretrained(dirs, max_seqs=MAX_BATCH, max_len=MAX_LEN)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
 def hostport(url):
