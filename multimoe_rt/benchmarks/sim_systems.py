@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from ..scheduler import Scheduler, SchedulerState, SeqInfo, WeightSets
 from .sim_model import HARDWARE, Hardware, MODELS, ModelSpec, Req, Roofline, poisson_trace
 
 # ================================================================ simulators
@@ -82,6 +83,92 @@ def simulate_serial(trace: list[Req], cost, *, switching: bool, prefetch: bool, 
     return out
 
 
+@dataclass(frozen=True)
+class StepWork:
+    """What one planned step computes, for a cost model: ``groups`` = variant -> tokens, ``contexts`` = the
+    positions each fed sequence attends over, ``prompt_tokens`` = how many of the tokens are prompt."""
+    groups: dict
+    contexts: list
+    prompt_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.groups.values())
+
+
+def simulate_scheduler(trace: list[Req], scheduler: Scheduler, step_time, *, num_sets: int, copy_time: float,
+                       preloaded=(), stats: dict | None = None) -> dict:
+    """The runtime's ``Scheduler`` on a simulated clock: each iteration lands the set copies that are done, asks
+    the scheduler for a plan from the same kind of state the engine builds, starts the planned copies (one at a
+    time on the host link, ``copy_time`` seconds each, overlapped with steps), then advances by
+    ``step_time(StepWork)``. The step that ends a prompt gives the first token; a request ends at ``out`` tokens.
+    ``preloaded``: variants resident at t = 0 (at most ``num_sets``). ``stats`` (optional) collects steps,
+    tokens and sum(variants - 1) over steps."""
+    reqs = [replace(r) for r in sorted(trace, key=lambda r: r.arrival)]
+    info: dict[int, SeqInfo] = {}
+    waiting: list[int] = []
+    running: list[int] = []
+    resident: dict[int, int] = {v: k for k, v in enumerate(list(dict.fromkeys(preloaded))[:num_sets])}
+    free = list(range(len(resident), num_sets))
+    loading: dict[int, tuple[int, float]] = {}   # variant -> (set, when its copy lands)
+    draining: dict[int, int] = {}
+    st = stats if stats is not None else {}
+    st.update(steps=0, tokens=0, extra_variants=0)
+    t, i, link_free, copies = 0.0, 0, 0.0, 0
+    while i < len(reqs) or waiting or running:
+        while i < len(reqs) and reqs[i].arrival <= t:
+            info[i] = SeqInfo(i, reqs[i].variant, reqs[i].prompt)
+            waiting.append(i)
+            i += 1
+        for v, (k, at) in sorted(loading.items(), key=lambda x: x[1][1]):
+            if at <= t:
+                resident[v] = k
+                del loading[v]
+        if not waiting and not running:
+            t = reqs[i].arrival
+            continue
+        plan = scheduler.plan(SchedulerState(tuple(info[j] for j in waiting), tuple(info[j] for j in running),
+                                             WeightSets(num_sets, dict(resident), frozenset(loading)),
+                                             (scheduler.max_seqs or len(reqs)) - len(running), draining))
+        for j in plan.admit:
+            waiting.remove(j)
+            running.append(j)
+            reqs[j].start = t
+            resident[reqs[j].variant] = resident.pop(reqs[j].variant)   # used: most recent
+        for ld in plan.loads:
+            k = free.pop() if ld.evict is None else resident.pop(ld.evict)
+            link_free = max(t, link_free) + copy_time
+            loading[ld.variant] = (k, link_free)
+            copies += 1
+        draining = plan.draining
+        if not plan.runs:   # every request waits for a copy: jump to the next landing or arrival
+            nxt = min([at for _, at in loading.values()] + ([reqs[i].arrival] if i < len(reqs) else []), default=None)
+            if nxt is None:
+                raise RuntimeError("scheduler simulation stuck: nothing runs, loads or arrives")
+            t = max(t, nxt)
+            continue
+        groups: dict[int, int] = {}
+        for c in plan.chunks:
+            groups[info[c.seq].variant] = groups.get(info[c.seq].variant, 0) + c.length
+        work = StepWork(groups, [c.start + c.length for c in plan.chunks],
+                        sum(c.length for c in plan.chunks if info[c.seq].prefilling))
+        t += step_time(work)
+        st["steps"] += 1
+        st["tokens"] += work.tokens
+        st["extra_variants"] += len(groups) - 1
+        for c in plan.chunks:
+            s = info[c.seq]
+            info[c.seq] = s = replace(s, cached=s.cached + c.length, generated=s.generated + c.logits)
+            if c.logits and s.generated == 1:
+                reqs[c.seq].first = t
+            if s.generated >= reqs[c.seq].out:
+                reqs[c.seq].finish = t
+                running.remove(c.seq)
+    out = _summary(reqs)
+    out["switches"] = copies
+    return out
+
+
 def simulate_lanes(trace: list[Req], cost_of_lane, lanes: int) -> dict:
     """Partitioned: one FCFS queue and server per variant; while k lanes are busy each progresses at
     ``lane_speed(k)`` of its idle speed (processor sharing on a CPU; 1.0 for isolated MIG instances)."""
@@ -131,81 +218,28 @@ def simulate_lanes(trace: list[Req], cost_of_lane, lanes: int) -> dict:
 
 def simulate_batching(trace: list[Req], cost: Roofline, *, resident_sets: int, max_batch: int = 64,
                       token_budget: int = 2048) -> dict:
-    """Continuous batching: each step admits waiting requests (FCFS, within ``max_batch`` sequences and a
-    ``token_budget`` of prefill + decode tokens) whose variant's non-expert set is resident, then runs one
-    forward over all of them (mixed variants). A request of a non-resident variant triggers a copy of its set
-    into the least recently used one not in use (serial on the link, overlapped with steps)."""
-    reqs = [replace(r) for r in sorted(trace, key=lambda r: r.arrival)]
-    waiting: list[Req] = []
-    running: list[list] = []          # [req, tokens generated]
-    resident: dict[int, float] = {}   # variant -> last use time
-    ready_at: dict[int, float] = {}   # variant -> when its copy lands
-    link_free, t, i, copies = 0.0, 0.0, 0, 0
-    while i < len(reqs) or waiting or running:
-        while i < len(reqs) and reqs[i].arrival <= t:
-            waiting.append(reqs[i])
-            i += 1
-        if not waiting and not running:
-            t = reqs[i].arrival
-            continue
-        in_use = {x[0].variant for x in running}
-        for r in waiting:  # start copies for missing variants (paper's partial reconfiguration)
-            v = r.variant
-            if v in resident or v in ready_at:
-                continue
-            if len(resident) + len(ready_at) >= resident_sets:
-                victims = [u for u in resident if u not in in_use]
-                if not victims:
-                    continue
-                del resident[min(victims, key=resident.get)]
-            start = max(t, link_free)
-            link_free = start + cost.copy_time(cost.m.non_expert_bytes)
-            ready_at[v] = link_free
-            copies += 1
-        for v, at in list(ready_at.items()):
-            if at <= t:
-                resident[v] = t
-                del ready_at[v]
-        budget = token_budget - len(running)
-        admitted = []
-        for r in list(waiting):
-            if len(running) + len(admitted) >= max_batch or r.prompt > budget:
-                break
-            if r.variant not in resident:
-                continue
-            admitted.append(r)
-            budget -= r.prompt
-            waiting.remove(r)
-        if not running and not admitted:  # wait for a copy to land or the next arrival
-            nxt = min(list(ready_at.values()) + ([reqs[i].arrival] if i < len(reqs) else []), default=None)
-            if nxt is None:
-                raise RuntimeError("batching simulation stuck: no resident set can be freed")
-            t = max(t, nxt)
-            continue
-        groups: dict[int, int] = {}
-        ctx = []
-        for x in running:
-            groups[x[0].variant] = groups.get(x[0].variant, 0) + 1
-            ctx.append(x[0].prompt + x[1])
-        for r in admitted:
-            r.start = t
-            groups[r.variant] = groups.get(r.variant, 0) + r.prompt
-            ctx.append(r.prompt)
-        t += cost.step(groups, ctx)
-        for v in groups:
-            resident[v] = t
-        for x in running:
-            x[1] += 1
-        for r in admitted:
-            r.first = t
-            running.append([r, 1])
-        for x in list(running):
-            if x[1] >= x[0].out:
-                x[0].finish = t
-                running.remove(x)
-    out = _summary(reqs)
-    out["switches"] = copies
-    return out
+    """Continuous batching as the runtime engine schedules it (``scheduler.Scheduler``: FCFS admission within
+    ``max_batch`` sequences, decodes then prompt chunks within ``token_budget`` tokens a step, mixed variants),
+    with ``resident_sets`` non-expert sets: a miss copies that variant's set over the link into a free or idle
+    set (serial on the link, overlapped with steps), and the LRU set drains when every set is busy."""
+    return simulate_scheduler(trace, Scheduler(token_budget, max_batch), lambda w: cost.step(w.groups, w.contexts),
+                              num_sets=resident_sets, copy_time=cost.copy_time(cost.m.non_expert_bytes))
+
+
+def simulate_runtime_batch1(trace: list[Req], cost, *, resident_sets: int = 2, group_variants: bool = False) -> dict:
+    """The batch-1 system as the runtime serves it (``engine.Engine`` with ``max_seqs=1, prefetch=1``, and
+    ``group_variants`` for ours+affinity): one request at a time, ``resident_sets`` sets (active + staging);
+    while a request runs, the next waiting one's variant is copied into the idle set, so a request waits only
+    for what is left of its copy. The first request's variant is resident at the start. ``cost``: a
+    ``Roofline`` or a ``Calibrated`` (measured prefill and per-token decode times)."""
+    if isinstance(cost, Roofline):
+        step = lambda w: cost.step(w.groups, w.contexts)  # noqa: E731
+    else:
+        step = lambda w: cost.prefill_s if w.prompt_tokens else cost.decode_s  # noqa: E731
+    first = min(trace, key=lambda r: r.arrival).variant if trace else 0
+    sched = Scheduler(1 << 30, max_seqs=1, group_variants=group_variants, prefetch=1)
+    return simulate_scheduler(trace, sched, step, num_sets=resident_sets, copy_time=cost.switch_blocking(),
+                              preloaded=[first])
 
 
 # ================================================================ systems at scale
@@ -222,10 +256,12 @@ def simulate_system(system: str, trace: list[Req], hw: Hardware, model: ModelSpe
         R = kw.get("resident_sets", variants)
         cost = Roofline(hw, model, system, variants, resident_sets=R, max_batch=kw.get("max_batch", 64))
         out = simulate_batching(trace, cost, resident_sets=R, max_batch=kw.get("max_batch", 64))
+    elif system in ("ours", "ours+affinity"):
+        cost = Roofline(hw, model, system, variants)
+        out = simulate_runtime_batch1(trace, cost, group_variants=system == "ours+affinity")
     else:
         cost = Roofline(hw, model, system, variants)
-        out = simulate_serial(trace, cost, switching=system != "resident", prefetch=system.startswith("ours"),
-                              policy="affinity" if system == "ours+affinity" else "fcfs")
+        out = simulate_serial(trace, cost, switching=system != "resident", prefetch=False)
     ttft, tot = cost.service(Req(0.0, 0))
     out.update(system=system, share=cost.mem.share, offloaded_fraction=cost.mem.miss, all_fits=cost.mem.fits,
                idle_service_s=tot, idle_ttft_s=ttft, switch_bytes=cost.switch_bytes())

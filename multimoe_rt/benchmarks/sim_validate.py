@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plotting import pyplot
+from ..scheduler import Scheduler
 from . import results_dir
 from .sim_model import GB, MODELS, Calibrated, Hardware, Req, Roofline, serve_qos_trace
-from .sim_systems import _summary, simulate_lanes, simulate_serial
+from .sim_systems import _summary, simulate_lanes, simulate_runtime_batch1, simulate_scheduler, simulate_serial
 
 def fmt_ms(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -23,54 +25,45 @@ def fmt_ms(x: float) -> str:
 
 # ================================================================ calibration + validation (CPU, tiny zoo)
 
-def _load_serve_qos():
-    from . import serve_qos
-
-    return serve_qos
-
-
 def calibrate(loaded: dict, names, pool, out_tokens: int = 25, reps: int = 8) -> dict:
-    """Idle service times of each system on the real engine -> ``Calibrated`` parameters per system.
+    """Idle service times of each system on the real engines -> ``Calibrated`` parameters per system.
 
-    Same-variant requests one at a time (prefill = start->first token, decode per token); variant-cycling
-    requests one at a time without look-ahead (blocking switch); for ours, variant-cycling requests queued back
-    to back with look-ahead (prefetched switch); for partitioned, k requests on k lanes at once (lane slow-down).
-    Prompts vary (as in a sweep: the partitioned instances' expert caches miss), and the systems are measured
-    round-robin, one request each per round, so a load spike from elsewhere spreads over all of them.
+    ``loaded``: ``benchmarks.qos.load_systems``'s systems ("ours" is the runtime ``engine.Engine`` with
+    ``max_seqs=1``). Every time is counted from the request's arrival, so a set load the runtime engine waits
+    for before admitting a request is inside it. Same-variant requests one at a time (prefill = arrival -> first
+    token, decode per token); variant-cycling requests one at a time (a blocking switch: nothing waits, so
+    nothing is prefetched); for ours, variant-cycling requests queued back to back (the look-ahead copy overlaps
+    the running request: the gap between two finishes); for partitioned, k requests on k lanes at once (lane
+    slow-down). Prompts vary (as in a sweep: the partitioned instances' expert caches miss), and the systems are
+    measured round-robin, one request each per round, so a load spike from elsewhere spreads over all of them.
     """
-    from multimoe_rt.serve import Engine, Request
-
-    def req(v, i):
-        return Request(v, pool[v][i % len(pool[v])], max_new_tokens=out_tokens, ignore_eos=True)
-
     med = statistics.median
     labels = [x for x in loaded if x != "ours+affinity"]
-    engines = {x: Engine(loaded[x], lookahead=False) for x in labels}
     same = {x: [] for x in labels}
     cyc = {x: [] for x in labels}
     b2b, conc = [], {k: [] for k in range(2, len(names) + 1)}
-    try:
-        for i in range(reps + 1):
-            for x in labels:
-                eng = engines[x]
-                eng.submit(req(names[0], i)).result()                 # make names[0] active
-                r = eng.submit(req(names[0], i + 1)).result()         # same variant: no switch
+
+    def one(server, v, i):
+        return server.submit(v, pool[v][i % len(pool[v])], max_new_tokens=out_tokens, ignore_eos=True)
+
+    for i in range(reps + 1):
+        for x in labels:
+            with loaded[x].serving() as server:
+                one(server, names[0], i).result()                 # make names[0] resident / active
+                r = one(server, names[0], i + 1).result()         # same variant: no switch
                 if i:
-                    same[x].append((r.first_token - r.start, r.finish - r.start))
+                    same[x].append((r.first_token - r.arrival, r.finish - r.arrival))
                 if x in ("ours", "swap"):
-                    r = eng.submit(req(names[1 + i % (len(names) - 1)], i)).result()   # blocking switch
-                    cyc[x].append(r.finish - r.start)
+                    r = one(server, names[1 + i % (len(names) - 1)], i).result()   # blocking switch
+                    cyc[x].append(r.finish - r.arrival)
                 if x == "partitioned":
                     for k in conc:
-                        futs = [eng.submit(req(v, i)) for v in names[:k]]
-                        conc[k].extend(f.result().finish - f.result().start for f in futs)
-            if "ours" in loaded:
-                with Engine(loaded["ours"], lookahead=True) as eng:   # queued back to back: look-ahead prefetch
-                    futs = [eng.submit(req(names[j % len(names)], i + j)) for j in range(len(names) + 1)]
-                    b2b.extend(f.result().finish - f.result().start for f in futs[1:])
-    finally:
-        for eng in engines.values():
-            eng.shutdown()
+                        hs = [one(server, v, i) for v in names[:k]]
+                        conc[k].extend(h.result().finish - h.arrival for h in hs)
+                if x == "ours":   # queued back to back: each one's set is copied while the one before runs
+                    hs = [one(server, names[j % len(names)], i + j) for j in range(len(names) + 1)]
+                    fin = [h.result().finish for h in hs]
+                    b2b.extend(b - a for a, b in zip(fin, fin[1:]))
     cal = {}
     for x in labels:
         pre = med(a for a, _ in same[x])
@@ -87,12 +80,15 @@ def calibrate(loaded: dict, names, pool, out_tokens: int = 25, reps: int = 8) ->
 
 
 def simulate_calibrated(label: str, trace: list[Req], cal: dict, lanes: int) -> dict:
+    """One system on one trace with its measured costs. Ours runs through the runtime's own ``Scheduler``
+    (``max_seqs=1``, look-ahead, grouped admission for ours+affinity); the baselines keep their queue models."""
     base = "ours" if label == "ours+affinity" else label
     cost = Calibrated(**cal[base])
     if label == "partitioned":
         return simulate_lanes(trace, lambda lane: cost, lanes)
-    return simulate_serial(trace, cost, switching=label != "resident", prefetch=label.startswith("ours"),
-                           policy="affinity" if label == "ours+affinity" else "fcfs")
+    if base == "ours":
+        return simulate_runtime_batch1(trace, cost, group_variants=label == "ours+affinity")
+    return simulate_serial(trace, cost, switching=label != "resident", prefetch=False)
 
 
 def validate(small: bool = True, rates=None, n: int = 40, reps: int = 8, systems=None, seed: int = 0,
@@ -119,37 +115,40 @@ def measure_and_simulate(dirs: dict, rates=None, n: int = 40, reps: int = 8, sys
     engine, simulate the same trace with the calibration, compare."""
     from tqdm.auto import tqdm
 
-    from multimoe_rt.serve import Engine, summarize
+    from multimoe_rt.lab.qos.metrics import summarize
 
-    sq = _load_serve_qos()
+    from . import qos
+
     names = list(dirs)
     systems = systems or ["ours", "partitioned", "swap", "resident"]
-    loaded, mv, budget = sq.load_systems(dirs, systems, 0.5)
-    if "ours" in loaded:
-        loaded["ours+affinity"] = loaded["ours"]
-    pool = sq.prompt_pool(names, 20, max(8, n), seed) if set(names) <= set(sq.DOMAIN_OF) else \
-        {v: [[(7 * i + j) % 50 + 3 for j in range(20)] for i in range(max(8, n))] for v in names}
-    for s in loaded.values():
-        sq.warm_up(s, names, pool, out_tokens, rounds=1)
-    t0 = time.perf_counter()
-    cal = calibrate(loaded, names, pool, out_tokens=out_tokens, reps=reps)
-    calib_s = time.perf_counter() - t0
-    mu = 1.0 / min(Calibrated(**c).service(Req(0, 0, 20, out_tokens))[1] for c in cal.values())
-    rates = rates or [round(f * mu, 2) for f in (0.3, 0.6, 0.9)]
-    rows = []
-    bar = tqdm(total=len(rates) * len(loaded), desc="validation sweep", disable=not progress)
-    for li, rate in enumerate(rates):
-        trace = sq.make_trace(names, rate, n, seed=seed * 1000 + li, pool=pool)
-        sim_trace = [Req(at, names.index(v), len(ids), out_tokens) for at, v, ids in trace]
-        for label, system in loaded.items():
-            eng = Engine(system, policy="affinity" if label == "ours+affinity" else "fcfs")
-            reqs, _ = sq.replay(eng, trace, out_tokens)
-            eng.shutdown()
-            meas = summarize(reqs)
-            sim = simulate_calibrated(label, sim_trace, cal, len(names))
-            rows.append(_compare(label, rate, meas, sim))
-            bar.update(1)
-    bar.close()
+    loaded, _, _ = qos.load_systems(dirs, systems, 0.5, affinity="ours" in systems, max_len=20 + out_tokens)
+    try:
+        pool = qos.prompt_pool(names, 20, max(8, n), seed) if set(names) <= set(qos.DOMAIN_OF) else \
+            {v: [[(7 * i + j) % 50 + 3 for j in range(20)] for i in range(max(8, n))] for v in names}
+        for s in loaded.values():
+            with s.serving() as server:
+                qos.warm_up(server, names, pool, out_tokens, rounds=1)
+        t0 = time.perf_counter()
+        cal = calibrate(loaded, names, pool, out_tokens=out_tokens, reps=reps)
+        calib_s = time.perf_counter() - t0
+        mu = 1.0 / min(Calibrated(**c).service(Req(0, 0, 20, out_tokens))[1] for c in cal.values())
+        rates = rates or [round(f * mu, 2) for f in (0.3, 0.6, 0.9)]
+        rows = []
+        bar = tqdm(total=len(rates) * len(loaded), desc="validation sweep", disable=not progress)
+        for li, rate in enumerate(rates):
+            trace = qos.make_trace(names, rate, n, seed=seed * 1000 + li, pool=pool)
+            sim_trace = [Req(at, names.index(v), len(ids), out_tokens) for at, v, ids in trace]
+            for label, system in loaded.items():
+                with system.serving() as server:
+                    reqs, _ = qos.replay(server, trace, out_tokens)
+                meas = summarize(reqs)
+                sim = simulate_calibrated(label, sim_trace, cal, len(names))
+                rows.append(_compare(label, rate, meas, sim))
+                bar.update(1)
+        bar.close()
+    finally:
+        for s in loaded.values():
+            s.close()
     return {"variants": names, "requests_per_rate": n, "calibration": cal, "calibration_s": calib_s,
             "rates": rates, "rows": rows}
 
@@ -206,59 +205,13 @@ def batching_trace(names, rate: float | None, n: int, prompt_len: int, new_token
 
 def simulate_engine(trace: list[Req], step_time, *, max_seqs: int = 64, step_tokens: int = 256,
                     group: bool = False, stats: dict | None = None) -> dict:
-    """multimoe_rt.engine.Engine's scheduler, step by step: admit waiting requests (arrival order, or variant by
-    variant with ``group``) into free KV slots, then one forward over the decodes first and prompt chunks after,
-    within ``step_tokens``; the step that finishes a prompt emits the first token. ``step_time(tokens, variants)``
+    """multimoe_rt.engine.Engine as batching.py runs it (every variant's set resident), on a simulated clock: the
+    runtime's own ``Scheduler`` (``group`` = ``group_variants``) plans each step. ``step_time(tokens, variants)``
     gives a step's seconds. ``stats`` (optional) collects steps, tokens and sum(variants - 1) for calibration."""
-    reqs = [replace(r) for r in sorted(trace, key=lambda r: r.arrival)]
-    waiting: list[Req] = []
-    running: list[list] = []   # [req, prompt tokens cached, tokens generated]
-    t, i = 0.0, 0
-    st = stats if stats is not None else {}
-    st.update(steps=0, tokens=0, extra_variants=0)
-    while i < len(reqs) or waiting or running:
-        while i < len(reqs) and reqs[i].arrival <= t:
-            waiting.append(reqs[i])
-            i += 1
-        if not waiting and not running:
-            t = reqs[i].arrival
-            continue
-        cand = list(waiting)
-        if group:
-            rank: dict[int, int] = {}
-            for r in cand:
-                rank.setdefault(r.variant, len(rank))
-            cand.sort(key=lambda r: rank[r.variant])
-        for r in cand:
-            if len(running) >= max_seqs:
-                break
-            waiting.remove(r)
-            r.start = t
-            running.append([r, 0, 0])
-        budget, fed = step_tokens, []
-        for x in sorted(running, key=lambda x: x[1] < x[0].prompt):   # decodes first, then prompt chunks
-            if budget == 0:
-                break
-            n = min(budget, x[0].prompt - x[1]) if x[1] < x[0].prompt else 1
-            budget -= n
-            fed.append((x, n))
-        tokens = step_tokens - budget
-        variants = len({x[0].variant for x, _ in fed})
-        t += step_time(tokens, variants)
-        st["steps"] += 1
-        st["tokens"] += tokens
-        st["extra_variants"] += variants - 1
-        for x, n in fed:
-            if x[1] < x[0].prompt:
-                x[1] += n
-                if x[1] < x[0].prompt:
-                    continue
-                x[0].first = t
-            x[2] += 1
-            if x[2] >= x[0].out:
-                x[0].finish = t
-                running.remove(x)
-    return _summary(reqs)
+    variants = sorted({r.variant for r in trace})
+    return simulate_scheduler(trace, Scheduler(step_tokens, max_seqs, group_variants=group),
+                              lambda w: step_time(w.tokens, len(w.groups)), num_sets=max(1, len(variants)),
+                              copy_time=0.0, preloaded=variants, stats=stats)
 
 
 def linear_step(a: float, b: float, c: float = 0.0):
@@ -406,12 +359,8 @@ def batching_validation_table(rows) -> str:
 
 
 def plot_batching_validation(rows, path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     panels = list(dict.fromkeys((r["file"], r["shape"]) for r in rows))
     if not panels:

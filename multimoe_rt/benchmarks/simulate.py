@@ -35,6 +35,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from ..plotting import pyplot
 from . import RESULTS_HELP, results_dir
 from .sim_model import HARDWARE, MODELS, load_trace
 from .sim_systems import SCALE_SYSTEMS, idle_rate, ours_vs_partitioned, paper_scale, simulate_system, sweep
@@ -74,12 +75,8 @@ def scale_table(case: dict) -> str:
 
 
 def plot_cases(cases, path, key="turnaround_mean") -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     # A grid a person can read (at most 3 panels a row), one legend for every system of every panel.
     cols = min(3, len(cases))
@@ -107,12 +104,8 @@ def plot_cases(cases, path, key="turnaround_mean") -> str | None:
 
 
 def plot_validation(rows, path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for i, s in enumerate(dict.fromkeys(r["system"] for r in rows)):
