@@ -184,3 +184,57 @@ def test_validate_batching_reports_a_mismatch(tmp_path):
     # the Poisson rows are not used for calibration: measurements 50% slower show up as about -33% error
     res = sim_validate.validate_batching([_synthetic_batching(tmp_path, slow=1.5)])
     assert all(r["err_mean"] == pytest.approx(-1 / 3, abs=0.02) for r in res["rows"])
+
+
+def test_deepseek_and_gpt_oss_presets_match_published_sizes():
+    oss, moon = sim_model.MODELS["gpt-oss-20b"], sim_model.MODELS["moonlight-16b-a3b"]
+    total = lambda m: m.non_expert_params + m.total_slots * m.expert_params  # noqa: E731
+    assert total(oss) == pytest.approx(20.9e9, rel=0.01) and oss.active_params == pytest.approx(3.6e9, rel=0.02)
+    assert total(moon) == pytest.approx(16.0e9, rel=0.01)
+    assert moon.total_slots == 26 * 64                                     # the first layer is dense
+    # MLA caches one compressed latent (+ the shared rope key) per token and layer, not keys and values per head
+    assert moon.kv_bytes_per_token == 27 * (512 + 64) * 2
+    assert moon.kv_bytes(300) == pytest.approx(300 * moon.kv_bytes_per_token)
+    # GPT-OSS: half the layers hold at most 128 positions
+    per_layer_token = 2 * 8 * 64 * 2
+    assert oss.kv_bytes(100) == pytest.approx(100 * 24 * per_layer_token)
+    assert oss.kv_bytes(4096) == pytest.approx((12 * 4096 + 12 * 128) * per_layer_token)
+
+
+@pytest.mark.parametrize("name", ["gpt-oss-20b", "moonlight-16b-a3b"])
+def test_the_simulator_serves_both_new_families(name):
+    model, trace = sim_model.MODELS[name], sim_model.poisson_trace(4.0, 60, 4, seed=2)
+    for system in ("batching", "ours", "partitioned", "swap", "resident"):
+        out = sim_systems.simulate_system(system, trace, H200, model, 4, resident_sets=2)
+        assert out["completed"] == 60 and out["turnaround_mean"] > 0, system
+    # a long context costs more, and less with GPT-OSS's windows than it would with every layer full
+    cost = sim_model.Roofline(H200, model, "resident", 1)
+    assert cost.step({0: 1}, [8000]) > cost.step({0: 1}, [10])
+    full = sim_model.Roofline(H200, replace(model, sliding_layers=0), "resident", 1)
+    assert (cost.step({0: 1}, [8000]) < full.step({0: 1}, [8000])) == (model.sliding_layers > 0)
+
+
+def test_the_batch1_system_runs_the_runtime_scheduler_with_look_ahead():
+    """ours = the Scheduler with max_seqs=1, prefetch=1: the copy of the next request's set overlaps the running
+    request, as the hand-written batch-1 model (copy started at the next arrival) says, to within one step."""
+    gpu = sim_model.Roofline(A100, MIX, "ours", 2)
+    trace = [sim_model.Req(0.0, 0), sim_model.Req(0.1, 1)]
+    sched = sim_systems.simulate_runtime_batch1(trace, gpu)
+    hand = sim_systems.simulate_serial(trace, gpu, switching=True, prefetch=True)
+    decode = gpu.step({0: 1}, [30])
+    assert sched["switches"] == 1
+    assert sched["turnaround_mean"] == pytest.approx(hand["turnaround_mean"], abs=decode)
+    # with nothing to look ahead at (one request at a time) the copy is paid in full
+    alone = [sim_model.Req(0.0, 0), sim_model.Req(100.0, 1)]
+    service = gpu.service(sim_model.Req(0.0, 0))[1]
+    assert sim_systems.simulate_runtime_batch1(alone, gpu)["turnaround_mean"] == \
+        pytest.approx(service + gpu.switch_blocking() / 2, rel=1e-6)
+
+
+def test_batching_chunks_a_prompt_longer_than_the_step_budget():
+    trace = [sim_model.Req(0.0, 0, prompt=300, out=3), sim_model.Req(0.0, 1, prompt=5, out=3)]
+    stats = {}
+    out = sim_systems.simulate_scheduler(trace, sim_systems.Scheduler(128, 8), lambda w: 0.01, num_sets=2,
+                                         copy_time=0.0, preloaded=[0, 1], stats=stats)
+    assert out["completed"] == 2
+    assert stats["steps"] == 3 + 2 and stats["tokens"] == 300 + 5 + 2 * 2   # 128 + 128 + 49 prompt, 2 decodes

@@ -47,6 +47,10 @@ HARDWARE = {
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """One MoE architecture's sizes, enough for bytes, FLOPs and KV traffic. The defaults describe a
+    Mixtral-style model; the optional fields cover DeepSeek-V3 (MLA attention: ``kv_lora_rank`` > 0, then
+    ``head_dim`` is the no-rope part of a query/key head; shared experts; dense first layers) and GPT-OSS
+    (sliding-window layers, attention and expert biases, attention sinks)."""
     name: str
     hidden: int
     inter: int                # expert intermediate size
@@ -59,22 +63,49 @@ class ModelSpec:
     vocab: int
     dtype_bytes: int = 2
     gated: bool = True        # SwiGLU: 3 matrices per expert
+    dense_layers: int = 0     # first layers with a dense MLP instead of experts (first_k_dense_replace)
+    dense_inter: int = 0      # their intermediate size
+    shared_inter: int = 0     # intermediate size of the shared expert(s) of a MoE layer, all together
+    q_lora_rank: int = 0      # MLA: 0 = a plain query projection
+    kv_lora_rank: int = 0     # MLA: the compressed latent the KV cache holds per token and layer (0 = no MLA)
+    rope_dim: int = 0         # MLA: the rope part of a query/key head (shared by the heads in the cache)
+    v_head_dim: int = 0       # MLA: value head size
+    sliding_window: int = 0   # tokens a sliding-window layer attends over
+    sliding_layers: int = 0   # how many layers use it (GPT-OSS: every other one)
+    biases: bool = False      # attention, router and expert biases plus one attention sink per head (GPT-OSS)
     source: str = ""
 
     @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers
+
+    @property
     def expert_params(self) -> int:
-        return (3 if self.gated else 2) * self.hidden * self.inter
+        bias = (2 * self.inter + self.hidden) if self.biases else 0
+        return (3 if self.gated else 2) * self.hidden * self.inter + bias
 
     @property
     def expert_bytes(self) -> float:
         return self.expert_params * self.dtype_bytes
 
     @property
+    def attention_params(self) -> int:
+        h, d, n = self.hidden, self.head_dim, self.heads
+        if self.kv_lora_rank:
+            qk, r, c = d + self.rope_dim, self.q_lora_rank, self.kv_lora_rank
+            q = h * r + r + r * n * qk if r else h * n * qk
+            kv = h * (c + self.rope_dim) + c + c * n * (d + self.v_head_dim)
+            return q + kv + n * self.v_head_dim * h
+        qkvo = h * n * d * 2 + h * self.kv_heads * d * 2
+        return qkvo + ((n + 2 * self.kv_heads) * d + h + n if self.biases else 0)
+
+    @property
     def non_expert_params(self) -> int:
-        h, d = self.hidden, self.head_dim
-        attn = h * self.heads * d * 2 + h * self.kv_heads * d * 2     # q, o, k, v
-        per_layer = attn + 2 * h + h * self.experts                     # + 2 norms + router
-        return self.layers * per_layer + 2 * self.vocab * h + h          # + embeddings, LM head, final norm
+        h = self.hidden
+        per_layer = self.attention_params + 2 * h                                    # + 2 norms
+        moe = h * self.experts + (self.experts if self.biases else 0) + 3 * h * self.shared_inter   # router, shared
+        return (self.layers * per_layer + self.moe_layers * moe + self.dense_layers * 3 * h * self.dense_inter
+                + 2 * self.vocab * h + h)                                            # + embeddings, LM head, norm
 
     @property
     def non_expert_bytes(self) -> float:
@@ -82,7 +113,7 @@ class ModelSpec:
 
     @property
     def total_slots(self) -> int:
-        return self.layers * self.experts
+        return self.moe_layers * self.experts
 
     @property
     def full_bytes(self) -> float:
@@ -90,11 +121,31 @@ class ModelSpec:
 
     @property
     def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes of one token in every layer: MLA caches its compressed latent plus the shared rope key;
+        the others a key and a value per KV head (a sliding-window layer's share is capped: ``kv_bytes``)."""
+        if self.kv_lora_rank:
+            return self.layers * (self.kv_lora_rank + self.rope_dim) * self.dtype_bytes
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    def attended(self, context: int) -> int:
+        """Positions one token attends over, summed over the layers (sliding-window layers see at most
+        ``sliding_window``)."""
+        full = self.layers - self.sliding_layers
+        return full * context + self.sliding_layers * min(context, self.sliding_window or context)
+
+    def kv_bytes(self, context: int) -> float:
+        """KV-cache bytes one decode step of a sequence at ``context`` reads."""
+        return self.kv_bytes_per_token * self.attended(context) / self.layers
+
+    def attention_flops(self, context: int) -> float:
+        """Score and value FLOPs of one token at ``context`` (MLA: the decompressed heads)."""
+        qk = self.head_dim + self.rope_dim if self.kv_lora_rank else self.head_dim
+        v = self.v_head_dim if self.kv_lora_rank else self.head_dim
+        return 2 * self.heads * (qk + v) * self.attended(context)
 
     @property
     def active_params(self) -> int:
-        return self.non_expert_params - self.vocab * self.hidden + self.layers * self.topk * self.expert_params
+        return self.non_expert_params - self.vocab * self.hidden + self.moe_layers * self.topk * self.expert_params
 
 
 MODELS = {
@@ -110,6 +161,19 @@ MODELS = {
                                source="Qwen/Qwen3-30B-A3B config.json"),
     # this project's zoo (multimoe_rt/lab/zoo.py RECIPES["mixtral-tiny"] and SMALL), byte tokenizer vocab 259,
     # fp32 on CPU.
+    # moonshotai/Moonlight-16B-A3B config.json (DeepSeek-V3 architecture): hidden_size 2048, moe_intermediate_size
+    # 1408, num_hidden_layers 27 (first_k_dense_replace 1, intermediate_size 11264), n_routed_experts 64,
+    # num_experts_per_tok 6, n_shared_experts 2, num_attention_heads 16, q_lora_rank null, kv_lora_rank 512,
+    # qk_nope_head_dim 128, qk_rope_head_dim 64, v_head_dim 128, vocab_size 163840, untied; bf16 (16 B parameters).
+    "moonlight-16b-a3b": ModelSpec("Moonlight-16B-A3B", 2048, 1408, 27, 64, 6, 16, 16, 128, 163840,
+                                   dense_layers=1, dense_inter=11264, shared_inter=2 * 1408, kv_lora_rank=512,
+                                   rope_dim=64, v_head_dim=128, source="moonshotai/Moonlight-16B-A3B config.json"),
+    # openai/gpt-oss-20b config.json: hidden_size 2880, intermediate_size 2880, num_hidden_layers 24 (layer_types
+    # alternate sliding_attention / full_attention, sliding_window 128), num_local_experts 32, experts_per_token 4,
+    # num_attention_heads 64, num_key_value_heads 8, head_dim 64, vocab_size 201088, attention and expert biases,
+    # attention sinks, untied; counted in bf16 (the release stores experts in MXFP4); 20.9 B parameters.
+    "gpt-oss-20b": ModelSpec("gpt-oss-20b", 2880, 2880, 24, 32, 4, 64, 8, 64, 201088, sliding_window=128,
+                             sliding_layers=12, biases=True, source="openai/gpt-oss-20b config.json"),
     "mixtral-tiny": ModelSpec("mixtral-tiny", 128, 256, 4, 8, 2, 4, 2, 32, 259, dtype_bytes=4,
                               source="multimoe_rt/lab/zoo.py RECIPES['mixtral-tiny']"),
     "mixtral-tiny-small": ModelSpec("mixtral-tiny --small", 32, 64, 2, 4, 2, 2, 1, 16, 259, dtype_bytes=4,
@@ -247,10 +311,10 @@ class Roofline:
         distinct = s * distinct_touched(E, k, n) + (1 - s) * sum(distinct_touched(E, k, t) for t in groups.values())
         if self.system not in ("ours", "ours+affinity", "batching"):
             distinct = sum(distinct_touched(E, k, t) for t in groups.values())
-        expert_bytes = m.layers * distinct * m.expert_bytes
+        expert_bytes = m.moe_layers * distinct * m.expert_bytes
         weight_bytes = len(groups) * m.non_expert_bytes + expert_bytes
-        kv_bytes = sum(contexts) * m.kv_bytes_per_token
-        flops = 2 * n * m.active_params + 4 * m.layers * m.heads * m.head_dim * sum(contexts)
+        kv_bytes = sum(m.kv_bytes(c) for c in contexts)
+        flops = 2 * n * m.active_params + sum(m.attention_flops(c) for c in contexts)
         t = max((weight_bytes + kv_bytes) / self.bw, flops / self.flops) + self.hw.step_overhead
         return t + self.mem.miss * expert_bytes / self.link   # offloaded experts copied in when touched
 

@@ -133,7 +133,13 @@ def _dump(obj, path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="simulate", description=__doc__.splitlines()[0])
+    presets = "\n".join(f"  {k:<20} {m.name}: {m.moe_layers} MoE layers x {m.experts} experts (top-{m.topk}), "
+                         f"{m.full_bytes / 1e9:.1f} GB, KV {m.kv_bytes_per_token / 1e3:.1f} kB/token"
+                         for k, m in MODELS.items())
+    p = argparse.ArgumentParser(prog="simulate", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"model presets (run --model):\n{presets}\nhardware presets (run --hardware): "
+                                       + ", ".join(HARDWARE))
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("paper", help="paper-scale tables and plots (A100, H200, 8 variants batching)")
     sp.add_argument("-n", "--requests", type=int, default=400)
