@@ -62,7 +62,12 @@ def test_user_errors_are_one_line(dirs, tmp_path, capsys, monkeypatch):
     one_line_error(capsys, ["bench-qos", "--rates", "2,x"], "'x' is not a number")
     one_line_error(capsys, ["bench-qos", "-n", "0"], "--requests")
     one_line_error(capsys, ["bench-qos", "--systems", "ours,mig"], "--systems", "mig")
-    one_line_error(capsys, ["demo", "--share", "2"], "--share")
+    one_line_error(capsys, ["bench-qos", "--share", "2"], "--share")
+    one_line_error(capsys, ["demo", "-n", "0"], "--requests")
+    one_line_error(capsys, ["demo", "--recipe", "switch-tiny"], "--recipe", "invalid choice")
+    monkeypatch.setenv("MULTIMOE_DATA", str(tmp_path))
+    one_line_error(capsys, ["demo", "--small"], "MULTIMOE_DATA", "SHA256SUMS")
+    monkeypatch.delenv("MULTIMOE_DATA")
     if not torch.cuda.is_available():
         one_line_error(capsys, ["demo", "--device", "cuda"], "CUDA is not available", "--device cpu")
     (tmp_path / "afile").write_text("x")
@@ -214,3 +219,59 @@ def test_plan_arguments_a_new_user_gets_wrong(tmp_path, capsys):
     # A budget too small for one copy per expert: the fix is named as the flag, not a Python keyword.
     one_line_error(capsys, ["plan", *map(str, dirs), "--budget", "1KB", "-o", out, "--quiet"],
                    "--offload")
+
+
+def test_help_of_the_heavy_commands_imports_no_harness():
+    """`--help` answers from the parser alone: neither the QoS harness nor the demo's is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom multimoe_rt.cli import main\nfor cmd in ('bench-qos', 'demo'):\n"
+            "    try:\n        main([cmd, '--help'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('multimoe_rt.benchmarks.qos', 'multimoe_rt.benchmarks.demo') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: multimoe-rt bench-qos" in out and "usage: multimoe-rt demo" in out
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_demo_serves_the_variants_live_on_the_plan_within_2pct(tmp_path, monkeypatch, capsys):
+    """The demo's core on tiny random variants: the JSON holds every per-variant field, the budgets are tried
+    smallest first and the chosen one is the first within 2%, and the engine's greedy tokens equal each variant's
+    own transformers model (a 1.05x budget holds every expert dense, exact by construction; at exactly 1.0x the
+    mixed plan's per-slot delta descriptors would not fit)."""
+    from multimoe_rt.benchmarks import demo
+
+    dirs = {d.name: d for d in save_variants(tmp_path, "mixtral", n=3)}
+    g = torch.Generator().manual_seed(0)
+    test, val = ({"wikitext2": torch.randint(3, 64, (600,), generator=g)} for _ in range(2))
+    out = demo.run(dirs, ratios=(1.05, 0.4), n_sat=6, n_poisson=3, shape=(4, 5), window=32, max_windows=3,
+                   val_windows=2, calib_tokens=64, test_data=test, val_data=val, out_dir=tmp_path / "r",
+                   progress=False, log=None)
+    doc = json.loads(Path(out["files"]["json"]).read_text())
+    assert Path(out["files"]["plot"]).is_file() and out["files"]["plot"].endswith(".png")
+    names = list(dirs)
+    assert doc["variants"] == names and doc["within"] == 0.02
+    # budgets smallest first: 0.4x cannot hold one copy of each expert, 1.05x holds them all
+    assert [c["budget_ratio"] for c in doc["candidates"]] == [0.4, 1.05]
+    assert not doc["candidates"][0]["within"] and "cannot hold" in doc["candidates"][0]["why"]
+    chosen = doc["candidates"][1]
+    assert chosen["within"] and doc["plan"]["budget_ratio"] == 1.05 and not doc["plan"]["exact_fallback"]
+    assert all(chosen["val_ppl"][v] <= 1.02 * chosen["own_val_ppl"][v] for v in names)
+    assert doc["plan"]["deltas_by_spec"] == {}
+    full = doc["per_variant"][names[0]]["full_model_bytes"]
+    for v in names:
+        r = doc["per_variant"][v]
+        assert r["greedy_equal"] and r["greedy_same_prefix"] == 5, (v, doc["greedy"][v])
+        assert doc["greedy"][v]["engine"] == doc["greedy"][v]["transformers"]
+        assert r["ppl"] == pytest.approx(r["own_model_ppl"], rel=1e-5)   # dense copies: the same function
+        assert r["full_model_bytes"] == full and 0 < r["device_bytes"] <= full
+        for k in ("tokens_per_s", "transformers_tokens_per_s", "ttft_mean_s", "transformers_ttft_mean_s"):
+            assert r[k] > 0, k
+    t = doc["total"]
+    assert t["device_bytes"] == sum(doc["per_variant"][v]["device_bytes"] for v in names)
+    assert t["separate_bytes"] == len(names) * full and t["bytes_ratio"] == pytest.approx(t["device_bytes"] / t["separate_bytes"])
+    assert doc["serving"]["saturated"]["engine"]["tokens"] == 6 * 5
+    assert doc["serving"]["poisson"]["transformers"]["requests"] == 3
+    text = demo.table(out)
+    assert all(v in text for v in names) and "1.05x the bytes" in text

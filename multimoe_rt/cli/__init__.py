@@ -21,7 +21,7 @@ import sys
 
 from .args import PROG, RESULTS_ENV, _existing_dir, _model_dir, _existing_file, _finite, _fraction, _nonneg_int, _out_dir, _out_file, _pos_int, _size
 from .zoo import _RECIPES, _remove_own_zoo_temp, cmd_zoo_build, cmd_zoo_clean, cmd_zoo_list, cmd_zoo_path
-from .commands import _bench_module, _calib_text, _serve_qos_args, cmd_bench_qos, cmd_bench_reliability, cmd_demo, cmd_eval, cmd_generate, cmd_plan, cmd_serve
+from .commands import _bench_module, _calib_text, _qos_args, cmd_bench_qos, cmd_bench_reliability, cmd_demo, cmd_eval, cmd_generate, cmd_plan, cmd_serve
 
 # ---------------------------------------------------------------- parser
 
@@ -173,22 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress output")
     ev.set_defaults(func=cmd_eval)
 
-    # ---- serving QoS benchmark and the demo (multimoe_rt/serve.py, lab/baselines.py, multimoe_rt/benchmarks/serve_qos.py)
+    # ---- the demo: the main job (multimoe_rt/benchmarks/demo.py)
+    d = add("demo", help="the zoo's variants live in one engine on the plan that saves the most bytes within 2%%: "
+                         "bytes, perplexity, tokens/s and TTFT per variant against separate models and transformers "
+                         "(first run trains the zoo: about 10 minutes on 2 cores)",
+            description="Builds (first run: about 10 minutes on 2 cores, with progress and an estimate; --small: "
+                        "about 15 s) or reuses the tiny zoo, measures each expert's cost of sharing and of each delta "
+                        "codec, picks the smallest device-byte budget whose every variant stays within 2% of its own "
+                        "model's perplexity, serves every variant mixed in one engine against transformers with every "
+                        "model resident, and prints per variant: device bytes against a full model, perplexity "
+                        "against its own model, tokens/s and TTFT against transformers. One JSON and one PNG in the "
+                        "results folder. The paper's batch-1 QoS comparison is `multimoe-rt bench-qos`.")
+    d.add_argument("--small", action="store_true", help="the small zoo (builds in about 15 s)")
+    d.add_argument("--recipe", choices=[r for r in _RECIPES if r != "switch-tiny"], default="mixtral-tiny",
+                   help="the zoo recipe: a family the batching engine serves (default mixtral-tiny)")
+    d.add_argument("--variants", default=None, help="comma-separated variants to serve (default: every one of the zoo)")
+    d.add_argument("-n", "--requests", type=_pos_int, default=64,
+                   help="requests queued at once for the throughput run (the Poisson run for TTFT takes half)")
+    d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    d.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", type=_out_dir, default=None,
+                   help=f"results folder (default ${RESULTS_ENV}, else ~/.cache/multimoe_rt/results)")
+    d.add_argument("--quiet", action="store_true", help="no progress output")
+    d.set_defaults(func=cmd_demo)
+
+    # ---- batching and QoS benchmarks (multimoe_rt/benchmarks/batching.py, qos.py; lab/qos/)
     bb = add("bench-batch", add_help=False, help="continuous batching of mixed variants vs batch-1, "
              "per-variant batching and transformers (multimoe_rt/benchmarks/batching.py; its own --help)")
     bb.add_argument("bench_args", nargs=argparse.REMAINDER)
     bb.set_defaults(func=lambda a: _bench_module("batching").main(a.bench_args))
 
-    q = add("bench-qos", help="QoS sweep over arrival rates: ours vs partitioned (MIG-like), swap, resident")
-    _serve_qos_args(q)
+    q = add("bench-qos", help="the paper's QoS comparison (batch 1, Poisson arrivals, 20-token prompts, 25 new "
+                              "tokens): ours vs partitioned (MIG-like), swap, resident, over arrival rates")
+    _qos_args(q)
     q.set_defaults(func=cmd_bench_qos)
-    d = add("demo", help="the tiny zoo served four ways under Poisson load: about 10 minutes the first time "
-                         "(it trains the zoo on 2 cores; --small: about 15 s), then 2-3 minutes",
-            description="Builds (first run: about 10 minutes on 2 cores; --small: about 15 s) or reuses the tiny "
-                        "mixtral zoo, prints where it lives, runs a short QoS comparison (2-3 minutes) and prints "
-                        "where the results went.")
-    _serve_qos_args(d, demo=True)
-    d.set_defaults(func=cmd_demo)
 
     # ---- serve: OpenAI-compatible HTTP server, variant = model (multimoe_rt/integrations/server.py, ray_serve.py)
     sv = add("serve", help="OpenAI-compatible HTTP server over the batching engine (variant = model)")

@@ -15,8 +15,6 @@ QOS_SYSTEMS = ("ours", "partitioned", "swap", "resident")
 ZOO_QOS_VARIANTS = "base,ptb,shakespeare,pycode"
 
 
-
-
 # ---------------------------------------------------------------- argument types: checked at parse time
 
 def _type(fn):
@@ -50,14 +48,6 @@ def _finite(text: str) -> float:
     x = float(text)
     if not math.isfinite(x):
         raise ValueError(f"expected a finite number, got {text!r}")
-    return x
-
-
-@_type
-def _positive(text: str) -> float:
-    x = float(text)
-    if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"expected a number > 0, got {text!r}")
     return x
 
 

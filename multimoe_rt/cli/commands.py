@@ -23,10 +23,9 @@ def cmd_plan(args) -> int:
     if args.non_expert != "auto":
         non_expert = _size_or_usage("--non-expert", args.non_expert)
     if args.heatmap is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            _usage("--heatmap needs matplotlib: pip install matplotlib (or drop --heatmap)")
+        from ..plotting import pyplot
+
+        pyplot(required_by="--heatmap")
     vs = VariantSet.from_dirs(args.variant_dirs, names=names, check_finite=not args.no_check_finite)
     dtype = _dtype(args.dtype)
     if args.non_expert == "auto":
@@ -266,18 +265,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _run_qos(args, tag: str) -> dict:
-    qos = _bench_module("serve_qos")
-    dirs, systems, device, out_dir = _qos_inputs(args)
-    out = qos.run(dirs, rates=args.rates, n=args.requests, share=args.share, systems=systems, mix=args.mix,
-                  seed=args.seed, device=device, affinity=args.affinity, progress=not args.quiet, out_dir=out_dir,
-                  tag=tag)
-    print(qos.table(out))
-    return out
-
-
 def cmd_bench_qos(args) -> int:
-    out = _run_qos(args, "serve_qos")
+    dirs, systems, device, out_dir = _qos_inputs(args)
+    qos = _bench_module("qos")
+    out = qos.run(dirs, rates=args.rates, n=args.requests, share=args.share, systems=systems, mix=args.mix,
+                  seed=args.seed, device=device, affinity=args.affinity, progress=not args.quiet, out_dir=out_dir)
+    print(qos.table(out))
     print(f"\nJSON: {out['files']['json']}")
     for k, v in out["files"].items():
         if k != "json":
@@ -289,46 +282,36 @@ def cmd_demo(args) -> int:
     import time
 
     t0 = time.perf_counter()
-    print("multimoe-rt demo: 4 fine-tuned variants of one tiny Mixtral-style MoE (trained locally from "
-          "shared/data)\nserved four ways under the paper's workload (Poisson arrivals, 20-token prompts, "
-          "25 output tokens, batch 1).\n")
-    out = _run_qos(args, "demo")
-    names = ", ".join(out["variants"])
-    part = out["partition_emulation"] or ""
-    best = {}
-    for x in out["ratios"]:
-        best.setdefault(x["baseline"], []).append(f"{x['turnaround_ratio']:.2f}")
-    print(f"""
-What the table says
-  ours        : one process; the experts of {len(out['variants'])} variants ({names}) consolidated into one slab
-                of {out['plan']['device_slots']} expert slots instead of {out['plan']['separate_slots']} (sharing \
-{100 * out['plan']['sharing_fraction']:.0f}% of the non-anchor experts);
-                a variant switch copies only the non-expert weights (attention, norms, router, embeddings),
-                prefetched while the previous request runs. Its device footprint is the budget partitioned splits.
-  partitioned : MIG-like. {part}
-  swap        : one model slot; switching variant copies the whole model, experts included, from host memory.
-  resident    : every variant fully loaded side by side: the memory-hungry upper bound.
-  TTFT = arrival -> first output token; turnaround = arrival -> last token (queueing included); req/s = completed
-  requests per second of the run; 'copied' = bytes moved host->device (switches, expert fetches).
-  Mean-turnaround ratio ours/baseline per λ (< 1: ours is faster): """
-          + "; ".join(f"{k}: {', '.join(v)}" for k, v in best.items()))
-    print(f"\nResults: {out['files']['json']}")
-    for k, v in out["files"].items():
-        if k != "json":
-            print(f"Plot ({k}): {v}")
-    print("\nThe same variants served all at once: continuous batching, every variant in one forward "
-          "(multimoe_rt.engine), against the batch-1 engine above, per-variant batching and transformers' own "
-          "batched generate.\n")
-    batching = _bench_module("batching")
-    own = {Path(d).name: Path(d) for d in args.dirs or []}
-    bdirs = {v: own[v] for v in out["variants"]} if own else \
-        batching.zoo_dirs(args.small, len(out["variants"]), not args.quiet)
-    bout = batching.run(bdirs, shapes=("paper",),
-                        n_sat=64, n_sweep=32, progress=not args.quiet, tag="demo-batching", out_dir=_results(args))
-    print(batching.table(bout))
-    print(f"Results: {bout['files']['json']}\nPlot: {bout['files']['plot']}")
-    print(f"(whole demo: {time.perf_counter() - t0:.0f} s; longer sweeps: multimoe-rt bench-qos --help, "
-          f"multimoe-rt bench-batch --help)")
+    device = _check_device(args.device or ("cuda" if _cuda() else "cpu"))
+    out_dir = _results(args)
+    from ..lab import data as data_mod
+
+    data_mod.data_dir()  # no data folder: one line now, not after the zoo's 10-minute build
+    dirs = _zoo_dirs(args.recipe, args.small, quiet=args.quiet)
+    if args.variants:
+        want = [v.strip() for v in args.variants.split(",") if v.strip()]
+        missing = [v for v in want if v not in dirs]
+        if missing:
+            _usage(f"--variants {missing} not among the zoo's {list(dirs)}")
+        dirs = {v: dirs[v] for v in want}
+    if len(dirs) < 2:
+        _usage(f"the demo serves at least 2 variants, got {list(dirs)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    demo = _bench_module("demo")
+    print(f"multimoe-rt demo: {len(dirs)} fine-tuned variants of one tiny MoE ({', '.join(dirs)}), trained locally "
+          f"from shared/data,\nserved live in one engine on the plan that saves the most bytes within 2% "
+          f"perplexity, against separate models and transformers.\n", flush=True)
+    kw = demo.SMALL if args.small else {}
+    out = demo.run(dirs, n_sat=args.requests, n_poisson=max(len(dirs), args.requests // 2), device=device,
+                   seed=args.seed, out_dir=out_dir, tag=f"demo_{args.recipe}{'-small' if args.small else ''}",
+                   progress=not args.quiet, log=None if args.quiet else print, **kw)
+    print("\n" + demo.table(out))
+    print(f"\nJSON: {out['files']['json']}\nPlot: {out['files']['plot']}")
+    print(f"(whole demo: {time.perf_counter() - t0:.0f} s; the paper's batch-1 QoS comparison against a MIG-like "
+          f"partition: multimoe-rt bench-qos --help)")
     return 0
 
 
@@ -344,7 +327,7 @@ def cmd_bench_reliability(args) -> int:
     return rel.main_args(args, out_dir)
 
 
-def _serve_qos_args(p, demo: bool = False) -> None:
+def _qos_args(p) -> None:
     p.add_argument("--small", action="store_true", help="the small zoo (builds in about 15 s)")
     p.add_argument("--recipe", choices=[r for r in _RECIPES if r != "switch-tiny"], default="mixtral-tiny",
                    help="the zoo recipe to serve: a decoder family (default mixtral-tiny)")
@@ -355,7 +338,7 @@ def _serve_qos_args(p, demo: bool = False) -> None:
     p.add_argument("--rates", type=_rates, default=None,
                    help="comma-separated arrival rates λ (req/s, each > 0); default 0.3,0.7,1.1 x the fastest "
                         "system's service rate")
-    p.add_argument("-n", "--requests", type=_pos_int, default=30 if demo else 40, help="requests per λ")
+    p.add_argument("-n", "--requests", type=_pos_int, default=40, help="requests per λ")
     p.add_argument("--share", type=_fraction, default=0.5,
                    help="expert sharing of ours' plan, in [0, 1]; ours' footprint is the budget partitioned splits")
     p.add_argument("--systems", default="ours,partitioned,swap,resident")
