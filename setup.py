@@ -150,7 +150,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=["multimoe_rt", "multimoe_rt.benchmarks", "multimoe_rt.cli", "multimoe_rt.kernels", "multimoe_rt.integrations",
-              "multimoe_rt.lab", "multimoe_rt.plan"],
+              "multimoe_rt.lab", "multimoe_rt.lab.qos", "multimoe_rt.plan"],
     package_data={"multimoe_rt.kernels": ["configs/*.json"], "multimoe_rt.lab": ["recipes/*.json"]},
     include_package_data=True,
     ext_modules=ext_modules,

@@ -55,13 +55,15 @@ def new_tokens(out: torch.Tensor, family: str, prompt_len: int) -> torch.Tensor:
 def hf_generate(model, family: str, input_ids, max_new_tokens=25, eos_token_id=None, do_sample=False,
                 temperature=1.0, top_p=1.0, **kwargs):
     """transformers' generate with the settings every system here uses (greedy unless ``do_sample``;
-    pad = the config's pad id, else EOS, else 0); returns the new token ids only."""
+    pad = the config's pad id, else the (first) EOS, else 0); returns the new token ids only."""
     input_ids = input_ids.to(next(model.parameters()).device)
     if kwargs.get("attention_mask") is None:  # no padding here: without a mask transformers drops prompt pad ids
         kwargs["attention_mask"] = torch.ones_like(input_ids)
     pad = model.config.pad_token_id
+    if pad is None:  # an EOS list (as configs spell several) pads with its first id
+        pad = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) and eos_token_id else eos_token_id
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
-               pad_token_id=pad if pad is not None else (eos_token_id if eos_token_id is not None else 0), **kwargs)
+               pad_token_id=0 if pad is None else pad, **kwargs)
     if do_sample:
         gen.update(temperature=temperature, top_p=top_p)
     return new_tokens(model.generate(input_ids=input_ids, **gen), family, input_ids.shape[1])
@@ -168,11 +170,7 @@ class MultiVariantModel:
     def prefetch(self, variant) -> None:
         """Start copying ``variant``'s non-expert weights while the current request still runs; safe from any
         thread (it never changes what a running request reads). Kept until used or replaced."""
-        self.store.switch_to(variant)
-
-    def switch_to(self, variant) -> None:
-        """Same as ``prefetch``."""
-        self.store.switch_to(variant)
+        self.store.prefetch(variant)
 
     def activate(self) -> float:
         """Flip to the pending copy, if any (after the running request); returns seconds waited for the copy."""
@@ -197,6 +195,14 @@ class MultiVariantModel:
             return self.model(input_ids=input_ids, **kwargs).logits
 
     __call__ = forward
+
+    @torch.inference_mode()
+    def outputs(self, variant, **inputs):
+        """transformers' whole output of ``variant`` for ``inputs`` (tensors on the model's device; caches and
+        encoder outputs included), for callers that keep a cache per sequence (``sequential_forward``)."""
+        with self.lock:
+            self.use(variant)
+            return self.model(**inputs)
 
     @torch.inference_mode()
     def generate(self, variant, input_ids, max_new_tokens: int = 25, eos_token_id=None, do_sample: bool = False,

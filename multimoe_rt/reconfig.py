@@ -3,7 +3,7 @@
 Every variant's non-expert tensors (embeddings, attention, norms, routers, LM head) live in
 host memory (pinned where CUDA exists). On the device there are two rotating buffer sets, the
 active one (the model's parameters point at it) and a staging one, plus one dedicated set per
-*resident* variant. ``switch_to(v)`` (= ``prefetch``) copies v's tensors into the staging set in the
+*resident* variant. ``prefetch(v)`` copies v's tensors into the staging set in the
 background (side CUDA stream on GPU, a worker thread on CPU); ``activate()`` waits for that copy, then
 flips every parameter's storage to the staging set and selects v's row of the slot table; ``use(v)``
 does both. Nothing in the expert path is copied.
@@ -16,7 +16,7 @@ model's ``forward``/``generate`` hold for a whole request), every other change o
 (the pending copy, the active set, stats) happens under the short ``_cv`` lock, always taken after
 ``lock`` and never held while a request runs, and the one background copy writes only the staging
 set, which no request reads until ``lock`` is held for the flip. So any method may be called from any
-thread: ``prefetch``/``switch_to`` from another thread start (or queue behind the copy in flight) a copy
+thread: ``prefetch`` from another thread starts (or queues behind the copy in flight) a copy
 while a request runs and never change what it reads; ``activate``/``use`` wait for the running request.
 A copy that a ``use``/``activate`` has claimed is never replaced; a finished prefetch that nobody
 claimed is kept until a copy for another variant needs the staging set (its bytes are then counted in
@@ -122,7 +122,7 @@ class NonExpertStore:
 
         self.active_set, self.active_variant = 0, None
         self.pending: _Pending | None = None
-        self.switch_to(0)
+        self.prefetch(0)
         self.activate()
 
     # -- sizes ----------------------------------------------------------------------------
@@ -239,12 +239,10 @@ class NonExpertStore:
                 self._copier.submit(self._run_copy, p)
         return p
 
-    def switch_to(self, variant) -> None:
+    def prefetch(self, variant) -> None:
         """Start copying ``variant``'s non-expert weights into the staging set; returns once the copy is
         started (after the copy in flight for another variant, if any). Safe while a request runs."""
         self._start(self.index(variant), claim=False)
-
-    prefetch = switch_to
 
     def activate(self) -> float:
         """Wait for the pending copy (if any), then flip every parameter to it; returns seconds waited.

@@ -201,7 +201,7 @@ def test_offloaded_experts_serve_the_same_logits(tmp_path):
 
 # ---- issue 16: every public method is safe from any thread ---------------------------------------
 
-@pytest.mark.parametrize("meddle", ["prefetch", "switch_to+activate", "use"])
+@pytest.mark.parametrize("meddle", ["prefetch", "prefetch+activate", "use"])
 def test_foreign_thread_switching_never_corrupts_a_running_request(tmp_path, meddle):
     """A thread that prefetches / switches / activates while another runs forward and generate: every
     request still sees its own variant's weights, whole (old code: a mix of two variants' weights)."""
@@ -226,7 +226,7 @@ def test_foreign_thread_switching_never_corrupts_a_running_request(tmp_path, med
                 elif meddle == "use":
                     mv.use(name)
                 else:
-                    mv.switch_to(name)
+                    mv.prefetch(name)
                     time.sleep(rng.random() * 0.002)
                     mv.activate()
             except BaseException as e:  # noqa: BLE001 -- reported below

@@ -8,7 +8,9 @@ Systems, all in one run, on the same arrival traces:
                     fewer variants, so they read fewer distinct experts.
 * ``per_variant`` : the same engine batching one variant at a time, one resident non-expert set,
                     switching (partial reconfiguration) between batches.
-* ``batch1``      : the batch-1 engine of round one (``multimoe_rt.serve`` over MultiVariantModel, prefetch).
+* ``batch1``      : the same engine serving one sequence at a time (``max_seqs=1``) with two non-expert sets,
+                    the next variant's set loaded while the current request runs (``prefetch=1``): the paper's
+                    batch-1 system.
 * ``transformers``: the external peer, every variant's full transformers model resident; requests grouped by
                     variant and run through batched ``generate`` (left padding), one group at a time.
 * ``transformers_cb`` (``--with-cb``): transformers' own continuous batching (``generate_batch``), saturated
@@ -37,10 +39,9 @@ from . import RESULTS_HELP, results_dir
 
 from multimoe_rt.checkpoint import VariantSet
 from multimoe_rt.engine import Engine
+from multimoe_rt.lab.qos.metrics import percentile
 from multimoe_rt.machine import machine_info
-from multimoe_rt.model import MultiVariantModel
-from multimoe_rt.serve import Engine as Batch1Engine
-from multimoe_rt.serve import OursSystem, Request, percentile
+from multimoe_rt.plotting import NO_PLOT, pyplot
 
 SHAPES = {"paper": (20, 25), "long": (96, 64)}   # (prompt tokens, new tokens)
 
@@ -79,28 +80,6 @@ def run_engine(engine: Engine, trace, new_tokens: int) -> list[Timing]:
         h.result()
         t = Timing(h.arrival)
         t.first_token, t.finish, t.tokens = h.first_token, h.finish, len(h.tokens)
-        out.append(t)
-    return out
-
-
-def run_batch1(mv: MultiVariantModel, trace, new_tokens: int) -> list[Timing]:
-    reqs = []
-    with Batch1Engine(OursSystem(mv)) as engine:
-        t0 = time.perf_counter()
-        futures = []
-        for at, v, p in trace:
-            delay = t0 + at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            r = Request(v, list(p), max_new_tokens=new_tokens, ignore_eos=True)
-            reqs.append(r)
-            futures.append(engine.submit(r))
-        for f in futures:
-            f.result()
-    out = []
-    for r in reqs:
-        t = Timing(r.arrival)
-        t.first_token, t.finish, t.tokens = r.first_token, r.finish, len(r.tokens)
         out.append(t)
     return out
 
@@ -196,8 +175,8 @@ def summarize(timings: list[Timing], wall: float) -> dict:
 # ---------------------------------------------------------------- the run
 
 def load(dirs: dict, max_seqs: int, max_len: int, share: float, progress):
-    """The systems, and their device bytes: weights, plus a KV cache of the same capacity (``max_seqs`` x
-    ``max_len``) for every batching system (the batch-1 engine holds one sequence)."""
+    """The engines, the transformers models, and their device bytes: weights, plus a KV cache of the same capacity
+    (``max_seqs`` x ``max_len``) for every batching system (the batch-1 engine holds one sequence)."""
     from transformers import MixtralForCausalLM
 
     vs = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
@@ -208,8 +187,8 @@ def load(dirs: dict, max_seqs: int, max_len: int, share: float, progress):
     progress("loading the per-variant engine (one resident non-expert set)")
     per_variant = Engine.from_pretrained(vs, share=share, resident_sets=1, mix_variants=False, max_seqs=max_seqs,
                                          max_len=max_len)
-    progress("loading the batch-1 model")
-    mv = MultiVariantModel.from_pretrained(vs, share=share)
+    progress("loading the batch-1 engine (max_seqs=1)")
+    batch1 = Engine.from_pretrained(vs, share=share, resident_sets=2, max_seqs=1, max_len=max_len, prefetch=1)
     progress("loading every variant's transformers model")
     models = {n: MixtralForCausalLM.from_pretrained(p).eval() for n, p in dirs.items()}
     kv = mixed.memory_footprint()["kv_cache_bytes"]
@@ -218,10 +197,11 @@ def load(dirs: dict, max_seqs: int, max_len: int, share: float, progress):
            "one_variant": mixed.memory_footprint()["total_device_bytes"],
            "grouped": grouped.memory_footprint()["total_device_bytes"],
            "per_variant": per_variant.memory_footprint()["total_device_bytes"],
-           "batch1": mv.memory_footprint()["total_device_bytes"] + kv // max_seqs,
+           "batch1": batch1.memory_footprint()["total_device_bytes"],
            "transformers": hf_weights + kv,
            "kv_cache": kv}
-    return {"mixed": mixed, "one_variant": mixed, "grouped": grouped, "per_variant": per_variant}, mv, models, mem
+    engines = {"mixed": mixed, "one_variant": mixed, "grouped": grouped, "per_variant": per_variant, "batch1": batch1}
+    return engines, models, mem
 
 
 def run(dirs: dict, shapes=("paper", "long"), n_sat: int = 64, n_sweep: int = 48, rate_factors=(0.2, 0.5, 0.8),
@@ -232,15 +212,13 @@ def run(dirs: dict, shapes=("paper", "long"), n_sat: int = 64, n_sweep: int = 48
     names = list(dirs)
     log = (lambda m: tqdm.write(m)) if progress else (lambda m: None)
     max_len = max(p + n for p, n in (SHAPES[s] for s in shapes)) + 8
-    engines, mv, models, mem = load(dirs, max_seqs, max_len, share, log)
+    engines, models, mem = load(dirs, max_seqs, max_len, share, log)
     vocab = engines["mixed"].vocab_size
 
     def replay(system: str, trace, new_tokens: int) -> dict:
         t0 = time.perf_counter()
         if system in engines:
             timings = run_engine(engines[system], trace, new_tokens)
-        elif system == "batch1":
-            timings = run_batch1(mv, trace, new_tokens)
         else:
             timings = run_transformers(models, trace, new_tokens, max_seqs)
         return summarize(timings, time.perf_counter() - t0)
@@ -319,13 +297,9 @@ def table(out: dict) -> str:
 def write(out: dict, out_dir, tag: str) -> dict:
     out_dir = results_dir(out_dir)
     files = {"json": str(out_dir / f"{tag}.json")}
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        files["plot"] = "matplotlib is not installed: no plot"
+    plt = pyplot()
+    if plt is None:
+        files["plot"] = NO_PLOT
     else:
         shapes = list(out["shapes"])
         fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7.5), squeeze=False)

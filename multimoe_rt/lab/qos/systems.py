@@ -1,4 +1,5 @@
-"""Baseline serving systems with the engine's system interface (see ``serve.py``).
+"""The QoS experiment's baselines: batch-1 systems the lane driver (``lanes.py``) feeds, beside "ours" (the
+runtime's ``engine.Engine`` at ``max_seqs=1``).
 
 * ``ResidentSystem``: every variant fully on the device, one plain transformers model each (the
   upper bound; only possible when memory allows).
@@ -6,7 +7,7 @@
   included) into the slot from host memory. Host copies are read from disk once at start, so a swap
   measures the host->device copy, not the disk.
 * ``PartitionedSystem``: MIG-like. N independent instances, one per variant, each with 1/N of the
-  device memory budget and 1/N of the compute, each served by its own engine lane (worker thread and
+  device memory budget and 1/N of the compute, each served by its own lane (worker thread and
   queue). Memory: an instance keeps its non-expert weights plus an LRU cache of
   ``(budget/N - non-expert bytes) / expert bytes`` expert slots on the device (at least one layer's
   experts); the rest of its experts stay in host memory and are copied in when the router picks them.
@@ -23,11 +24,11 @@ import threading
 import torch
 from torch import nn
 
-from ..checkpoint import VariantSet
-from ..errors import UnknownVariant
-from ..experts import ActiveVariant, SlabExperts, moe_layer_prefixes
-from ..model import MODEL_CLASSES, hf_generate
-from ..slab import ExpertSlab, HostTier, SlotTable
+from ...checkpoint import VariantSet
+from ...errors import UnknownVariant
+from ...experts import ActiveVariant, SlabExperts, moe_layer_prefixes
+from ...model import MODEL_CLASSES, hf_generate
+from ...slab import ExpertSlab, HostTier, SlotTable
 
 
 def _module_bytes(model: nn.Module) -> int:
@@ -55,15 +56,13 @@ class _Base:
         cfg = variant_set[0].config
         self.vocab_size = cfg.get("vocab_size")
         self.max_positions = cfg.get("max_position_embeddings")
+        self.eos_token_ids = tuple(variant_set[0].eos_token_ids)   # the runtime engine's default EOS too
         self._stats = {"switches": 0, "bytes_copied": 0}
 
     def index(self, variant) -> int:
         if not isinstance(variant, str) or variant not in self.names:
             raise UnknownVariant(f"unknown variant {variant!r}; known: {self.names}")
         return self.names.index(variant)
-
-    def prefetch(self, variant) -> None:
-        """Nothing to overlap: these systems have no staging copy of another variant."""
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -194,15 +193,11 @@ class PartitionedSystem(_Base):
                 "threads_per_instance": self.instance_threads if self.device.type == "cpu" else None}
 
 
-def build_system(kind: str, variant_set: VariantSet, device="cpu", dtype=torch.float32, budget_bytes=None,
-                 mv=None, **kw):
-    """``kind`` in ours / resident / swap / partitioned. ``ours`` needs ``mv`` (a MultiVariantModel)."""
-    from ..serve import OursSystem
+BASELINES = ("resident", "swap", "partitioned")
 
-    if kind == "ours":
-        if mv is None:
-            raise ValueError("the 'ours' system wraps a MultiVariantModel: pass mv=")
-        return OursSystem(mv)
+
+def build_system(kind: str, variant_set: VariantSet, device="cpu", dtype=torch.float32, budget_bytes=None, **kw):
+    """One of ``BASELINES``; ``partitioned`` splits ``budget_bytes`` (the device bytes ours uses)."""
     if kind == "resident":
         return ResidentSystem(variant_set, device, dtype)
     if kind == "swap":
@@ -211,4 +206,4 @@ def build_system(kind: str, variant_set: VariantSet, device="cpu", dtype=torch.f
         if budget_bytes is None:
             raise ValueError("the partitioned system needs the device budget it splits: pass budget_bytes=")
         return PartitionedSystem(variant_set, budget_bytes, device, dtype, **kw)
-    raise ValueError(f"unknown system {kind!r}; known: ours, resident, swap, partitioned")
+    raise ValueError(f"unknown baseline {kind!r}; known: {', '.join(BASELINES)}")

@@ -6,31 +6,40 @@ domain (byte tokenizer), 25 output tokens (EOS ignored), batch 1. Per system and
 turnaround mean/p99, completed requests/s, switches, bytes copied, device memory footprint; ours vs each
 baseline as ratios. Table on stdout, JSON in the results folder, PNG plots when matplotlib is installed.
 
+"ours" is the runtime's ``engine.Engine`` serving one sequence at a time (``max_seqs=1``) with two non-expert
+sets on the device: the running request's, and the one the next request's variant is copied into while it
+runs (``prefetch=1``: the paper's staging set and look-ahead). "ours+affinity" (``--affinity``) is the same
+engine admitting variant by variant (``group_variants=True``). The baselines (``lab.qos.systems``) run
+through the lab's lane driver (``lab.qos.lanes``), which gives them the engine's request API.
+
     multimoe-rt bench-qos --small
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import RESULTS_HELP, results_dir
 
-from multimoe_rt.lab import data as data_mod
-from multimoe_rt.lab.baselines import build_system
+from multimoe_rt import plan as plan_mod
 from multimoe_rt.checkpoint import VariantSet
+from multimoe_rt.engine import Engine
+from multimoe_rt.lab import data as data_mod
+from multimoe_rt.lab.qos.lanes import LaneDriver
+from multimoe_rt.lab.qos.metrics import summarize
+from multimoe_rt.lab.qos.systems import build_system
 from multimoe_rt.machine import machine_info
-from multimoe_rt.model import MultiVariantModel
 from multimoe_rt.plan import format_size
-from multimoe_rt.serve import Engine, Request, summarize
+from multimoe_rt.plotting import NO_PLOT, pyplot
 from multimoe_rt.tokenizer import ByteTokenizer
 
 SYSTEMS = ("ours", "partitioned", "swap", "resident")
@@ -70,54 +79,112 @@ def make_trace(names, rate: float, n: int, seed: int, mix: str = "uniform", prom
     return trace
 
 
-def replay(engine: Engine, trace, max_new_tokens: int) -> tuple[list[Request], float]:
-    """Submit each request at its arrival offset from one client thread; wait for all; return them."""
-    futures, requests = [], []
+def _wait(h) -> None:
+    try:
+        h.result()
+    except Exception:  # noqa: BLE001 - a failed request is counted by summarize, from its handle
+        pass
+
+
+def replay(server, trace, max_new_tokens: int) -> tuple[list, float]:
+    """Submit each request at its arrival offset from one client thread; wait for all; return their handles
+    (``engine.RequestHandle`` or ``lanes.Request``) and the wall time."""
+    handles = []
     t0 = time.perf_counter()
     for at, variant, ids in trace:
         delay = t0 + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        r = Request(variant, list(ids), max_new_tokens=max_new_tokens, ignore_eos=True)
-        requests.append(r)
-        futures.append(engine.submit(r))
-    for f in futures:
-        f.exception()  # wait; failures are counted by summarize
-    return requests, time.perf_counter() - t0
+        handles.append(server.submit(variant, list(ids), max_new_tokens=max_new_tokens, ignore_eos=True))
+    for h in handles:
+        _wait(h)
+    return handles, time.perf_counter() - t0
 
 
-def warm_up(system, names, pool, max_new_tokens: int, rounds: int = 2) -> list[float]:
-    """Requests cycling through the variants (switches included) so allocation and first-call costs stay out
-    of the measurement; returns their service times (finish - start) in seconds."""
+def warm_up(server, names, pool, max_new_tokens: int, rounds: int = 2) -> list[float]:
+    """Requests one at a time, cycling through the variants (switches included), so allocation and first-call
+    costs stay out of the measurement; returns their service times (finish - admitted) in seconds."""
     times = []
-    with Engine(system, lookahead=False) as engine:
-        for _ in range(rounds):
-            for v in names:
-                r = engine.submit(Request(v, pool[v][0], max_new_tokens=max_new_tokens, ignore_eos=True)).result()
-                times.append(r.finish - r.start)
+    for _ in range(rounds):
+        for v in names:
+            h = server.submit(v, pool[v][0], max_new_tokens=max_new_tokens, ignore_eos=True).result()
+            times.append(h.finish - h.admitted)
     return times
 
 
 # ---------------------------------------------------------------- systems
 
-def load_systems(dirs: dict, kinds, share: float, device="cpu", dtype=torch.float32, progress=None):
-    """``ours`` planned at ``share``; the partitioned baseline gets the same device budget ours uses."""
+class Ours:
+    """The runtime engine as a system of the sweep: one engine for every λ (loading it is the slow part)."""
+
+    def __init__(self, vs: VariantSet, plan, device, dtype, group_variants: bool = False, max_len: int = 64):
+        self.engine = Engine.from_pretrained(vs, plan=plan, resident_sets=2, max_seqs=1, max_len=max_len,
+                                             prefetch=1, group_variants=group_variants, device=device, dtype=dtype)
+
+    def serving(self):
+        return contextlib.nullcontext(self.engine)  # the engine outlives each run
+
+    def stats(self) -> dict:
+        s = self.engine.weights.stats
+        return {"switches": s["loads"], "bytes_copied": s["bytes_copied"]}
+
+    def memory_footprint(self) -> dict:
+        return self.engine.memory_footprint()
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+class Baseline:
+    """A lab baseline as a system of the sweep: a fresh lane driver per run."""
+
+    def __init__(self, system):
+        self.system = system
+
+    def serving(self):
+        return LaneDriver(self.system)  # drains and stops its workers when the run ends
+
+    def stats(self) -> dict:
+        return self.system.stats()
+
+    def memory_footprint(self) -> dict:
+        return self.system.memory_footprint()
+
+    def close(self) -> None:
+        pass
+
+
+def load_systems(dirs: dict, kinds, share: float, device="cpu", dtype=torch.float32, affinity: bool = False,
+                 max_len: int = 64, progress=None):
+    """``{label: system}``, the plan, and the budget: ours' slab and non-expert sets (its KV cache of one sequence
+    aside, as the baselines' transformers caches are), which the partitioned baseline splits."""
     vs = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
-    mv = MultiVariantModel.from_pretrained(vs, share=share, device=device, dtype=dtype)
-    budget = mv.memory_footprint()["total_device_bytes"]
+    plan = plan_mod.make_plan(vs, share=share, dtype=dtype)
+    log = progress or (lambda m: None)
+    log("loading ours (the runtime engine, max_seqs=1)")
+    ours = Ours(vs, plan, device, dtype, max_len=max_len)
+    fp = ours.memory_footprint()
+    budget = fp["slab_bytes"] + fp["non_expert_device_bytes"]
     systems = {}
     for kind in kinds:
-        if progress:
-            progress(f"loading {kind}")
-        systems[kind] = build_system(kind, vs, device=device, dtype=dtype, budget_bytes=budget, mv=mv)
-    return systems, mv, budget
+        if kind == "ours":
+            systems["ours"] = ours
+            if affinity:
+                log("loading ours+affinity")
+                systems["ours+affinity"] = Ours(vs, plan, device, dtype, group_variants=True, max_len=max_len)
+            continue
+        log(f"loading {kind}")
+        systems[kind] = Baseline(build_system(kind, vs, device=device, dtype=dtype, budget_bytes=budget))
+    if "ours" not in systems:
+        ours.close()
+    return systems, plan, budget
 
 
 # ---------------------------------------------------------------- the sweep
 
 def run(dirs: dict, rates=None, n: int = 20, share: float = 0.5, systems=SYSTEMS, mix: str = "uniform",
         prompt_len: int = 20, max_new_tokens: int = 25, seed: int = 0, device="cpu", affinity: bool = False,
-        rate_factors=(0.3, 0.7, 1.1), progress: bool = True, out_dir=None, tag: str = "serve_qos") -> dict:
+        rate_factors=(0.3, 0.7, 1.1), progress: bool = True, out_dir=None, tag: str = "qos") -> dict:
     """Load the systems, sweep λ, write JSON/PNG; returns the result dict.
 
     ``rates`` default: ``rate_factors`` x the idle service rate of the fastest system (1 / its median warm
@@ -128,48 +195,54 @@ def run(dirs: dict, rates=None, n: int = 20, share: float = 0.5, systems=SYSTEMS
     names = list(dirs)
     log = (lambda m: tqdm.write(m)) if progress else (lambda m: None)
     t_load = time.perf_counter()
-    loaded, mv, budget = load_systems(dirs, systems, share, device=device, progress=log)
-    if affinity and "ours" in loaded:
-        loaded["ours+affinity"] = loaded["ours"]
-    log(f"loaded {len(loaded)} systems in {time.perf_counter() - t_load:.1f} s; device budget (ours' footprint) "
+    loaded, plan, budget = load_systems(dirs, systems, share, device=device, affinity=affinity,
+                                        max_len=prompt_len + max_new_tokens, progress=log)
+    log(f"loaded {len(loaded)} systems in {time.perf_counter() - t_load:.1f} s; device budget (ours' weights) "
         f"{format_size(budget)}")
     pool = prompt_pool(names, prompt_len, max(8, n), seed)
-    for s in loaded.values():  # first calls of every system before any timing (lazy init is shared)
-        warm_up(s, names, pool, max_new_tokens, rounds=1)
-    service = {k: statistics.median(warm_up(s, names, pool, max_new_tokens)) for k, s in loaded.items()}
-    if rates is None:  # the best system's idle service rate: the sweep crosses its saturation point
-        mu = 1.0 / min(service.values())
-        rates = [round(f * mu, 2) for f in rate_factors]
-    log("idle service time per request: " + ", ".join(f"{k} {1000 * t:.0f} ms" for k, t in service.items()))
+    try:
+        for s in loaded.values():  # first calls of every system before any timing (lazy init is shared)
+            with s.serving() as server:
+                warm_up(server, names, pool, max_new_tokens, rounds=1)
+        service = {}
+        for k, s in loaded.items():
+            with s.serving() as server:
+                service[k] = statistics.median(warm_up(server, names, pool, max_new_tokens))
+        if rates is None:  # the best system's idle service rate: the sweep crosses its saturation point
+            mu = 1.0 / min(service.values())
+            rates = [round(f * mu, 2) for f in rate_factors]
+        log("idle service time per request: " + ", ".join(f"{k} {1000 * t:.0f} ms" for k, t in service.items()))
 
-    results = []
-    total = len(rates) * len(loaded)
-    bar = tqdm(total=total, desc="QoS sweep", unit="run", disable=not progress)
-    for li, rate in enumerate(rates):
-        trace = make_trace(names, rate, n, seed=seed * 1000 + li, mix=mix, pool=pool)
-        for label, system in loaded.items():
-            bar.set_postfix_str(f"λ={rate}/s {label}")
-            before = system.stats()
-            engine = Engine(system, policy="affinity" if label == "ours+affinity" else "fcfs")
-            requests, wall = replay(engine, trace, max_new_tokens)
-            engine.shutdown()
-            after = system.stats()
-            m = summarize(requests)
-            m.update(system=label, rate=rate, wall_s=wall,
-                     switches=after["switches"] - before["switches"],
-                     bytes_copied=after["bytes_copied"] - before["bytes_copied"],
-                     memory=system.memory_footprint(), idle_service_s=service[label])
-            if "expert_fetches" in after:
-                m["expert_fetches"] = after["expert_fetches"] - before.get("expert_fetches", 0)
-            results.append(m)
-            bar.update(1)
-    bar.close()
+        results = []
+        bar = tqdm(total=len(rates) * len(loaded), desc="QoS sweep", unit="run", disable=not progress)
+        for li, rate in enumerate(rates):
+            trace = make_trace(names, rate, n, seed=seed * 1000 + li, mix=mix, pool=pool)
+            for label, system in loaded.items():
+                bar.set_postfix_str(f"λ={rate}/s {label}")
+                before = system.stats()
+                with system.serving() as server:
+                    requests, wall = replay(server, trace, max_new_tokens)
+                after = system.stats()
+                m = summarize(requests)
+                m.update(system=label, rate=rate, wall_s=wall,
+                         switches=after["switches"] - before["switches"],
+                         bytes_copied=after["bytes_copied"] - before["bytes_copied"],
+                         memory=system.memory_footprint(), idle_service_s=service[label])
+                if "expert_fetches" in after:
+                    m["expert_fetches"] = after["expert_fetches"] - before.get("expert_fetches", 0)
+                results.append(m)
+                bar.update(1)
+        bar.close()
+    finally:
+        for s in loaded.values():
+            s.close()
+    part = loaded.get("partitioned")
     out = {"machine": machine_info(), "variants": names, "share": share, "budget_bytes": budget, "mix": mix,
            "requests_per_rate": n, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens, "seed": seed,
            "rates": rates, "device": str(device), "results": results, "ratios": ratios(results),
-           "plan": {"device_slots": mv.plan.num_device_slots, "separate_slots": len(names) * mv.plan.num_layers
-                    * mv.plan.num_experts, "sharing_fraction": mv.plan.sharing_fraction()},
-           "partition_emulation": partition_note(loaded.get("partitioned"))}
+           "plan": {"device_slots": plan.num_device_slots, "separate_slots": len(names) * plan.num_layers
+                    * plan.num_experts, "sharing_fraction": plan.sharing_fraction()},
+           "partition_emulation": partition_note(part.system if part is not None else None)}
     out["files"] = write(out, out_dir, tag)
     return out
 
@@ -231,13 +304,9 @@ def write(out: dict, out_dir, tag: str) -> dict:
     out_dir = results_dir(out_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     files = {"json": str(out_dir / f"{tag}-{stamp}.json")}
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        files["plots"] = "matplotlib is not installed: no plots (pip install matplotlib)"
+    plt = pyplot()
+    if plt is None:
+        files["plots"] = NO_PLOT
     else:
         for key, what in (("turnaround_mean", "mean turnaround"), ("ttft_mean", "mean TTFT")):
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -278,7 +347,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def main_args(args, tag="serve_qos") -> dict:
+def main_args(args, tag="qos") -> dict:
     from multimoe_rt.lab import zoo
 
     dirs = zoo.build(getattr(args, "recipe", "mixtral-tiny"), small=args.small, progress=not args.quiet)
