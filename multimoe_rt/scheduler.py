@@ -13,7 +13,8 @@ The policy, in the order it decides:
 2. Admission, first come first served (or variant by variant with ``group_variants``: variants in the
    order of their oldest request, each one's requests in arrival order): a request whose variant's set is
    resident, and not draining, takes a row while rows (and ``max_seqs``) last. ``mix_variants=False`` admits
-   only the running batch's variant until that batch is empty.
+   only the running batch's variant until that batch is empty (the per-variant baseline: under a steady stream
+   of the batch's variant, another variant waits until the stream pauses; the mixed modes never starve).
 3. A request whose variant is not resident starts its set's load into a free set, else into the least
    recently used set that no running or just-admitted sequence uses (only idle sets are evicted). If every
    set is busy, the least recently used set drains: it takes no new sequences until its running ones finish,

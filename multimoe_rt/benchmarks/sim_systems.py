@@ -1,4 +1,5 @@
-"""The simulated serving systems: one event loop per system (batch 1, partitioned lanes, swap, resident, continuous batching) and the paper-scale sweeps."""
+"""The simulated serving systems and the paper-scale sweeps: the runtime's ``Scheduler`` on a simulated clock (ours
+at batch 1, continuous batching), and the baselines' own queue models (partitioned lanes, swap, resident)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ def _summary(reqs: list[Req]) -> dict:
 
 def simulate_serial(trace: list[Req], cost, *, switching: bool, prefetch: bool, policy: str = "fcfs",
                     max_wait: float = 0.5) -> dict:
-    """One batch-1 server (ours, ours+affinity, swap, resident).
+    """One batch-1 server with one active variant (the swap and resident baselines; ``simulate_runtime_batch1``
+    is ours).
 
-    Policy as ``serve.Engine``: fcfs, or affinity (oldest request of the variant just served, unless the oldest
-    waited more than ``max_wait``). Look-ahead prefetch: while a request runs, as soon as the queue holds a
+    Policy: fcfs, or affinity (oldest request of the variant just served, unless the oldest waited more than
+    ``max_wait``; the retired batch-1 engine's policy, kept for what-if runs). Look-ahead prefetch: while a request runs, as soon as the queue holds a
     request, the variant the policy would pick next starts copying; its residual wait is paid at its start.
     """
     reqs = [replace(r) for r in sorted(trace, key=lambda r: r.arrival)]

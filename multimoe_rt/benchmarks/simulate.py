@@ -12,10 +12,13 @@ No model executes here: every duration comes from a cost model.
   and the slow-down of the partitioned lanes when k of them run at once, all measured from idle service times
   on the real engine (``calibrate``), never from a QoS sweep.
 
-Systems (the serving systems of ``serve_qos.py`` plus continuous batching):
+Systems (the serving systems of ``benchmarks/qos.py`` plus continuous batching). Ours and batching are the
+runtime's own ``scheduler.Scheduler`` on a simulated clock (``sim_systems.simulate_scheduler``), so what is
+validated is the policy that serves; the baselines keep their own queue models:
 
-    ours            batch 1, FCFS, consolidated slab, partial reconfiguration with look-ahead prefetch
-    ours+affinity   the same with the bounded variant-affinity policy (max wait 0.5 s)
+    ours            batch 1 (``Engine`` with max_seqs=1, prefetch=1): FCFS, consolidated slab, 2 non-expert sets,
+                    the next request's set copied while the current one runs (partial reconfiguration)
+    ours+affinity   the same admitting variant by variant (group_variants)
     partitioned     MIG-like: N instances, each with 1/N of memory, bandwidth, peak and link
     swap            one model slot, a whole variant copied in per switch (blocking)
     resident        every variant's full model resident (experts that do not fit are fetched on demand)
