@@ -149,21 +149,20 @@ class Scheduler:
             """The set store's rule: already there or coming, else a free set, else the LRU idle one. Once
             ``v``'s set is coming, no set drains for it any more."""
             nonlocal free
+            if v not in loading and all(u != v for u, _ in order):
+                if free > 0:
+                    free -= 1
+                    loads.append(Load(v))
+                else:
+                    i = next((i for i, (_, k) in enumerate(order) if k not in busy), None)
+                    if i is None:
+                        return False
+                    u, k = order.pop(i)
+                    draining.pop(k, None)   # the set now goes to v: whoever waited for it asks again
+                    loads.append(Load(v, evict=u))
+                loading.add(v)
             for k in [k for k, u in draining.items() if u == v]:
                 del draining[k]
-            if v in loading or any(u == v for u, _ in order):
-                return True
-            if free > 0:
-                free -= 1
-                loads.append(Load(v))
-            else:
-                i = next((i for i, (_, k) in enumerate(order) if k not in busy), None)
-                if i is None:
-                    return False
-                u, k = order.pop(i)
-                draining.pop(k, None)   # the set now goes to v: whoever waited for it asks again
-                loads.append(Load(v, evict=u))
-            loading.add(v)
             return True
 
         for s in self._candidates(waiting):

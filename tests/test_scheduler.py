@@ -102,6 +102,13 @@ def test_every_set_busy_drains_the_least_recently_used_and_then_hands_it_over():
                             draining={1: 2})).draining == {}
 
 
+def test_a_drain_stays_on_its_set_while_the_lru_order_moves():
+    # set 1 began draining for variant 2; since then set 0 became the least recently used: the drain stays put
+    running = [decoding(1, v=0), decoding(2, v=1)]
+    plan = Scheduler().plan(state(waiting=[seq(5, v=2)], running=running, resident={0: 0, 1: 1}, draining={1: 2}))
+    assert plan.draining == {1: 2} and plan.loads == ()
+
+
 def test_mix_variants_false_admits_only_the_running_batchs_variant():
     w = [seq(i, v=v) for i, v in enumerate([1, 0, 1, 0])]
     plan = Scheduler(mix_variants=False).plan(state(waiting=w, running=[decoding(9, v=1)], resident={0: 0, 1: 1}))
