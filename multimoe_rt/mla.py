@@ -104,8 +104,12 @@ class LatentAttention:
         out_lat = query.new_empty(T, nh, r)
         for g in b.groups:
             mask = g.masks[None]
-            keys = cache[g.seq_rows, :mask.shape[-1]][:, None]             # [B, 1, ctx, r + dr]
-            o = attend(padded[g.q_index].transpose(1, 2), keys, keys[..., :r], mask, self.scaling)  # [B, heads, Q, r]
+            (B, Q), ctx = g.q_index.shape, mask.shape[-1]
+            keys = cache[g.seq_rows, :ctx][:, None]                        # [B, 1, ctx, r + dr]
+            # every head reads the one latent "kv head": fold the heads into the query axis (no GQA expansion)
+            q = padded[g.q_index].transpose(1, 2).reshape(B, 1, nh * Q, r + self.dr)
+            o = attend(q, keys, keys[..., :r], mask[:, None].expand(B, nh, Q, ctx).reshape(B, nh * Q, ctx),
+                       self.scaling).view(B, nh, Q, r)
             out_lat[g.tokens] = o.transpose(1, 2).reshape(-1, nh, r)[g.rows]
         out = self._per_head(out_lat, kv_b[:, :, self.dn:], b, "thr,hvr->thv").reshape(T, nh * self.dv)
         return grouped_linear(out, L["o"], b.segments, L.get("o_bias"), b.sets)
