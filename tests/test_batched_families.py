@@ -264,3 +264,20 @@ def test_bf16_batched_forward_stays_within_bf16_rounding_of_fp32(tmp_path, name)
     theirs = own_logits(T.AutoModelForCausalLM.from_pretrained(dirs[0], experts_implementation="eager",
                                                                dtype=dt).eval(), p)
     assert rel_err(ours, want) <= max(2e-2, 1.5 * rel_err(theirs, want))
+
+
+def test_qwen2_moe_with_sliding_and_full_layers_equals_transformers(tmp_path):
+    """Per-layer windows come from ``layer_types`` for every family: a Qwen2-MoE config that mixes sliding and full
+    layers (refused before, "applies one attention window to every layer") is served, and its window matters."""
+    cfg = T.Qwen2MoeConfig(**COMMON, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=3,
+                           intermediate_size=20, moe_intermediate_size=12, shared_expert_intermediate_size=16,
+                           num_experts=5, num_experts_per_tok=2, use_sliding_window=True, sliding_window=3,
+                           max_window_layers=1)
+    assert len(set(cfg.layer_types)) == 2
+    dirs = save_random_variants(tmp_path, cfg, n=1)
+    m = build(dirs)
+    p = torch.randint(1, VOCAB, (9,), generator=torch.Generator().manual_seed(8)).tolist()
+    want = own_logits(reference(dirs[0]), p)
+    assert rel_err(m.forward(m.batch([BatchEntry(0, 0, 0, p, 0)]))[0], want) <= FP32_TOL
+    m.attention.windows = [None] * len(m.attention.windows)
+    assert rel_err(m.forward(m.batch([BatchEntry(0, 0, 1, p, 0)]))[0], want) > 1e-3
