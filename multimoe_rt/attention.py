@@ -42,8 +42,8 @@ class StandardAttention:
         want = (cfg.num_hidden_layers, self.nkv, self.head_dim)
         got = getattr(kv, "k", None)
         if got is None or (got.shape[0], *got.shape[3:]) != want:
-            raise CheckpointError(f"{cfg.model_type}: the KV cache must hold (layers, kv heads, head dim) = {want}, got "
-                                  f"{type(kv).__name__} {None if got is None else (got.shape[0], *got.shape[3:])} "
+            raise CheckpointError(f"{cfg.model_type}: the KV cache must hold (layers, kv heads, head dim) = {want}, "
+                                  f"got {type(kv).__name__} {None if got is None else (got.shape[0], *got.shape[3:])} "
                                   f"(KVCache.for_config builds the right one)")
 
     def _qkv(self, L, h, b):

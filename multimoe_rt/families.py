@@ -169,8 +169,9 @@ class Batched:
     ``attention``: ``"standard"`` (multi-head / grouped-query, ``attention.StandardAttention``) or ``"mla"``
     (DeepSeek's multi-head latent attention, ``mla.LatentAttention``, with its own KV-cache layout).
     ``qk_norm``: None, ``"head"`` (RMSNorm over each head's dim, Qwen3) or ``"full"`` (over the whole
-    projection, OLMoE). ``qkv_bias`` / ``o_bias``: attention projection biases (Qwen2: q/k/v; GPT-OSS: all four), present only where
-    the config's ``bias_key`` is true when one is named (GPT-OSS and DeepSeek: ``attention_bias``).
+    projection, OLMoE). ``qkv_bias`` / ``o_bias``: attention projection biases (Qwen2: q/k/v; GPT-OSS: all
+    four), present only where the config's ``bias_key`` is true when one is named (GPT-OSS and DeepSeek:
+    ``attention_bias``).
     ``sinks``: one learned logit per head in every softmax's denominator (GPT-OSS). Per-layer attention windows
     come from the config's ``layer_types`` (else ``sliding_window`` for every layer).
     ``shared_expert``: a dense shared MLP, ``"sigmoid_gate"`` (scaled by sigmoid(x @ gate), Qwen2) or ``"plain"``

@@ -66,8 +66,9 @@ class LatentAttention:
                                   f"builds it), got {type(kv).__name__}")
         want = (cfg.num_hidden_layers, self.r, self.dr)
         if (kv.latent.shape[0], kv.kv_lora_rank, kv.rope_dim) != want:
-            raise CheckpointError(f"{cfg.model_type}: the latent cache holds (layers, kv_lora_rank, qk_rope_head_dim) = "
-                                  f"{(kv.latent.shape[0], kv.kv_lora_rank, kv.rope_dim)}, the config needs {want}")
+            got = (kv.latent.shape[0], kv.kv_lora_rank, kv.rope_dim)
+            raise CheckpointError(f"{cfg.model_type}: the latent cache holds (layers, kv_lora_rank, qk_rope_head_dim) "
+                                  f"= {got}, the config needs {want}")
 
     def _per_head(self, x, w, b, equation):
         """``einsum(equation, x[a:b], w[s])`` for each weight-set segment ``(s, a, b)`` of the batch."""
