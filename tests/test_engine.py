@@ -226,6 +226,23 @@ def test_grouped_admission_takes_variants_in_order_of_their_oldest_request(dirs,
     assert admitted == [names[0], names[0], names[1], names[1], names[0]]  # FIFO would alternate
 
 
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_batch1_look_ahead_copies_the_next_variant_while_the_current_request_runs(dirs, refs, prefetch):
+    """max_seqs=1 with two sets: prefetch=1 starts the next request's set load while the running one decodes
+    (the paper's staging set); without it the load waits until the row frees."""
+    a, b = dirs[0].name, dirs[1].name
+    with Engine.from_pretrained(dirs, resident_sets=2, max_seqs=1, max_len=64, prefetch=prefetch) as eng:
+        eng.generate(a, [1], max_new_tokens=1)   # a's set resident, the other set free
+        seen = {}
+        eng.weights.copy_hook = lambda v: seen.setdefault(eng.names[v], ha.done)
+        with eng._cond:
+            ha = eng.submit(a, [1, 2, 3], max_new_tokens=8, ignore_eos=True)
+            hb = eng.submit(b, [4, 5], max_new_tokens=3, ignore_eos=True)
+        assert hb.result(timeout=60).tokens == own_greedy(refs, b, [4, 5], 3)
+        assert ha.result(timeout=60).tokens == own_greedy(refs, a, [1, 2, 3], 8)
+    assert seen == {b: not prefetch}   # done already when its copy ran: only without look-ahead
+
+
 def _with_json(src, dst, **files):
     """A copy of checkpoint ``src`` at ``dst`` with some JSON files' fields replaced ({file: {key: value}})."""
     import json
