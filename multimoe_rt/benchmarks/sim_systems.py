@@ -34,8 +34,9 @@ def simulate_serial(trace: list[Req], cost, *, switching: bool, prefetch: bool, 
     is ours).
 
     Policy: fcfs, or affinity (oldest request of the variant just served, unless the oldest waited more than
-    ``max_wait``; the retired batch-1 engine's policy, kept for what-if runs). Look-ahead prefetch: while a request runs, as soon as the queue holds a
-    request, the variant the policy would pick next starts copying; its residual wait is paid at its start.
+    ``max_wait``; the retired batch-1 engine's policy, kept for what-if runs). Look-ahead prefetch: while a
+    request runs, as soon as the queue holds a request, the variant the policy would pick next starts copying;
+    its residual wait is paid at its start.
     """
     reqs = [replace(r) for r in sorted(trace, key=lambda r: r.arrival)]
     arrivals = [r.arrival for r in reqs]
