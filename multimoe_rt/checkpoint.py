@@ -286,10 +286,6 @@ class Variant:
         expert biases."""
         return self._layout[layer].read_bias(self, expert)
 
-    @property
-    def has_expert_bias(self) -> bool:
-        return self.adapter.expert_bias
-
     def expert_tensors(self, layer: int, expert: int) -> tuple:
         """Everything a slab slot holds for one expert: ``(w1, w2)``, or ``(w1, w2, b1, b2)`` for families with
         expert biases. What plans hash and compare, and what ``ExpertSlab.write`` takes."""

@@ -57,3 +57,11 @@ def test_a_bench_script_runs_from_the_checkout_root():
                        timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "--only" in r.stdout
+
+
+def test_the_gpu_check_finds_its_modules_beside_it_from_the_checkout_root():
+    # Its step modules come from the script's own folder, first on sys.path: nothing there may need installing.
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "--dry-run" in r.stdout

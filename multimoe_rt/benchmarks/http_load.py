@@ -270,8 +270,7 @@ def main_args(args) -> dict:
         out["rates"].append(row)
     out["repeats"] = args.repeats
     print(report(out))
-    path = Path(args.out) / f"http_load-{args.tag}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = results_dir(args.out) / f"http_load-{args.tag}.json"  # --out's default is None: the results folder
     path.write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(f"results: {path}")
     return out
@@ -307,7 +306,8 @@ def report(out: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dirs", nargs="*", default=None, help="checkpoint directories (default: the small zoo)")
     p.add_argument("--variants", default="base,ptb,shakespeare,pycode", help="zoo variants (without --dirs)")
     p.add_argument("--rates", default="2,5", help="arrival rates λ (req/s), comma-separated")
@@ -326,12 +326,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out", default=None, help=RESULTS_HELP)
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    main_args(p.parse_args(argv))
+    main_args(parser().parse_args(argv))
     return 0
 
 

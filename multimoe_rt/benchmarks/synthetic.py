@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..plotting import NO_PLOT, pyplot
 from . import results_dir
 from .ceilings import measure_ceilings
 
@@ -357,13 +358,9 @@ def write(out: dict, out_dir) -> dict:
     tag = f"batching-synthetic-{out['shape']}-{out['dtype']}" + ("" if out["variants"] == 4 else f"-{out['variants']}v")
     files = {"json": str(out_dir / f"{tag}.json")}
     Path(files["json"]).write_text(json.dumps(out, indent=1, default=str))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        files["plot"] = None
+    plt = pyplot()
+    if plt is None:
+        files["plot"] = NO_PLOT
         return files
     rows = out["systems"]
     names = list(rows)

@@ -8,6 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from ..plotting import NO_PLOT, pyplot
 from .quality_systems import WITHIN, QualityError
 
 
@@ -365,21 +366,27 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
-def plot_memory(result, path) -> str | None:
-    """Own-domain perplexity against the memory ratio (fp32 device bytes of every variant served at once over
-    the variants as separate models), one panel per variant, one curve per policy."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("quality: matplotlib is not installed; no plot written (pip install 'multimoe_rt[plot]')",
-              file=sys.stderr)
+def _panels(result, width: float, height: float):
+    """``(plt, fig, axes, variants)``: one panel per variant that has an own-domain set; None without
+    matplotlib (said on stderr) or without such a variant."""
+    plt = pyplot()
+    if plt is None:
+        print(f"quality: {NO_PLOT}", file=sys.stderr)
         return None
     variants = [v for v in result["variants"] if result["own_set"][v]]
     if not variants:
         return None
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.8 * len(variants), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(variants), figsize=(width * len(variants), height), squeeze=False)
+    return plt, fig, axes, variants
+
+
+def plot_memory(result, path) -> str | None:
+    """Own-domain perplexity against the memory ratio (fp32 device bytes of every variant served at once over
+    the variants as separate models), one panel per variant, one curve per policy."""
+    panels = _panels(result, 3.8, 4.4)
+    if panels is None:
+        return None
+    plt, fig, axes, variants = panels
     orig = _find(result, "original")
     curves = {}
     for s in memory_systems(result):
@@ -441,18 +448,10 @@ def _x(system, v, nominal):
 
 def plot_result(result, path) -> str | None:
     """Own-domain perplexity vs sharing fraction, one panel per variant; merges as horizontal lines."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("quality: matplotlib is not installed; no plot written (pip install 'multimoe_rt[plot]')",
-              file=sys.stderr)
+    panels = _panels(result, 3.6, 4.2)
+    if panels is None:
         return None
-    variants = [v for v in result["variants"] if result["own_set"][v]]
-    if not variants:
-        return None
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 4.2), squeeze=False)
+    plt, fig, axes, variants = panels
     orig = _find(result, "original")
     for ax, v in zip(axes[0], variants):
         k = result["own_set"][v]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..plotting import pyplot
 from .common import PlanError, format_size
 from .format import Plan
 
@@ -29,14 +30,12 @@ def _short(choice: str) -> str:
 
 def heatmap(plan: Plan, path: str | os.PathLike) -> None:
     """PNG of the layout: per variant a layers x experts grid coloured by who serves it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-        from matplotlib.patches import Patch
-    except ImportError as exc:
-        raise PlanError("heatmap needs matplotlib: pip install 'multimoe_rt[plot]'") from exc
+    plt = pyplot()
+    if plt is None:  # a PlanError, as every failure of the plan package (the quality harness catches it)
+        raise PlanError("heatmap needs matplotlib: pip install 'multimoe_rt[plot]'")
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
     V, L, E = plan.num_variants, plan.num_layers, plan.num_experts
     # fixed inches for title and legend so they never overlap the grids, whatever L is
     annotate = plan.choice is not None and L * E <= _ANNOTATE_MAX
