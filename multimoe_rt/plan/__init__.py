@@ -20,6 +20,8 @@ size of the variant set. One module per job, imported in this order (each only f
     policy       make_plan: share / threshold / budget, offload
     loading      load_slab: plan -> ExpertSlab + SlotTable
     heatmap      the picture
+    mutate       plan mutations and the check a loaded mutant must pass (fuzzing; not re-exported here:
+                 it needs hypothesis, a test dependency)
 """
 
 from .calibration import calibration_from_text, gaussian_calibration, record_calibration
