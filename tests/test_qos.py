@@ -9,6 +9,7 @@ test_bad_requests_are_rejected_at_submission; EOS and ignore_eos in test_stream_
 and test_eos_as_transformers_does_it; a request failing mid-run fails alone in
 tests/test_engine_faults.py::test_forward_failure_fails_only_the_sequence_that_causes_it."""
 
+import json
 import random
 import threading
 import time
@@ -234,6 +235,25 @@ def test_lane_driver_maps_the_request_onto_generate_and_isolates_failures(dirs, 
     assert driver.served == 5
     with pytest.raises(EngineClosed):
         driver.submit(v, ids)
+
+
+def test_the_sweep_serves_one_trace_to_every_system_and_writes_the_ratios(dirs, tmp_path):
+    from multimoe_rt.benchmarks import qos
+
+    names = [d.name for d in dirs]
+    pool = {v: prompts(4, seed=20 + i) for i, v in enumerate(names)}
+    out = qos.run({d.name: d for d in dirs}, rates=[50.0], n=6, share=0.5, affinity=True, prompt_len=6,
+                  max_new_tokens=3, pool=pool, progress=False, out_dir=tmp_path, tag="t")
+    labels = ["ours", "ours+affinity", "partitioned", "swap", "resident"]
+    assert [r["system"] for r in out["results"]] == labels
+    for r in out["results"]:
+        assert r["completed"] == r["requests"] == 6 and r["failed"] == 0, r["system"]
+        assert 0 < r["ttft_mean"] <= r["turnaround_mean"] and r["memory"]["total_device_bytes"] > 0
+    assert {x["baseline"] for x in out["ratios"]} == set(labels[1:])
+    assert out["budget_bytes"] < out["results"][-1]["memory"]["total_device_bytes"]  # resident holds more
+    assert out["plan"]["device_slots"] < out["plan"]["separate_slots"]               # share 0.5 saves slots
+    assert json.loads(open(out["files"]["json"]).read())["rates"] == [50.0]
+    assert all(f"{label} " in qos.table(out) for label in labels)
 
 
 # ---- issue 16: wrong types are rejected with RequestError naming the field, at batch 1 as everywhere ------

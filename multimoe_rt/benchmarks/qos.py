@@ -184,8 +184,11 @@ def load_systems(dirs: dict, kinds, share: float, device="cpu", dtype=torch.floa
 
 def run(dirs: dict, rates=None, n: int = 20, share: float = 0.5, systems=SYSTEMS, mix: str = "uniform",
         prompt_len: int = 20, max_new_tokens: int = 25, seed: int = 0, device="cpu", affinity: bool = False,
-        rate_factors=(0.3, 0.7, 1.1), progress: bool = True, out_dir=None, tag: str = "qos") -> dict:
+        rate_factors=(0.3, 0.7, 1.1), progress: bool = True, out_dir=None, tag: str = "qos", pool=None) -> dict:
     """Load the systems, sweep λ, write JSON/PNG; returns the result dict.
+
+    ``pool``: ``{variant: [prompt ids]}`` to draw prompts from; default: ``prompt_pool`` (byte-tokenized text of
+    each variant's domain, which fits only the zoo's byte vocabulary).
 
     ``rates`` default: ``rate_factors`` x the idle service rate of the fastest system (1 / its median warm
     single-request time), so the sweep reaches its saturation whatever the machine speed.
@@ -194,12 +197,13 @@ def run(dirs: dict, rates=None, n: int = 20, share: float = 0.5, systems=SYSTEMS
 
     names = list(dirs)
     log = (lambda m: tqdm.write(m)) if progress else (lambda m: None)
+    pool = pool or prompt_pool(names, prompt_len, max(8, n), seed)
+    longest = max(len(p) for prompts in pool.values() for p in prompts)
     t_load = time.perf_counter()
     loaded, plan, budget = load_systems(dirs, systems, share, device=device, affinity=affinity,
-                                        max_len=prompt_len + max_new_tokens, progress=log)
+                                        max_len=longest + max_new_tokens, progress=log)
     log(f"loaded {len(loaded)} systems in {time.perf_counter() - t_load:.1f} s; device budget (ours' weights) "
         f"{format_size(budget)}")
-    pool = prompt_pool(names, prompt_len, max(8, n), seed)
     try:
         for s in loaded.values():  # first calls of every system before any timing (lazy init is shared)
             with s.serving() as server:
