@@ -29,7 +29,7 @@ from .attention import StandardAttention
 from .errors import CheckpointError
 from .experts import slab_moe
 from .families import family_for_config, route_grouped_sigmoid, route_softmax_topk, route_topk_softmax
-from .layer_ops import grouped_linear, rms_norm, rotate  # noqa: F401  (rotate, grouped_linear: public here too)
+from .layer_ops import grouped_linear, rms_norm  # grouped_linear: also imported from here by benchmarks
 from .mla import LatentAttention
 
 ATTENTION = {"standard": StandardAttention, "mla": LatentAttention}  # families.Batched.attention -> its module
