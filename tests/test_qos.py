@@ -13,6 +13,7 @@ import json
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_outputs_equal_direct_generate_under_concurrent_interleaving(dirs, mv, g
 
 def test_metrics_from_a_synthetic_trace():
     def req(a, s, f1, f):
-        r = Request(0, "v", [1], SamplingParams())
+        r = Request(0, "v", 0, [1], SamplingParams(), ())
         r.arrival, r.admitted, r.first_token, r.finish = a, s, f1, f
         return r
 
@@ -133,11 +134,8 @@ def test_burst_of_concurrent_submitters_loses_nothing_at_batch_1(dirs):
             with lock:
                 handles.append(h)
 
-    ts = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    with ThreadPoolExecutor(8) as clients:   # 8 at once: the barrier needs every one of them
+        list(clients.map(client, range(8)))
     engine.shutdown(drain=True)
     assert len(handles) == 48 and engine.stats["finished"] == 48
     assert sorted(h.result(timeout=0).id for h in handles) == list(range(48))

@@ -5,7 +5,7 @@ entry rewinds its row instead of doubling its keys (fp32 logits within 1e-5 rela
 forward over the whole sequence); rows account their bytes and refuse misuse."""
 
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -57,11 +57,8 @@ def serve_concurrently(mv, work, max_seqs, max_step_tokens):
         for i in range(k, len(work), 3):
             handles[i] = engine.submit(work[i][0], work[i][1], max_new_tokens=NEW)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(3) as clients:
+        list(clients.map(client, range(3)))
     try:
         return [h.result(timeout=120).tokens for h in handles], engine
     finally:

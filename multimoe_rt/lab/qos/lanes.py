@@ -3,9 +3,9 @@
 This is the experiment's harness for the peers, not a runtime engine: "ours" in the experiment is the runtime's
 ``engine.Engine`` itself (``max_seqs=1``). The driver gives the baselines the engine's request API, so one
 replay loop and one ``metrics.summarize`` serve every system: ``submit(variant, prompt, params=None, **fields)``
-returns a handle with the fields of ``engine.RequestHandle`` that the experiment reads (``tokens``,
-``finish_reason``, ``error``, ``arrival``/``admitted``/``first_token``/``finish``, ``result()``, ``cancel()``),
-and a request is validated by the runtime's own rules (``SamplingParams``, prompt token ids).
+returns an ``engine.RequestHandle`` (``tokens``, ``finish_reason``, ``error``, ``arrival``/``admitted``/
+``first_token``/``finish``, ``result()``, ``cancel()``; the tokens arrive at once, when ``generate`` returns), and a
+request is validated by the runtime's own rules (``SamplingParams``, prompt token ids).
 
 A system has ``names``, ``generate(variant, input_ids [1, T], max_new_tokens, eos_token_id, do_sample,
 temperature, top_p, streamer=None, **generate_kwargs) -> new ids [1, n]``, ``stats()`` and
@@ -26,6 +26,7 @@ from dataclasses import fields
 
 import torch
 
+from ...engine import RequestHandle
 from ...errors import EngineClosed, RequestError
 from ...request_checks import as_token_ids
 from ...sampling import SamplingParams, eos_ids
@@ -55,45 +56,9 @@ def generate_kwargs(p: SamplingParams, model_eos: tuple = ()) -> dict:
     return kw
 
 
-class Request:
-    """One submitted request; its fields are those of ``engine.RequestHandle`` the experiment reads."""
-
-    def __init__(self, rid: int, variant: str, prompt: list, params: SamplingParams):
-        self.id, self.variant, self.prompt, self.params = rid, variant, prompt, params
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None   # "length"/"stop" (the generate call ended), "cancelled", "error"
-        self.error: BaseException | None = None
-        self.arrival, self.admitted, self.first_token, self.finish = time.perf_counter(), None, None, None
-        self.cancelled = False
-        self._done = threading.Event()
-
-    def _close(self, reason: str, error: BaseException | None = None) -> None:
-        self.finish_reason, self.error, self.finish = reason, error, time.perf_counter()
-        self._done.set()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Drop the request if it is still queued (a running ``generate`` cannot be stopped)."""
-        self.cancelled = True
-
-    def result(self, timeout: float | None = None) -> "Request":
-        """Wait until finished; raises the request's error, if it failed."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
-        if self.error is not None:
-            raise self.error
-        return self
-
-    @property
-    def ttft(self) -> float:
-        return self.first_token - self.arrival
-
-    @property
-    def turnaround(self) -> float:
-        return self.finish - self.arrival
+class Request(RequestHandle):
+    """A lane's request: the runtime's request handle (its fields, ``result()``, ``cancel()``), finished by a lane
+    worker instead of the engine thread."""
 
 
 class FirstTokenStreamer:
@@ -155,7 +120,7 @@ class LaneDriver:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the lane driver is shut down")
-            r = Request(next(self._ids), variant, ids, params)
+            r = Request(next(self._ids), variant, self.names.index(variant), ids, params, self.eos)
             self._queues[lane].append(r)
             self._cond.notify_all()
         return r
