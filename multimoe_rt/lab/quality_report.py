@@ -71,16 +71,20 @@ def achieved(system, v: str) -> float | None:
     return (system.get("sharing_actual") or {}).get(v)
 
 
+def _own_domains(result):
+    """``(variant, its own-domain eval set, the original model's perplexity there)`` for each variant that has one."""
+    orig = _find(result, "original")
+    for v in result["variants"]:
+        k = result["own_set"][v]
+        if k is not None:
+            yield v, k, orig["results"][v][k]["ppl"]
+
+
 def within(result) -> dict:
     """Per variant and policy: the highest sharing level whose own-domain ppl is within 2% of the original
     (``highest``), and the highest level up to which every level is (``all_up_to``)."""
-    orig = _find(result, "original")
     out = {}
-    for v in result["variants"]:
-        k = result["own_set"][v]
-        if k is None:
-            continue
-        ref = orig["results"][v][k]["ppl"]
+    for v, k, ref in _own_domains(result):
         out[v] = {"set": k, "original_ppl": ref}
         for pol in result["protocol"]["policies"]:
             curve = ours_curve(result, pol)
@@ -126,13 +130,8 @@ def within_memory(result) -> dict:
     """Per variant (with an own domain): the smallest memory ratio (device bytes of all variants served at once,
     against the variants as separate models) at which its own-domain perplexity is within 2% of the original,
     which system and policy reached it; in fp32 (measured) and the same plans' bf16 bytes, and per policy."""
-    orig = _find(result, "original")
     out = {}
-    for v in result["variants"]:
-        k = result["own_set"][v]
-        if k is None:
-            continue
-        ref = orig["results"][v][k]["ppl"]
+    for v, k, ref in _own_domains(result):
         ok = [s for s in memory_systems(result) if s["results"][v][k]["ppl"] <= (1 + WITHIN) * ref]
         entry = {"set": k, "original_ppl": ref, "goal": MEMORY_GOAL}
         for tag in ("", "_bf16"):
