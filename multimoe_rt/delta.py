@@ -26,9 +26,10 @@ Lowrank factors live in one flat pool per weight (``lr1``, ``lr2``), in rank uni
 start p holds ``U1 = lr1[p*(N1+H) : p*(N1+H) + N1*r].view(N1, r)`` followed by ``V1 = ....view(r, H)``
 (``lr2`` likewise with ``(H + I)``), so ranks vary per expert with no padding.
 
-Backends here: ``moe_torch_delta`` (pure PyTorch: one base matmul per base slot for all its pairs, whatever
-their variant, then each delta's small terms on its own rows) and ``moe_reference_delta`` (float64, from the
-materialised effective weights). The Triton kernel is ``kernels/delta_gemm.py``.
+Backends (``delta_moe``, which imports this module, never the other way): ``moe_torch_delta`` (pure PyTorch:
+one base matmul per base slot for all its pairs, whatever their variant, then each delta's small terms on its
+own rows) and ``moe_reference_delta`` (float64, from the materialised effective weights, ``effective_weights``
+below). The Triton kernel is ``kernels/delta_gemm.py``.
 """
 
 from __future__ import annotations
@@ -337,9 +338,6 @@ class DeltaPools:
         """Device bytes: ``DESC_BYTES`` per id plus the pools (``spec_nbytes`` per entry)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def has(self, kind: str) -> bool:
-        return self.used[{"sign1": "sign1", "lowrank": "lowrank_units", "int4": "int4"}[kind]] > 0
-
     def describe(self, expert_id: int) -> dict:
         return dict(zip(DESC_COLUMNS, self._desc_host[expert_id]))
 
@@ -353,7 +351,6 @@ class DeltaPools:
         rank = [0] * self.num_ids
         for pos, i in enumerate(order):
             rank[i] = pos
-        self.order_by_base = order
         self.desc_sorted = self.desc[torch.tensor(order, dtype=torch.int64)].contiguous().to(self.device)
         self.sort_rank = torch.tensor(rank, dtype=torch.int32, device=self.device)
 
@@ -421,22 +418,9 @@ class DeltaPools:
         """The device tables and pools: all the kernels and the op need."""
         return DeltaTensors(*self.tensors())
 
-    def factors(self, expert_id: int) -> dict:
-        """Views of one entry's parts (``delta_moe.entry_parts``)."""
-        from .delta_moe import entry_parts
-
-        return entry_parts(self.view(), self._desc_host[expert_id], self.n1, self.hidden, self.intermediate)
-
     def effective(self, w1: torch.Tensor, w2: torch.Tensor, expert_id: int, dtype=torch.float64):
         """``(w1(id), w2(id))`` materialised in ``dtype``: base + decoded delta."""
-        from .delta_moe import effective_weights
-
         return effective_weights(self.view(), self._desc_host[expert_id], w1, w2, dtype)
-
-    def materialize(self, w1: torch.Tensor, w2: torch.Tensor, dtype=torch.float64):
-        """Every id's effective weights ``[num_ids, N1, H]``, ``[num_ids, H, I]`` (tests)."""
-        pairs = [self.effective(w1, w2, i, dtype) for i in range(self.num_ids)]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def check_slab(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
         """The pools belong to a slab of these dense weights (shape, dtype, device)."""
@@ -473,6 +457,42 @@ class DeltaTensors(NamedTuple):
     @property
     def num_ids(self) -> int:
         return self.sort_rank.shape[0]
+
+
+# ------------------------------------------------------------------------------------------ entries
+
+
+def entry_parts(t: DeltaTensors, row, n1: int, H: int, I: int) -> dict:
+    """Views of one entry's parts from its descriptor ``row`` = (base, sign1 index, lowrank start, rank, int4
+    index): ``{"sign1": (bits1, scale1, bits2, scale2), "lowrank": (U1, V1, U2, V2), "int4": (codes1, scales1,
+    codes2, scales2)}`` for the parts it has (none for a dense id)."""
+    _, si, start, rank, qi = (int(x) for x in row)
+    out = {}
+    if si >= 0:
+        out["sign1"] = (t.sign_bits1[si], t.sign_scale1[si], t.sign_bits2[si], t.sign_scale2[si])
+    if rank > 0:
+        o1, o2 = start * (n1 + H), start * (H + I)
+        out["lowrank"] = (t.lr1[o1:o1 + n1 * rank].view(n1, rank), t.lr1[o1 + n1 * rank:o1 + (n1 + H) * rank].view(rank, H),
+                          t.lr2[o2:o2 + H * rank].view(H, rank), t.lr2[o2 + H * rank:o2 + (H + I) * rank].view(rank, I))
+    if qi >= 0:
+        out["int4"] = (t.q1[qi], t.q_scale1[qi], t.q2[qi], t.q_scale2[qi])
+    return out
+
+
+def effective_weights(t: DeltaTensors, row, w1: torch.Tensor, w2: torch.Tensor, dtype=torch.float64):
+    """``(w1(id), w2(id))`` of the id with descriptor ``row``, materialised in ``dtype``."""
+    n1, H, I = w1.shape[1], w2.shape[1], w2.shape[2]
+    base = int(row[0])
+    e1, e2 = w1[base].to(dtype).clone(), w2[base].to(dtype).clone()
+    f = entry_parts(t, row, n1, H, I)
+    for m, (e, k) in enumerate(((e1, H), (e2, I))):
+        if "lowrank" in f:
+            e += f["lowrank"][2 * m].to(dtype) @ f["lowrank"][2 * m + 1].to(dtype)
+        if "int4" in f:
+            e += int4_decode(f["int4"][2 * m], f["int4"][2 * m + 1], k, dtype)
+        if "sign1" in f:
+            e += sign1_decode(f["sign1"][2 * m], f["sign1"][2 * m + 1], k, dtype)
+    return e1, e2
 
 
 def as_tensors(pools) -> DeltaTensors:

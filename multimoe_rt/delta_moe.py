@@ -8,41 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import _ext, cpu_linear
-from .delta import INT4_GROUP, DeltaTensors, as_tensors, int4_decode, sign1_decode, sign1_signs
+from .delta import INT4_GROUP, DeltaTensors, as_tensors, effective_weights, entry_parts, int4_decode, sign1_signs
 from .torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, apply_activation, moe_reference
-
-
-def entry_parts(t: DeltaTensors, row, n1: int, H: int, I: int) -> dict:
-    """Views of one entry's parts from its descriptor ``row`` = (base, sign1 index, lowrank start, rank, int4
-    index): ``{"sign1": (bits1, scale1, bits2, scale2), "lowrank": (U1, V1, U2, V2), "int4": (codes1, scales1,
-    codes2, scales2)}`` for the parts it has (none for a dense id)."""
-    _, si, start, rank, qi = (int(x) for x in row)
-    out = {}
-    if si >= 0:
-        out["sign1"] = (t.sign_bits1[si], t.sign_scale1[si], t.sign_bits2[si], t.sign_scale2[si])
-    if rank > 0:
-        o1, o2 = start * (n1 + H), start * (H + I)
-        out["lowrank"] = (t.lr1[o1:o1 + n1 * rank].view(n1, rank), t.lr1[o1 + n1 * rank:o1 + (n1 + H) * rank].view(rank, H),
-                          t.lr2[o2:o2 + H * rank].view(H, rank), t.lr2[o2 + H * rank:o2 + (H + I) * rank].view(rank, I))
-    if qi >= 0:
-        out["int4"] = (t.q1[qi], t.q_scale1[qi], t.q2[qi], t.q_scale2[qi])
-    return out
-
-
-def effective_weights(t: DeltaTensors, row, w1: torch.Tensor, w2: torch.Tensor, dtype=torch.float64):
-    """``(w1(id), w2(id))`` of the id with descriptor ``row``, materialised in ``dtype``."""
-    n1, H, I = w1.shape[1], w2.shape[1], w2.shape[2]
-    base = int(row[0])
-    e1, e2 = w1[base].to(dtype).clone(), w2[base].to(dtype).clone()
-    f = entry_parts(t, row, n1, H, I)
-    for m, (e, k) in enumerate(((e1, H), (e2, I))):
-        if "lowrank" in f:
-            e += f["lowrank"][2 * m].to(dtype) @ f["lowrank"][2 * m + 1].to(dtype)
-        if "int4" in f:
-            e += int4_decode(f["int4"][2 * m], f["int4"][2 * m + 1], k, dtype)
-        if "sign1" in f:
-            e += sign1_decode(f["sign1"][2 * m], f["sign1"][2 * m + 1], k, dtype)
-    return e1, e2
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -28,6 +28,7 @@ from .torch_moe import (  # noqa: F401  (re-exported: the op contract's names)
     ACTIVATIONS, FLOAT_DTYPES, OP_DTYPES, SWIGLU_ALPHA, SWIGLU_LIMIT, MoEInputTypeError, UnsupportedActivationError,
     check_activation_args, check_align_inputs, check_moe_inputs, resolve_activation)
 from .config import settings
+from .errors import UsageError
 
 BACKENDS = ("triton", "torch", "reference")
 DEFAULT_BLOCK_M = 16
@@ -61,21 +62,22 @@ def choose_backend(device: torch.device, backend: str | None = None) -> str:
 @torch.library.custom_op("multimoe_rt::fused_moe", mutates_args=())
 def _fused_moe_op(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
                   w1: torch.Tensor, w2: torch.Tensor, gated: bool, backend: str, activation: str = "auto",
-                  alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+                  alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, interleaved: bool = False) -> torch.Tensor:
     activation = resolve_activation(activation, gated)
     if backend == "triton":
         from .kernels.grouped_gemm import fused_moe_triton
         return fused_moe_triton(hidden, slot_ids, topk_weights, w1, w2, gated, activation=activation,
-                                alpha=alpha, limit=limit)
+                                alpha=alpha, limit=limit, interleaved=interleaved)
     if backend == "reference":
         return torch_moe.moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha,
-                                       limit).to(hidden.dtype)
-    return torch_moe.moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit)
+                                       limit, interleaved=interleaved).to(hidden.dtype)
+    return torch_moe.moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit,
+                               interleaved=interleaved)
 
 
 @_fused_moe_op.register_fake
 def _(hidden, slot_ids, topk_weights, w1, w2, gated, backend, activation="auto", alpha=SWIGLU_ALPHA,
-      limit=SWIGLU_LIMIT):
+      limit=SWIGLU_LIMIT, interleaved=False):
     return hidden.new_empty(hidden.shape[0], w2.shape[1])
 
 
@@ -83,20 +85,21 @@ def _(hidden, slot_ids, topk_weights, w1, w2, gated, backend, activation="auto",
 def _fused_moe_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor, slot_ids: torch.Tensor,
                            topk_weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gated: bool, backend: str,
                            activation: str, alpha: float, limit: float, need_hidden: bool, need_topk_weights: bool,
-                           need_w1: bool, need_w2: bool
+                           need_w1: bool, need_w2: bool, interleaved: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of fused_moe for (hidden, topk_weights, w1, w2); one not asked for is an empty tensor.
     Every backend runs the PyTorch backward (it works on any device; the kernels are forward only)."""
     grads = torch_moe.moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated,
                                          resolve_activation(activation, gated), alpha, limit,
-                                         needs=(need_hidden, need_topk_weights, need_w1, need_w2))
+                                         needs=(need_hidden, need_topk_weights, need_w1, need_w2),
+                                         interleaved=interleaved)
     return tuple(g if g is not None else like.new_empty(0)
                  for g, like in zip(grads, (hidden, topk_weights, w1, w2)))
 
 
 @_fused_moe_backward_op.register_fake
 def _(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated, backend, activation, alpha, limit, need_hidden,
-      need_topk_weights, need_w1, need_w2):
+      need_topk_weights, need_w1, need_w2, interleaved=False):
     return tuple(torch.empty_like(t) if need else t.new_empty(0)
                  for t, need in ((hidden, need_hidden), (topk_weights, need_topk_weights), (w1, need_w1),
                                  (w2, need_w2)))
@@ -111,11 +114,11 @@ def _fused_moe_setup_context(ctx, inputs, output):
 def _fused_moe_backward(ctx, grad_out):
     hidden, slot_ids, topk_weights, w1, w2 = ctx.saved_tensors
     gated, backend, *rest = ctx.args
-    activation, alpha, limit = (list(rest) + ["auto", SWIGLU_ALPHA, SWIGLU_LIMIT][len(rest):])
+    activation, alpha, limit, interleaved = (list(rest) + ["auto", SWIGLU_ALPHA, SWIGLU_LIMIT, False][len(rest):])
     need = ctx.needs_input_grad
     d_hidden, d_topk, d_w1, d_w2 = torch.ops.multimoe_rt.fused_moe_backward(
         grad_out.contiguous(), hidden, slot_ids, topk_weights, w1, w2, gated, backend, activation, alpha, limit,
-        need[0], need[2], need[3], need[4])
+        need[0], need[2], need[3], need[4], interleaved)
     return (d_hidden if need[0] else None, None, d_topk if need[2] else None, d_w1 if need[3] else None,
             d_w2 if need[4] else None) + (None,) * len(ctx.args)
 
@@ -128,20 +131,22 @@ _fused_moe_op.register_autograd(_fused_moe_backward, setup_context=_fused_moe_se
 @torch.library.custom_op("multimoe_rt::fused_moe_bias", mutates_args=())
 def _fused_moe_bias_op(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
                        w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, gated: bool,
-                       backend: str, activation: str, alpha: float, limit: float) -> torch.Tensor:
+                       backend: str, activation: str, alpha: float, limit: float,
+                       interleaved: bool = False) -> torch.Tensor:
     activation = resolve_activation(activation, gated)
     if backend == "triton":
         from .kernels.grouped_gemm import fused_moe_triton
         return fused_moe_triton(hidden, slot_ids, topk_weights, w1, w2, gated, activation=activation,
-                                alpha=alpha, limit=limit, b1=b1, b2=b2)
+                                alpha=alpha, limit=limit, b1=b1, b2=b2, interleaved=interleaved)
     if backend == "reference":
         return torch_moe.moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit,
-                                       b1=b1, b2=b2).to(hidden.dtype)
-    return torch_moe.moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit, b1=b1, b2=b2)
+                                       b1=b1, b2=b2, interleaved=interleaved).to(hidden.dtype)
+    return torch_moe.moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit, b1=b1, b2=b2,
+                               interleaved=interleaved)
 
 
 @_fused_moe_bias_op.register_fake
-def _(hidden, slot_ids, topk_weights, w1, w2, b1, b2, gated, backend, activation, alpha, limit):
+def _(hidden, slot_ids, topk_weights, w1, w2, b1, b2, gated, backend, activation, alpha, limit, interleaved=False):
     return hidden.new_empty(hidden.shape[0], w2.shape[1])
 
 
@@ -149,17 +154,18 @@ def _(hidden, slot_ids, topk_weights, w1, w2, b1, b2, gated, backend, activation
 def _fused_moe_bias_backward_op(grad_out: torch.Tensor, hidden: torch.Tensor, slot_ids: torch.Tensor,
                                 topk_weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor,
                                 b2: torch.Tensor, gated: bool, backend: str, activation: str, alpha: float,
-                                limit: float, needs: list[bool]) -> list[torch.Tensor]:
+                                limit: float, needs: list[bool], interleaved: bool = False) -> list[torch.Tensor]:
     """Gradients for (hidden, topk_weights, w1, w2, b1, b2); one not asked for is an empty tensor."""
     grads = torch_moe.moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated,
                                          resolve_activation(activation, gated), alpha, limit, needs=tuple(needs),
-                                         b1=b1, b2=b2)
+                                         b1=b1, b2=b2, interleaved=interleaved)
     return [g if g is not None else like.new_empty(0)
             for g, like in zip(grads, (hidden, topk_weights, w1, w2, b1, b2))]
 
 
 @_fused_moe_bias_backward_op.register_fake
-def _(grad_out, hidden, slot_ids, topk_weights, w1, w2, b1, b2, gated, backend, activation, alpha, limit, needs):
+def _(grad_out, hidden, slot_ids, topk_weights, w1, w2, b1, b2, gated, backend, activation, alpha, limit, needs,
+      interleaved=False):
     return [torch.empty_like(t) if need else t.new_empty(0)
             for t, need in zip((hidden, topk_weights, w1, w2, b1, b2), needs)]
 
@@ -174,8 +180,9 @@ def _fused_moe_bias_backward(ctx, grad_out):
     hidden, slot_ids, topk_weights, w1, w2, b1, b2 = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[2], n[3], n[4], n[5], n[6]]
+    *args, interleaved = ctx.args
     grads = torch.ops.multimoe_rt.fused_moe_bias_backward(grad_out.contiguous(), hidden, slot_ids, topk_weights, w1,
-                                                          w2, b1, b2, *ctx.args, needs)
+                                                          w2, b1, b2, *args, needs, interleaved)
     d_hidden, d_topk, d_w1, d_w2, d_b1, d_b2 = (g if need else None for g, need in zip(grads, needs))
     return (d_hidden, None, d_topk, d_w1, d_w2, d_b1, d_b2) + (None,) * len(ctx.args)
 
@@ -230,7 +237,7 @@ def _(slot_ids, num_slots, block_m, backend):
 def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str | None = None,
               check_slots: bool = True, workspace: dict | None = None, activation: str | None = None,
               alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None,
-              deltas=None) -> torch.Tensor:
+              deltas=None, interleaved: bool = False) -> torch.Tensor:
     """Route each token's top-k (slot, weight) pairs through the slab experts; returns ``[T, H]``.
 
     ``activation``: one of ``ACTIVATIONS`` or a transformers config name (``"gelu_pytorch_tanh"``...);
@@ -243,6 +250,10 @@ def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str 
     ``b1 [S, N1]`` / ``b2 [S, H]``: optional expert biases (GPT-OSS), added before the activation and before the
     routing weight; given together (a zero tensor stands for a missing one), differentiable like the weights.
 
+    ``interleaved`` (gated only): gate and up alternate along ``w1``'s rows and ``b1``'s entries (gate ``2j``, up
+    ``2j + 1``), GPT-OSS's stored layout. ``w1``/``w2`` may be strided views (GPT-OSS's ``gate_up_proj [S, H, 2I]``
+    and ``down_proj [S, I, H]`` transposed), read as stored with no copy; gradients come back with their strides.
+
     ``workspace`` (triton backend only): preallocated work buffers (``ExpertSlab.workspace``) so the
     expert path does not allocate per step; that eager path skips the custom op, which
     ``torch.compile`` traces without it, and is taken only when no gradient is being recorded.
@@ -252,8 +263,9 @@ def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str 
     (``torch.ops.multimoe_rt.fused_moe_delta``; forward only, no expert biases).
     """
     if deltas is not None:
-        if b1 is not None or b2 is not None:
-            raise NotImplementedError("fused_moe: compressed deltas with expert biases are not supported")
+        if b1 is not None or b2 is not None or interleaved:
+            raise NotImplementedError("fused_moe: compressed deltas with expert biases or interleaved gate/up rows "
+                                      "are not supported")
         return _fused_moe_deltas(hidden, slot_ids, topk_weights, w1, w2, gated, backend, check_slots, workspace,
                                  activation, alpha, limit, deltas)
     activation = resolve_activation(activation, gated)
@@ -261,7 +273,9 @@ def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str 
     backend = choose_backend(hidden.device, backend)
     check_moe_inputs(hidden, slot_ids, topk_weights, w1, w2, gated, check_slots,
                      dtypes=FLOAT_DTYPES if backend == "triton" else OP_DTYPES, b1=b1, b2=b2)
-    alpha, limit = float(alpha), float(limit)
+    alpha, limit, interleaved = float(alpha), float(limit), bool(interleaved)
+    if interleaved and not gated:
+        raise UsageError("fused_moe: interleaved=True needs gated experts (gate and up rows to interleave)")
     if b1 is not None or b2 is not None:
         if b1 is None or b2 is None:
             raise ValueError("fused_moe: expert biases b1 and b2 go together (pass zeros for a missing one)")
@@ -270,17 +284,18 @@ def fused_moe(hidden, slot_ids, topk_weights, w1, w2, gated: bool, backend: str 
             from .kernels.grouped_gemm import fused_moe_triton
             return fused_moe_triton(hidden.contiguous(), slot_ids.contiguous(), topk_weights.contiguous(), w1, w2,
                                     gated, workspace=workspace, activation=activation, alpha=alpha, limit=limit,
-                                    b1=b1, b2=b2)
+                                    b1=b1, b2=b2, interleaved=interleaved)
         return torch.ops.multimoe_rt.fused_moe_bias(hidden.contiguous(), slot_ids.contiguous(),
                                                     topk_weights.contiguous(), w1, w2, b1, b2, gated, backend,
-                                                    activation, alpha, limit)
+                                                    activation, alpha, limit, interleaved)
     if workspace is not None and backend == "triton" and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, topk_weights, w1, w2))):
         from .kernels.grouped_gemm import fused_moe_triton
         return fused_moe_triton(hidden.contiguous(), slot_ids.contiguous(), topk_weights.contiguous(), w1, w2,
-                                gated, workspace=workspace, activation=activation, alpha=alpha, limit=limit)
+                                gated, workspace=workspace, activation=activation, alpha=alpha, limit=limit,
+                                interleaved=interleaved)
     return torch.ops.multimoe_rt.fused_moe(hidden.contiguous(), slot_ids.contiguous(), topk_weights.contiguous(),
-                                           w1, w2, gated, backend, activation, alpha, limit)
+                                           w1, w2, gated, backend, activation, alpha, limit, interleaved)
 
 
 def _fused_moe_deltas(hidden, expert_ids, topk_weights, w1, w2, gated, backend, check_slots, workspace, activation,
@@ -307,10 +322,19 @@ def _fused_moe_deltas(hidden, expert_ids, topk_weights, w1, w2, gated, backend, 
                                                  alpha, limit, list(pools.tensors()), pools.max_rank)
 
 
+def default_align_backend(device: torch.device) -> str:
+    """triton on CUDA; on CPU the C++ op where the extension loaded (5-40x faster than the PyTorch align at 1-256
+    tokens, 8-64 slots, top-2..8: the align row of the README's kernel results), else torch."""
+    if device.type == "cuda":
+        return "triton"
+    from . import _ext
+    return "cpp" if _ext.available else "torch"
+
+
 def align(slot_ids, num_slots: int, block_m: int = DEFAULT_BLOCK_M, backend: str | None = None):
     """Sort pairs by slot, pad runs to ``block_m``: ``(sorted_ids, block_slot, num_padded)``."""
     check_align_inputs(slot_ids, num_slots, block_m)
-    backend = backend or ("triton" if slot_ids.device.type == "cuda" else "torch")
+    backend = backend or default_align_backend(slot_ids.device)
     if backend == "reference":
         backend = "torch"
     if backend not in ("triton", "torch", "cpp"):

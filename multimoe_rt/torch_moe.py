@@ -9,6 +9,11 @@ Both compute the function every backend must agree on (see ``ops.fused_moe``):
 Optional expert biases (GPT-OSS): ``b1[s]`` ``[N1]`` is added to ``x @ w1[s].T`` before the activation and
 ``b2[s]`` ``[H]`` to ``a @ w2[s].T`` before the routing weight.
 
+Interleaved gate/up (GPT-OSS's stored layout, ``interleaved=True``): the gate is column ``2j`` and the up column
+``2j + 1`` of the up projection (rows of ``w1[s]``, entries of ``b1[s]``) instead of ``j`` and ``I + j``. Weights
+may be any strided views (GPT-OSS stores ``[S, H, 2I]`` and ``[S, I, H]``: pass their transposes), so such
+experts run as stored, with no copy per call.
+
 ``act`` is one of ``ACTIVATIONS``: ``silu`` (the gated default), ``gelu`` (exact, erf), ``gelu_tanh``,
 ``relu`` (the ungated default) and ``swiglu_oai``, GPT-OSS's clamped SwiGLU (gated only), which
 replaces the whole gated product:
@@ -162,18 +167,38 @@ def check_align_inputs(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> 
         raise ValueError(f"block_m and num_slots must be positive, got {block_m}, {num_slots}")
 
 
+def split_gate_up(h: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) of a gated up projection ``[..., 2I]``: its halves, or its alternating columns (interleaved)."""
+    if not interleaved:
+        return h.chunk(2, dim=-1)
+    # One copy into [2, ..., I]: the activation's elementwise ops on stride-2 views ran 3-4x slower on CPU.
+    both = h.unflatten(-1, (-1, 2)).movedim(-1, 0).contiguous()
+    return both[0], both[1]
+
+
+def join_gate_up(gate: torch.Tensor, up: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """The inverse of ``split_gate_up``: ``[..., 2I]`` in the same layout."""
+    if not interleaved:
+        return torch.cat([gate, up], dim=-1)
+    out = gate.new_empty(*gate.shape[:-1], 2 * gate.shape[-1])
+    out[..., 0::2] = gate  # two strided copies: 2.8x faster than stack + flatten here
+    out[..., 1::2] = up
+    return out
+
+
 def apply_activation(h: torch.Tensor, gated: bool, activation: str | None = None,
-                     alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
-    """``[n, 2I] -> [n, I]`` (gated: [gate | up]) or ``[n, I] -> [n, I]``: the contract's activation,
-    with torch's own functions (as transformers' eager experts apply them)."""
+                     alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, interleaved: bool = False
+                     ) -> torch.Tensor:
+    """``[n, 2I] -> [n, I]`` (gated: [gate | up], or interleaved) or ``[n, I] -> [n, I]``: the contract's
+    activation, with torch's own functions (as transformers' eager experts apply them)."""
     activation = resolve_activation(activation, gated)
     if activation == "swiglu_oai":
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = split_gate_up(h, interleaved)
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     if gated:
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = split_gate_up(h, interleaved)
         return _elementwise(gate, activation) * up
     return _elementwise(h, activation)
 
@@ -209,30 +234,40 @@ def _elementwise_and_derivative(v: torch.Tensor, activation: str) -> tuple[torch
 
 
 def activation_backward(h: torch.Tensor, grad_a: torch.Tensor, gated: bool, activation: str | None = None,
-                        alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+                        alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, interleaved: bool = False
+                        ) -> torch.Tensor:
     """d loss / d h, given h (the up projection, as ``apply_activation`` takes it) and d loss / d a."""
+    return activation_and_backward(h, grad_a, gated, activation, alpha, limit, interleaved)[1]
+
+
+def activation_and_backward(h: torch.Tensor, grad_a: torch.Tensor, gated: bool, activation: str | None = None,
+                            alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, interleaved: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, d loss / d h)``: the activation and its backward from one pass over h (they share the sigmoids)."""
     activation = resolve_activation(activation, gated)
     if activation == "swiglu_oai":
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = split_gate_up(h, interleaved)
         g = gate.clamp(max=limit)
         u = up.clamp(min=-limit, max=limit)
         sig = torch.sigmoid(alpha * g)
         glu = g * sig
         d_gate = grad_a * (u + 1) * (sig + alpha * glu * (1 - sig)) * (gate <= limit).to(h.dtype)
         d_up = grad_a * glu * ((up >= -limit) & (up <= limit)).to(h.dtype)  # torch.clamp: inclusive bounds
-        return torch.cat([d_gate, d_up], dim=-1)
+        return (u + 1) * glu, join_gate_up(d_gate, d_up, interleaved)
     if gated:
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = split_gate_up(h, interleaved)
         act, d = _elementwise_and_derivative(gate, activation)
-        return torch.cat([grad_a * up * d, grad_a * act], dim=-1)
-    return grad_a * _elementwise_and_derivative(h, activation)[1]
+        return act * up, join_gate_up(grad_a * up * d, grad_a * act, interleaved)
+    act, d = _elementwise_and_derivative(h, activation)
+    return act, grad_a * d
 
 
 def expert_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gated: bool, activation: str | None = None,
-                   alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None) -> torch.Tensor:
+                   alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None,
+                   interleaved: bool = False) -> torch.Tensor:
     """One expert on rows of ``x`` (the contract's function for one slot, routing weight 1; biases optional)."""
     h = x @ w1.T if b1 is None else x @ w1.T + b1
-    y = apply_activation(h, gated, activation, alpha, limit) @ w2.T
+    y = apply_activation(h, gated, activation, alpha, limit, interleaved) @ w2.T
     return y if b2 is None else y + b2
 
 
@@ -275,7 +310,8 @@ def align_torch(slot_ids: torch.Tensor, num_slots: int, block_m: int):
 
 
 def moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
-                  alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None) -> torch.Tensor:
+                  alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None,
+                  interleaved: bool = False) -> torch.Tensor:
     """The float64 reference: one token-expert pair at a time, no sorting, no tricks. Differentiable
     with torch.autograd (the tests' gradient reference)."""
     x = hidden.double()
@@ -285,7 +321,7 @@ def moe_reference(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activatio
         h = torch.einsum("th,tnh->tn", x, w1[s].double())
         if b1 is not None:
             h = h + b1[s].double()
-        a = apply_activation(h, gated, activation, alpha, limit)
+        a = apply_activation(h, gated, activation, alpha, limit, interleaved)
         y = torch.einsum("ti,thi->th", a, w2[s].double())
         if b2 is not None:
             y = y + b2[s].double()
@@ -307,7 +343,7 @@ def _slot_runs(slot_ids: torch.Tensor, num_slots: int):
     return order, order // K, runs
 
 
-def _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1, b2):
+def _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1, b2, interleaved=False):
     """Every pair's expert output ``[T*K, H]`` (pair order) from two ``torch._grouped_mm`` calls over the
     pairs sorted by slot: no per-slot loop and no host sync. None where this torch build, dtype or the
     strides (multiples of 16 bytes) do not allow it; the caller then loops over slots.
@@ -324,7 +360,7 @@ def _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1
         h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)
         if b1 is not None:
             h = h + b1[flat[order]]
-        y = torch._grouped_mm(apply_activation(h, gated, activation, alpha, limit).contiguous(),
+        y = torch._grouped_mm(apply_activation(h, gated, activation, alpha, limit, interleaved).contiguous(),
                               w2.transpose(1, 2), offs=offs)
     except (RuntimeError, NotImplementedError):  # unsupported here: the per-slot loop computes the same
         return None
@@ -334,7 +370,8 @@ def _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1
 
 
 def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
-              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None) -> torch.Tensor:
+              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None,
+              interleaved: bool = False) -> torch.Tensor:
     """Sort pairs by slot, run the experts as one grouped matmul (or one matmul per contiguous slot run
     where ``torch._grouped_mm`` cannot run), reduce over top-k in fp32."""
     T, K = slot_ids.shape
@@ -342,8 +379,11 @@ def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: s
     pair_out = torch.empty(T * K, hidden.shape[1], dtype=acc, device=hidden.device)
     # bf16/fp16 experts on a CPU whose torch matmul is slow in 16 bits: the per-slot loop with the C++ linear
     # (cpu_linear), which torch._grouped_mm cannot use. Each slot's run is at most T rows.
-    lowp = cpu_linear.use_op(hidden[: min(T, cpu_linear.MAX_ROWS)], w1[0]) if w1.shape[0] else False
-    grouped = None if lowp else _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1, b2)
+    # The C++ linear reads row-major weights; strided views (experts used as stored) take torch's matmuls.
+    lowp = (w1.shape[0] > 0 and w1.is_contiguous() and w2.is_contiguous()
+            and cpu_linear.use_op(hidden[: min(T, cpu_linear.MAX_ROWS)], w1[0]))
+    grouped = None if lowp else _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1, b2,
+                                               interleaved)
     if grouped is not None:
         y, order = grouped
         pair_out[order] = y.to(acc)
@@ -355,21 +395,85 @@ def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: s
             if lowp:
                 h = cpu_linear.linear(xs, w1[slot])
                 h = h if b1 is None else h + b1[slot]
-                a = apply_activation(h, gated, activation, alpha, limit)
+                a = apply_activation(h, gated, activation, alpha, limit, interleaved)
                 y = cpu_linear.linear(a, w2[slot])
                 y = y if b2 is None else y + b2[slot]
             else:
                 h = xs @ w1[slot].T if b1 is None else torch.addmm(b1[slot], xs, w1[slot].T)
-                a = apply_activation(h, gated, activation, alpha, limit)
+                a = apply_activation(h, gated, activation, alpha, limit, interleaved)
                 y = a @ w2[slot].T if b2 is None else torch.addmm(b2[slot], a, w2[slot].T)
             pair_out[order[start : start + n]] = y.to(acc)
     pair_out *= topk_weights.reshape(-1, 1).to(acc)
     return pair_out.view(T, K, hidden.shape[1]).sum(1).to(hidden.dtype)  # explicit H: T may be 0
 
 
+def _grouped_weight_grad(left, right, offs, like):
+    """Per slot ``left[rows of s].T @ right[rows of s]`` as one grouped matmul, laid out with ``like``'s strides (a
+    transposed view's gradient is computed transposed, so it costs no copy either)."""
+    if like.stride(1) == 1 and like.stride(2) != 1:  # a transposed view: compute [S, cols, rows], hand back its .mT
+        return torch._grouped_mm(right.T, left, offs=offs).transpose(1, 2)
+    return torch._grouped_mm(left.T, right, offs=offs)
+
+
+def _grouped_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit, needs, b1, b2,
+                      interleaved):
+    """``moe_torch_backward``'s gradients from ``torch._grouped_mm`` calls over the pairs sorted by slot (no per-slot
+    loop, no host sync); None where this torch, dtype or the strides do not allow it. The per-slot loop's Python
+    and matmul calls cost a training step 1.2x transformers' grouped_mm (``benchmarks/train_step.py``)."""
+    if not hasattr(torch, "_grouped_mm") or hidden.dtype == torch.float64 or hidden.shape[0] == 0:
+        return None
+    need_h, need_w, need_w1, need_w2, need_b1, need_b2 = needs
+    T, K = slot_ids.shape
+    H, dtype, acc = hidden.shape[1], hidden.dtype, torch.float32
+    flat = slot_ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    slots = flat[order]
+    counts = torch.bincount(flat, minlength=w1.shape[0])
+    offs = counts.cumsum(0).to(torch.int32)
+    tok = order // K
+    xs, gs = hidden[tok], grad_out[tok]
+    ws = topk_weights.reshape(-1)[order].to(acc)[:, None]
+    out = [None] * 6
+    try:
+        h = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs).to(acc)
+        if b1 is not None:
+            h = h + b1[slots].to(acc)
+        g_w2 = torch._grouped_mm(gs, w2, offs=offs).to(acc)  # d loss / d a for routing weight 1
+        gw = gs.to(acc) * ws
+        a, d_h = activation_and_backward(h, g_w2 * ws, gated, activation, alpha, limit, interleaved)
+        d_h = d_h.to(dtype)
+        if need_w or need_w2:
+            if need_w:
+                d_weight = (g_w2 * a).sum(-1)
+                if b2 is not None:
+                    d_weight += (gs.to(acc) * b2[slots].to(acc)).sum(-1)
+                out[1] = torch.empty_like(d_weight).index_copy_(0, order, d_weight).view(T, K).to(topk_weights.dtype)
+            if need_w2:
+                out[3] = _grouped_weight_grad(gw, a, offs, w2).to(w2.dtype)
+        if need_b2:
+            out[5] = torch.zeros(b2.shape, dtype=acc, device=b2.device).index_add_(0, slots, gw).to(b2.dtype)
+        if need_h or need_w1 or need_b1:
+            if need_w1:
+                out[2] = _grouped_weight_grad(d_h, xs, offs, w1)
+            if need_b1:
+                out[4] = torch.zeros(b1.shape, dtype=acc, device=b1.device).index_add_(0, slots, d_h.to(acc)) \
+                    .to(b1.dtype)
+            if need_h:
+                d_pair = torch._grouped_mm(d_h, w1, offs=offs).to(acc)
+                out[0] = torch.empty_like(d_pair).index_copy_(0, order, d_pair).view(T, K, H).sum(1).to(dtype)
+    except (RuntimeError, NotImplementedError):  # unsupported here: the per-slot loop computes the same
+        return None
+    if hidden.device.type != "cpu":  # the CPU kernel writes zeros for an empty group; others are not promised to
+        empty = torch.nonzero(counts == 0).flatten()
+        for i in (2, 3):
+            if out[i] is not None:
+                out[i].index_fill_(0, empty, 0)
+    return out
+
+
 def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
                        alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT,
-                       needs=(True, True, True, True), b1=None, b2=None):
+                       needs=(True, True, True, True), b1=None, b2=None, interleaved: bool = False):
     """Gradients of ``moe_torch``'s function: ``(d hidden, d topk_weights, d w1, d w2)``, and with six ``needs``
     flags (expert biases) ``(..., d b1, d b2)``; an entry whose ``needs`` flag is False comes back as None.
 
@@ -379,6 +483,10 @@ def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: 
     """
     need_h, need_w, need_w1, need_w2 = needs[:4]
     need_b1, need_b2 = (tuple(needs[4:]) + (False, False))[:2]
+    grouped = _grouped_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit,
+                                (need_h, need_w, need_w1, need_w2, need_b1, need_b2), b1, b2, interleaved)
+    if grouped is not None:
+        return tuple(grouped) if len(needs) > 4 else tuple(grouped[:4])
     T, K = slot_ids.shape
     H, dtype, device = hidden.shape[1], hidden.dtype, hidden.device
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -399,7 +507,7 @@ def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: 
             h = h + b1[slot].to(acc)
         g_w2 = (gs @ w2[slot]).to(acc)  # d loss / d a for routing weight 1: [n, I]
         if need_w or need_w2:
-            a = apply_activation(h, gated, activation, alpha, limit)
+            a = apply_activation(h, gated, activation, alpha, limit, interleaved)
             if need_w:  # d loss / d w[t, k] = g[t] . (a @ w2.T + b2) = (g[t] @ w2) . a + g[t] . b2
                 d_weight[pairs] = (g_w2 * a).sum(-1)
                 if b2 is not None:
@@ -409,7 +517,7 @@ def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: 
         if need_b2:
             d_b2[slot] = (gs.to(acc) * ws).sum(0).to(b2.dtype)
         if need_h or need_w1 or need_b1:
-            d_h = activation_backward(h, g_w2 * ws, gated, activation, alpha, limit).to(dtype)  # [n, N1]
+            d_h = activation_backward(h, g_w2 * ws, gated, activation, alpha, limit, interleaved).to(dtype)  # [n, N1]
             if need_w1:
                 d_w1[slot] = d_h.T @ xs
             if need_b1:

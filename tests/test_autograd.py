@@ -210,3 +210,69 @@ def test_gpu_triton_forward_with_backward(gated, activation, dtype):
     want = reference_grads(x, s.cuda(), w, w1, w2, gated, activation, grad_out)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= TOL[dtype]
+
+
+# ---- GPT-OSS's stored layout read as stored: gate_up [S, H, 2I] with gate/up interleaved, down [S, I, H], biases ----
+def stored_case(T, K, S, H, I, dtype, seed):
+    """Leaves in GPT-OSS's layout (fresh random values, biases included)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g, dtype=torch.float64)
+    gate_up = 2.0 * torch.randn(S, H, 2 * I, generator=g, dtype=torch.float64) / H ** 0.5
+    down = torch.randn(S, I, H, generator=g, dtype=torch.float64) / I ** 0.5
+    b1 = 0.5 * torch.randn(S, 2 * I, generator=g, dtype=torch.float64)
+    b2 = 0.5 * torch.randn(S, H, generator=g, dtype=torch.float64)
+    s = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)]) if T else torch.empty(0, K, dtype=torch.long)
+    w = torch.rand(T, K, generator=g, dtype=torch.float64) + 0.1
+    return s, [t.to(dtype).requires_grad_() for t in (x, w, gate_up, down, b1, b2)]
+
+
+def stored_reference(s, x, w, gate_up, down, b1, b2, activation):
+    """float64 reference on the op's concatenated layout, reached by explicit (differentiable) de-interleaving."""
+    w1 = torch.cat([gate_up[:, :, 0::2], gate_up[:, :, 1::2]], dim=2).transpose(1, 2)
+    b1c = torch.cat([b1[:, 0::2], b1[:, 1::2]], dim=1)
+    return moe_reference(x, s, w, w1, down.transpose(1, 2), True, activation, 1.702, LIMIT, b1=b1c, b2=b2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["swiglu_oai", "silu"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("T,K,S,H,I", [(9, 2, 5, 12, 7), (1, 4, 6, 5, 3), (0, 2, 3, 8, 4)])
+def test_interleaved_transposed_weights_match_the_float64_reference(T, K, S, H, I, backend, activation, dtype):
+    """Forward and gradients (hidden, routing weights, both weights, both biases) of the op on transposed views
+    with interleaved=True, against float64 autograd of the de-interleaved reference; gradients keep the stored
+    layout (they reach the stored [S, H, 2I] / [S, I, H] parameters through the views)."""
+    s, mine = stored_case(T, K, S, H, I, dtype, seed=T + 7 * K)
+    x, w, gate_up, down, b1, b2 = mine
+    out = ops.fused_moe(x, s, w, gate_up.transpose(1, 2), down.transpose(1, 2), True, backend=backend,
+                        activation=activation, limit=LIMIT, b1=b1, b2=b2, interleaved=True)
+    leaves = [t.detach().double().requires_grad_() for t in mine]
+    ref = stored_reference(s, *leaves, activation)
+    assert out.shape == (T, H) and out.dtype == dtype
+    if T == 0:
+        return
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert rel_err(out, ref) <= TOL[dtype]
+    got = torch.autograd.grad(out, mine, g.to(dtype))
+    want = torch.autograd.grad(ref, leaves, g)
+    for name, a, b, leaf in zip(("hidden", "weights", "gate_up", "down", "b1", "b2"), got, want, mine):
+        assert a.shape == leaf.shape, name
+        assert rel_err(a, b) <= TOL[dtype], f"{name}: {rel_err(a, b):.2e}"
+    # the layout matters: reading the same storage as concatenated gate/up gives another function
+    concat = ops.fused_moe(x, s, w, gate_up.transpose(1, 2), down.transpose(1, 2), True, backend=backend,
+                           activation=activation, limit=LIMIT, b1=b1, b2=b2)
+    assert rel_err(concat, ref) > 1e-2
+
+
+def test_interleaved_gradcheck_float64_without_biases():
+    s, (x, w, gate_up, down, _, _) = stored_case(4, 2, 3, 5, 3, torch.float64, seed=3)
+    f = lambda x, w, gu, dn: ops.fused_moe(x, s, w, gu.transpose(1, 2), dn.transpose(1, 2), True,  # noqa: E731
+                                           backend="torch", activation="swiglu_oai", limit=LIMIT, interleaved=True)
+    assert torch.autograd.gradcheck(f, (x, w, gate_up, down))
+
+
+def test_interleaved_needs_gated_experts():
+    from multimoe_rt.errors import UsageError
+
+    x, s, w, w1, w2 = make_case(3, 1, 2, 4, 3, gated=False, dtype=torch.float32)
+    with pytest.raises(UsageError, match="interleaved=True needs gated experts"):
+        ops.fused_moe(x, s, w, w1, w2, False, backend="torch", interleaved=True)

@@ -161,6 +161,36 @@ def test_shape_and_dtype_errors():
         fused_moe_triton(hidden, slot_ids, weights, w1, w2, True, activation="quick_gelu")
 
 
+def check_stored_layout(T, K, S, H, I, dtype, activation, device="cpu", seed=0):
+    """GPT-OSS's layout read as stored: gate_up [S, H, 2I] (gate/up interleaved), down [S, I, H], biases; the kernel
+    gets transposed views and interleaved=True, the float64 reference the de-interleaved copies."""
+    hidden, slot_ids, weights, _, _ = make_case(T, K, S, H, I, True, dtype, seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    gate_up = (torch.randn(S, H, 2 * I, generator=g) / H ** 0.5).to(dtype=dtype, device=device)
+    down = (torch.randn(S, I, H, generator=g) / I ** 0.5).to(dtype=dtype, device=device)
+    b1 = (0.5 * torch.randn(S, 2 * I, generator=g)).to(dtype=dtype, device=device)
+    b2 = (0.5 * torch.randn(S, H, generator=g)).to(dtype=dtype, device=device)
+    ws = allocate_workspace(T, K, H, I, S, dtype, device)
+    for buf in ws.values():
+        buf.fill_(float("nan") if buf.is_floating_point() else -7)
+    out = fused_moe_triton(hidden, slot_ids, weights, gate_up.transpose(1, 2), down.transpose(1, 2), True,
+                           workspace=ws, activation=activation, limit=1.5, b1=b1, b2=b2, interleaved=True)
+    assert bool(torch.isfinite(out).all()), "an output element was not written (NaN poison survived)"
+    w1 = torch.cat([gate_up[:, :, 0::2], gate_up[:, :, 1::2]], dim=2).transpose(1, 2)
+    b1c = torch.cat([b1[:, 0::2], b1[:, 1::2]], dim=1)
+    ref = moe_reference(hidden, slot_ids, weights, w1, down.transpose(1, 2), True, activation, 1.702, 1.5, b1=b1c,
+                        b2=b2)
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"rel err {err:.2e} > {TOL[dtype]:.0e} (T={T} H={H} I={I} {dtype} {activation})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["swiglu_oai", "gelu"])
+@pytest.mark.parametrize("T,K,S,H,I", [(5, 2, 4, 24, 20), (19, 4, 6, 40, 17)])
+def test_interleaved_transposed_weights_as_stored(T, K, S, H, I, dtype, activation):
+    check_stored_layout(T, K, S, H, I, dtype, activation, seed=T)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T", [1, 4, 64, 1000, 4096])
@@ -183,3 +213,10 @@ def test_gpu_activations(T, dtype, gated, activation):
 def test_gpu_odd_and_large(T, H, I):
     run_and_check(T, 2, S=8, H=H, I=I, gated=True, dtype=torch.bfloat16, seed=H, device="cuda")
     run_and_check(T, 2, S=8, H=H, I=I, gated=True, dtype=torch.float32, seed=I, device="cuda", slots=[0, 7])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 64, 1000])
+def test_gpu_interleaved_transposed_weights_as_stored(T, dtype):
+    check_stored_layout(T, 4, S=16, H=192, I=160, dtype=dtype, activation="swiglu_oai", device="cuda", seed=T)

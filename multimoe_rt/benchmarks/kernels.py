@@ -23,6 +23,8 @@ copies in float64); a wrong output aborts the run. Medians over repetitions afte
 On GPU the rows also carry achieved GB/s (decode: bytes of the experts touched) and TFLOP/s (prefill)
 and their fraction of the measured device ceilings (D2D copy bandwidth, large bf16 matmul).
 JSON goes to kernels-<host>.json in the results folder (or --out).
+A training step of each family through transformers (experts_implementation="multimoe" against eager and
+grouped_mm) is ``python -m multimoe_rt.benchmarks.train_step``.
 """
 from __future__ import annotations
 

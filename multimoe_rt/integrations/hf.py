@@ -19,7 +19,6 @@ gradient checkpointing): gradients reach the hidden states and routing weights, 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .. import families, ops
@@ -54,9 +53,9 @@ def multimoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """``ExpertsInterface`` entry: our fused op on the module's own ``gate_up_proj`` (or ``up_proj``
     without a gate) and ``down_proj``, with the module's activation and biases; differentiable.
 
-    Experts stored another way (GPT-OSS: ``is_transposed``, gate and up interleaved, ``has_bias``) are brought to
-    the op's layout on each call (de-interleave, transpose: differentiable copies of the weights), the same
-    conversion ``families`` applies once when it reads such a checkpoint into a slab."""
+    Experts stored another way (GPT-OSS: ``is_transposed``, gate and up interleaved, ``has_bias``) are read as
+    stored: the op takes transposed views and ``interleaved=True``, so no weight is copied per call (the copies
+    made a GPT-OSS training step 1.66x transformers' ``grouped_mm``; ``benchmarks/train_step.py``)."""
     if getattr(self, "has_post_expert_norm", False) or getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError(f"experts_implementation='multimoe' supports neither a post-expert norm nor "
                                   f"expert parallelism; {type(self).__name__} uses one")
@@ -66,15 +65,11 @@ def multimoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     b1 = b2 = None
     if self.has_bias:
         b1, b2 = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias), self.down_proj_bias
-    if self.is_transposed:  # [E, H, N1] and [E, I, H]
+    if self.is_transposed:  # [E, H, N1] and [E, I, H]: views in the op's [E, N1, H] / [E, H, I] order
         w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
-    if self.has_gate and not self.is_concatenated:  # gate and up interleaved: rows 0::2 gate, 1::2 up
-        w1 = torch.cat([w1[:, 0::2], w1[:, 1::2]], dim=1)
-        if b1 is not None:
-            b1 = torch.cat([b1[:, 0::2], b1[:, 1::2]], dim=1)
-    return ops.fused_moe(hidden_states, top_k_index, routing_weights(hidden_states, top_k_weights), w1.contiguous(),
-                         w2.contiguous(), gated=self.has_gate, check_slots=False, activation=activation, alpha=alpha,
-                         limit=limit, b1=b1, b2=b2)
+    return ops.fused_moe(hidden_states, top_k_index, routing_weights(hidden_states, top_k_weights), w1, w2,
+                         gated=self.has_gate, check_slots=False, activation=activation, alpha=alpha, limit=limit,
+                         b1=b1, b2=b2, interleaved=self.has_gate and not self.is_concatenated)
 
 
 _registered = False

@@ -37,7 +37,9 @@ import triton.language as tl
 from ..delta import INT4_GROUP, DeltaError, DeltaPools, as_tensors
 from ..torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation_args, check_moe_inputs, resolve_activation
 from .align import align_triton, check_launchable, interpreting
-from .grouped_gemm import _ACT_CODE, _activate, _reduce_k_kernel, _work, select_config
+from .grouped_gemm import _work, select_config
+from .tiles import ACT_CODE, block_cols, block_rows, gate_up_dot, gated_activation, load_tile, reduce_k, store_rows, \
+    store_weighted_rows
 
 DESC_WIDTH = 5
 
@@ -59,6 +61,32 @@ def _int4_tile(codes_ptr, scales_ptr, rows, kk, stride_row, stride_srow, mask, G
 
 
 @triton.jit
+def _descriptor(desc_ptr, key):
+    """An expert id's descriptor (``DeltaPools``): base slot, sign1 index, lowrank start and rank, int4 index."""
+    d = desc_ptr + key.to(tl.int64) * 5
+    return tl.load(d), tl.load(d + 1), tl.load(d + 2).to(tl.int64), tl.load(d + 3), tl.load(d + 4)
+
+
+@triton.jit
+def _lowrank_v_tile(v_ptr, offs_r, kk, row_len, k_ok, r_ok, UPCAST: tl.constexpr):
+    """V [rank, row_len] of a lowrank delta at columns ``kk``, transposed: [BLOCK_K, BLOCK_R]."""
+    return load_tile(v_ptr + offs_r[None, :] * row_len + kk[:, None], k_ok[:, None] & r_ok[None, :], UPCAST)
+
+
+@triton.jit
+def _lowrank_add(acc, xr, u_ptr, rows, offs_r, rank, r_ok, n_ok, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + (x @ V.T) @ U[rows].T: U [N, rank] read transposed as [BLOCK_R, BLOCK_N]."""
+    ut = load_tile(u_ptr + rows[None, :] * rank + offs_r[:, None], r_ok[:, None] & n_ok[None, :], UPCAST)
+    return tl.dot(xr, ut, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _sign_scaled(acc, sgn, scale_ptr, rows, n_ok):
+    """acc + the +-1 product scaled per output row (sign1's one scale per row)."""
+    return acc + sgn * tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _delta_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_key_ptr, desc_ptr,
                      sb_ptr, ss_ptr, lr_ptr, q_ptr, qs_ptr,
                      num_pairs, H, I, N1,
@@ -69,23 +97,12 @@ def _delta_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_key_ptr, desc_p
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, HAS_SIGN: tl.constexpr, HAS_LR: tl.constexpr, HAS_INT4: tl.constexpr,
                      BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    key = tl.load(block_key_ptr + pid_m)
+    key = tl.load(block_key_ptr + tl.program_id(0))
     if key < 0:
         return
-    d = desc_ptr + key.to(tl.int64) * 5
-    slot = tl.load(d)
-    si = tl.load(d + 1)
-    lr_start = tl.load(d + 2).to(tl.int64)
-    rank = tl.load(d + 3)
-    qi = tl.load(d + 4)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
-    row_ok = pair < num_pairs
-    token = pair // TOP_K
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
+    slot, si, lr_start, rank, qi = _descriptor(desc_ptr, key)
+    pair, row_ok = block_rows(sorted_ptr, num_pairs, BLOCK_M)
+    offs_n, n_ok = block_cols(I, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
@@ -94,7 +111,7 @@ def _delta_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_key_ptr, desc_p
     qb = q_ptr + qi.to(tl.int64) * stride_qe
     qsb = qs_ptr + qi.to(tl.int64) * stride_qse
 
-    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    x_ptrs = x_ptr + (pair // TOP_K)[:, None] * stride_xt + offs_k[None, :] * stride_xh
     g_ptrs = w1_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wh
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -105,17 +122,8 @@ def _delta_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_key_ptr, desc_p
         kk = k0 + offs_k
         k_ok = kk < H
         tile_ok = k_ok[:, None] & n_ok[None, :]
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=tile_ok, other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            g = g.to(tl.float32)
-        acc_g = tl.dot(x, g, acc_g, input_precision=DOT_PRECISION)
-        if GATED:
-            u = tl.load(g_ptrs + I * stride_wn, mask=tile_ok, other=0.0)
-            if UPCAST:
-                u = u.to(tl.float32)
-            acc_u = tl.dot(x, u, acc_u, input_precision=DOT_PRECISION)
+        x = load_tile(x_ptrs, row_ok[:, None] & k_ok[None, :], UPCAST)
+        acc_g, acc_u = gate_up_dot(x, g_ptrs, I * stride_wn, tile_ok, acc_g, acc_u, GATED, UPCAST, DOT_PRECISION)
         if HAS_SIGN:
             if si >= 0:
                 t = _sign_tile(sb, offs_n, kk, stride_sbn, tile_ok).to(x.dtype)
@@ -132,45 +140,27 @@ def _delta_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_key_ptr, desc_p
                     acc_u = tl.dot(x, t, acc_u, input_precision=DOT_PRECISION)
         if HAS_LR:
             if rank > 0:
-                v = tl.load(lr_base + N1 * rank + offs_r[None, :] * H + kk[:, None],
-                            mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-                if UPCAST:
-                    v = v.to(tl.float32)
+                v = _lowrank_v_tile(lr_base + N1 * rank, offs_r, kk, H, k_ok, r_ok, UPCAST)
                 xv = tl.dot(x, v, xv, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
         g_ptrs += BLOCK_K * stride_wh
     if HAS_SIGN:
         if si >= 0:
-            sc = tl.load(ss_ptr + si.to(tl.int64) * stride_sse + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            acc_g += sgn_g * sc[None, :]
+            scales = ss_ptr + si.to(tl.int64) * stride_sse
+            acc_g = _sign_scaled(acc_g, sgn_g, scales, offs_n, n_ok)
             if GATED:
-                sc = tl.load(ss_ptr + si.to(tl.int64) * stride_sse + I + offs_n, mask=n_ok, other=0.0)
-                acc_u += sgn_u * sc.to(tl.float32)[None, :]
+                acc_u = _sign_scaled(acc_u, sgn_u, scales, offs_n + I, n_ok)
     if HAS_LR:
         if rank > 0:
-            xr = xv.to(x_ptr.dtype.element_ty)
-            ut = tl.load(lr_base + offs_n[None, :] * rank + offs_r[:, None], mask=r_ok[:, None] & n_ok[None, :],
-                         other=0.0)
+            xr = xv.to(x_ptr.dtype.element_ty)  # rounded to the input dtype, as the torch backend's two matmuls do
             if UPCAST:
                 xr = xr.to(tl.float32)
-                ut = ut.to(tl.float32)
-            acc_g = tl.dot(xr, ut, acc_g, input_precision=DOT_PRECISION)
+            acc_g = _lowrank_add(acc_g, xr, lr_base, offs_n, offs_r, rank, r_ok, n_ok, UPCAST, DOT_PRECISION)
             if GATED:
-                ut = tl.load(lr_base + (offs_n[None, :] + I) * rank + offs_r[:, None],
-                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:
-                    ut = ut.to(tl.float32)
-                acc_u = tl.dot(xr, ut, acc_u, input_precision=DOT_PRECISION)
-    if ACTIVATION == 4:  # clamped SwiGLU (GPT-OSS), gated only
-        gate = tl.minimum(acc_g, limit)
-        up = tl.minimum(tl.maximum(acc_u, -limit), limit)
-        act = (up + 1.0) * (gate * tl.sigmoid(alpha * gate))
-    elif GATED:
-        act = _activate(acc_g, ACTIVATION) * acc_u
-    else:
-        act = _activate(acc_g, ACTIVATION)
-    out_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_n[None, :]
-    tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+                acc_u = _lowrank_add(acc_u, xr, lr_base, offs_n + I, offs_r, rank, r_ok, n_ok, UPCAST,
+                                     DOT_PRECISION)
+    act = gated_activation(acc_g, acc_u, alpha, limit, GATED, ACTIVATION)
+    store_rows(inter_ptr, pair, stride_ip, offs_n, act, row_ok, n_ok)
 
 
 @triton.jit
@@ -183,22 +173,12 @@ def _delta_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        HAS_SIGN: tl.constexpr, HAS_LR: tl.constexpr, HAS_INT4: tl.constexpr,
                        BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    key = tl.load(block_key_ptr + pid_m)
+    key = tl.load(block_key_ptr + tl.program_id(0))
     if key < 0:
         return
-    d = desc_ptr + key.to(tl.int64) * 5
-    slot = tl.load(d)
-    si = tl.load(d + 1)
-    lr_start = tl.load(d + 2).to(tl.int64)
-    rank = tl.load(d + 3)
-    qi = tl.load(d + 4)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
-    row_ok = pair < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < H
+    slot, si, lr_start, rank, qi = _descriptor(desc_ptr, key)
+    pair, row_ok = block_rows(sorted_ptr, num_pairs, BLOCK_M)
+    offs_n, n_ok = block_cols(H, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
@@ -216,12 +196,8 @@ def _delta_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block
         kk = k0 + offs_k
         k_ok = kk < I
         tile_ok = k_ok[:, None] & n_ok[None, :]
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=tile_ok, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a = load_tile(a_ptrs, row_ok[:, None] & k_ok[None, :], UPCAST)
+        acc = tl.dot(a, load_tile(b_ptrs, tile_ok, UPCAST), acc, input_precision=DOT_PRECISION)
         if HAS_SIGN:
             if si >= 0:
                 t = _sign_tile(sb, offs_n, kk, stride_sbn, tile_ok).to(a.dtype)
@@ -232,30 +208,20 @@ def _delta_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block
                 acc = tl.dot(a, t, acc, input_precision=DOT_PRECISION)
         if HAS_LR:
             if rank > 0:
-                v = tl.load(lr_base + H * rank + offs_r[None, :] * I + kk[:, None],
-                            mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-                if UPCAST:
-                    v = v.to(tl.float32)
+                v = _lowrank_v_tile(lr_base + H * rank, offs_r, kk, I, k_ok, r_ok, UPCAST)
                 av = tl.dot(a, v, av, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wi
     if HAS_SIGN:
         if si >= 0:
-            sc = tl.load(ss_ptr + si.to(tl.int64) * stride_sse + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            acc += sgn * sc[None, :]
+            acc = _sign_scaled(acc, sgn, ss_ptr + si.to(tl.int64) * stride_sse, offs_n, n_ok)
     if HAS_LR:
         if rank > 0:
             ar = av.to(inter_ptr.dtype.element_ty)
-            ut = tl.load(lr_base + offs_n[None, :] * rank + offs_r[:, None], mask=r_ok[:, None] & n_ok[None, :],
-                         other=0.0)
             if UPCAST:
                 ar = ar.to(tl.float32)
-                ut = ut.to(tl.float32)
-            acc = tl.dot(ar, ut, acc, input_precision=DOT_PRECISION)
-    weight = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
-    acc = acc * weight[:, None]
-    out_ptrs = out_ptr + pair[:, None] * stride_op + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+            acc = _lowrank_add(acc, ar, lr_base, offs_n, offs_r, rank, r_ok, n_ok, UPCAST, DOT_PRECISION)
+    store_weighted_rows(out_ptr, topk_w_ptr, pair, stride_op, offs_n, acc, row_ok, n_ok)
 
 
 def delta_workspace_shapes(max_tokens: int, top_k: int, hidden: int, intermediate: int, num_ids: int,
@@ -360,7 +326,7 @@ def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_
         T * K, H, I, N1,
         hidden.stride(0), hidden.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), inter.stride(0), *s1,
         float(alpha), float(limit),
-        TOP_K=K, GATED=bool(gated), ACTIVATION=_ACT_CODE[activation], UPCAST=upcast, DOT_PRECISION=precision,
+        TOP_K=K, GATED=bool(gated), ACTIVATION=ACT_CODE[activation], UPCAST=upcast, DOT_PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **flags, **launch)
     _delta_down_kernel[(num_blocks, triton.cdiv(H, bn))](
         inter, w2, weights, pair_out, sorted_ids, block_key, desc, *p2,
@@ -368,9 +334,6 @@ def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_
         inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0), *s2,
         UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **flags, **launch)
     if K > 1:
-        bh = min(cfg["reduce"]["BLOCK_H"], triton.next_power_of_2(H))
-        _reduce_k_kernel[(T, triton.cdiv(H, bh))](
-            pair_out, out, H, pair_out.stride(0), out.stride(0),
-            TOP_K=K, BLOCK_H=bh, num_warps=cfg["reduce"]["num_warps"])
+        reduce_k(pair_out, out, K, cfg)
     return out
 

@@ -8,12 +8,12 @@ Steps (all on the device, no host sync):
   1. align_triton: pairs p = t*K + k sorted by slot, each slot's run padded to BLOCK_M (sentinel T*K);
      block_slot[b] says which slab slot block b multiplies with (-1: block past the end, exits at once).
   2. _moe_up_kernel: gathers token rows x[p // K], multiplies by w1[slot] (gate rows [0:I] and up rows
-     [I:2I] as two tiles with two accumulators), applies the activation in fp32 in the epilogue
+     [I:2I], or interleaved rows 0::2 and 1::2, as two tiles with two accumulators), applies the activation in fp32 in the epilogue
      (act(gate)*up, act(x) ungated, or the clamped SwiGLU (up+1)*gate*sigmoid(alpha*gate)), writes the
      intermediate [T*K, I] in the compute dtype.
   3. _moe_down_kernel: intermediate @ w2[slot].T, times the routing weight, writes the per-pair output
      [T*K, H] in fp32 (for K == 1 straight into the output).
-  4. _reduce_k_kernel: out[t] = sum_k pair_out[t*K + k] in fp32, in k order: deterministic, no atomics.
+  4. tiles.reduce_k_kernel: out[t] = sum_k pair_out[t*K + k] in fp32, in k order: deterministic, no atomics.
 
 Precision: fp32 accumulation everywhere. For fp32 inputs tl.dot gets input_precision="ieee" so they are
 not rounded to tf32 (for bf16/fp16 the default is passed). Under the Triton interpreter (CPU tensors),
@@ -43,141 +43,77 @@ import triton
 import triton.language as tl
 
 from ..config import settings
-from ..torch_moe import ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation_args, check_moe_inputs, \
-    resolve_activation
+from ..torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation_args, check_moe_inputs, resolve_activation
 from .align import align_triton, check_launchable, interpreting, padded_size
+from .tiles import ACT_CODE, block_cols, block_rows, gate_up_dot, gated_activation, load_tile, reduce_k, store_rows, \
+    store_weighted_rows
 
 _DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-# The ACTIVATION constexpr of _moe_up_kernel: torch_moe.ACTIVATIONS in order.
-_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
-assert ACTIVATIONS == ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
-
-
-@triton.jit
-def _activate(v, ACTIVATION: tl.constexpr):
-    """The elementwise activation in fp32 (codes: _ACT_CODE)."""
-    if ACTIVATION == 0:    # silu
-        out = v * tl.sigmoid(v)
-    elif ACTIVATION == 1:  # gelu, exact: x * Phi(x)
-        out = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-    elif ACTIVATION == 2:  # gelu, tanh form: 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi)(x + 0.044715 x^3)
-        out = v * tl.sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
-    else:                  # relu
-        out = tl.maximum(v, 0.0)
-    return out
 
 
 @triton.jit
 def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr, b1_ptr,
                    num_pairs, H, I,
-                   stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ip, stride_bs,
-                   alpha, limit,
+                   stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, w_up_off, stride_ip, stride_bs, stride_bn,
+                   b_up_off, alpha, limit,
                    TOP_K: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr = False):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slot = tl.load(block_slot_ptr + pid_m)
+    slot = tl.load(block_slot_ptr + tl.program_id(0))
     if slot < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
-    row_ok = pair < num_pairs
-    token = pair // TOP_K
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
+    pair, row_ok = block_rows(sorted_ptr, num_pairs, BLOCK_M)
+    offs_n, n_ok = block_cols(I, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-
-    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
-    # w1[slot] is [N1, H]; load it transposed as [BLOCK_K, BLOCK_N] tiles.
+    x_ptrs = x_ptr + (pair // TOP_K)[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    # stride_wn steps from one gate (or up) column to the next: one row, or two where gate and up interleave.
     g_ptrs = w1_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wh
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k_ok = offs_k < H - k0
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            g = g.to(tl.float32)
-        acc_g = tl.dot(x, g, acc_g, input_precision=DOT_PRECISION)
-        if GATED:
-            # Up rows sit I rows below the gate rows of the same slot.
-            u = tl.load(g_ptrs + I * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                u = u.to(tl.float32)
-            acc_u = tl.dot(x, u, acc_u, input_precision=DOT_PRECISION)
+        x = load_tile(x_ptrs, row_ok[:, None] & k_ok[None, :], UPCAST)
+        acc_g, acc_u = gate_up_dot(x, g_ptrs, w_up_off, k_ok[:, None] & n_ok[None, :], acc_g, acc_u, GATED, UPCAST,
+                                   DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
         g_ptrs += BLOCK_K * stride_wh
-    if HAS_BIAS:  # b1[slot] is [N1]: gate then up, like w1's rows
-        b_ptrs = b1_ptr + slot.to(tl.int64) * stride_bs + offs_n
+    if HAS_BIAS:  # b1[slot] is [N1], laid out like w1's rows
+        b_ptrs = b1_ptr + slot.to(tl.int64) * stride_bs + offs_n * stride_bn
         acc_g += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc_u += tl.load(b_ptrs + I, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION == 4:  # clamped SwiGLU (GPT-OSS), gated only
-        gate = tl.minimum(acc_g, limit)
-        up = tl.minimum(tl.maximum(acc_u, -limit), limit)
-        act = (up + 1.0) * (gate * tl.sigmoid(alpha * gate))
-    elif GATED:
-        act = _activate(acc_g, ACTIVATION) * acc_u
-    else:
-        act = _activate(acc_g, ACTIVATION)
-    out_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_n[None, :]
-    tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+            acc_u += tl.load(b_ptrs + b_up_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    act = gated_activation(acc_g, acc_u, alpha, limit, GATED, ACTIVATION)
+    store_rows(inter_ptr, pair, stride_ip, offs_n, act, row_ok, n_ok)
 
 
 @triton.jit
 def _moe_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block_slot_ptr, b2_ptr,
                      num_pairs, H, I,
-                     stride_ip, stride_ws, stride_wh, stride_wi, stride_op, stride_bs,
+                     stride_ip, stride_ws, stride_wh, stride_wi, stride_op, stride_bs, stride_bh,
                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      HAS_BIAS: tl.constexpr = False):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slot = tl.load(block_slot_ptr + pid_m)
+    slot = tl.load(block_slot_ptr + tl.program_id(0))
     if slot < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
-    row_ok = pair < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < H
+    pair, row_ok = block_rows(sorted_ptr, num_pairs, BLOCK_M)
+    offs_n, n_ok = block_cols(H, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-
     a_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_k[None, :]
-    # w2[slot] is [H, I]; load it transposed as [BLOCK_K, BLOCK_N] tiles.
     b_ptrs = w2_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wh + offs_k[:, None] * stride_wi
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k_ok = offs_k < I - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        a = load_tile(a_ptrs, row_ok[:, None] & k_ok[None, :], UPCAST)
+        b = load_tile(b_ptrs, k_ok[:, None] & n_ok[None, :], UPCAST)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wi
     if HAS_BIAS:  # b2[slot] is [H]
-        acc += tl.load(b2_ptr + slot.to(tl.int64) * stride_bs + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    weight = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
-    acc = acc * weight[:, None]
-    out_ptrs = out_ptr + pair[:, None] * stride_op + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _reduce_k_kernel(pair_ptr, out_ptr, H, stride_pp, stride_ot,
-                     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ok = offs < H
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for k in range(TOP_K):  # fixed k order: bitwise reproducible
-        acc += tl.load(pair_ptr + (t * TOP_K + k) * stride_pp + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        acc += tl.load(b2_ptr + slot.to(tl.int64) * stride_bs + offs_n * stride_bh, mask=n_ok,
+                       other=0.0).to(tl.float32)[None, :]
+    store_weighted_rows(out_ptr, topk_w_ptr, pair, stride_op, offs_n, acc, row_ok, n_ok)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -266,10 +202,13 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
                      w1: torch.Tensor, w2: torch.Tensor, gated: bool, config: dict | None = None,
                      workspace: dict | None = None, activation: str | None = None, alpha: float = SWIGLU_ALPHA,
                      limit: float = SWIGLU_LIMIT, b1: torch.Tensor | None = None,
-                     b2: torch.Tensor | None = None) -> torch.Tensor:
+                     b2: torch.Tensor | None = None, interleaved: bool = False) -> torch.Tensor:
     """Contract fused_moe on the slab. Returns [T, H] in hidden.dtype.
 
     b1 [S, N1] / b2 [S, H] (optional, together): expert biases, added in fp32 in the epilogues.
+
+    w1, w2, b1, b2 may be strided views (read through their strides, never copied); ``interleaved``: gate and
+    up alternate along w1's rows and b1's entries (GPT-OSS's stored layout).
 
     activation: torch_moe.ACTIVATIONS (or a transformers name); None = SiLU gated, ReLU ungated.
 
@@ -282,8 +221,6 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
     if (b1 is None) != (b2 is None):
         raise ValueError("fused_moe_triton: expert biases b1 and b2 go together")
     has_bias = b1 is not None
-    if has_bias:
-        b1, b2 = b1.contiguous(), b2.contiguous()
     activation = resolve_activation(activation, gated)
     check_activation_args(activation, alpha, limit)
     T, H = hidden.shape
@@ -296,6 +233,8 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
     # "ieee" keeps fp32 inputs out of tf32; for 16-bit inputs (and the interpreter's fp32 upcast of
     # them) the default is what tensor cores do anyway.
     precision = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"
+    # Gate column j and its up column: rows j and I + j, or rows 2j and 2j + 1 (interleaved).
+    col_step, up_rows = (2, 1) if interleaved else (1, I)
 
     cfg = select_config(T * K, config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -311,24 +250,22 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
     weights = topk_weights.reshape(-1)
     if not weights.is_contiguous():
         weights = weights.contiguous()
+    bs1 = (b1.stride(0), col_step * b1.stride(1), up_rows * b1.stride(1)) if has_bias else (0, 0, 0)
+    bs2 = (b2.stride(0), b2.stride(1)) if has_bias else (0, 0)
 
     _moe_up_kernel[(num_blocks, triton.cdiv(I, bn))](
         hidden, w1, inter, sorted_ids, block_slot, b1 if has_bias else w1,
         T * K, H, I,
-        hidden.stride(0), hidden.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), inter.stride(0),
-        b1.stride(0) if has_bias else 0,
+        hidden.stride(0), hidden.stride(1), w1.stride(0), col_step * w1.stride(1), w1.stride(2),
+        up_rows * w1.stride(1), inter.stride(0), *bs1,
         float(alpha), float(limit),
-        TOP_K=K, GATED=bool(gated), ACTIVATION=_ACT_CODE[activation], UPCAST=upcast, DOT_PRECISION=precision,
+        TOP_K=K, GATED=bool(gated), ACTIVATION=ACT_CODE[activation], UPCAST=upcast, DOT_PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=has_bias, **launch)
     _moe_down_kernel[(num_blocks, triton.cdiv(H, bn))](
         inter, w2, weights, pair_out, sorted_ids, block_slot, b2 if has_bias else w2,
         T * K, H, I,
-        inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0),
-        b2.stride(0) if has_bias else 0,
+        inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0), *bs2,
         UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=has_bias, **launch)
     if K > 1:
-        bh = min(cfg["reduce"]["BLOCK_H"], triton.next_power_of_2(H))
-        _reduce_k_kernel[(T, triton.cdiv(H, bh))](
-            pair_out, out, H, pair_out.stride(0), out.stride(0),
-            TOP_K=K, BLOCK_H=bh, num_warps=cfg["reduce"]["num_warps"])
+        reduce_k(pair_out, out, K, cfg)
     return out
