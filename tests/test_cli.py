@@ -275,3 +275,11 @@ def test_demo_serves_the_variants_live_on_the_plan_within_2pct(tmp_path, monkeyp
     assert doc["serving"]["poisson"]["transformers"]["requests"] == 3
     text = demo.table(out)
     assert all(v in text for v in names) and "1.05x the bytes" in text
+
+
+def test_demo_variants_are_checked_against_the_zoo(tmp_path, monkeypatch, capsys):
+    zoo = {"base": tmp_path / "base", "ptb": tmp_path / "ptb"}
+    monkeypatch.setattr(cli_commands, "_zoo_dirs", lambda *a, **k: dict(zoo))
+    monkeypatch.setattr(cli_commands, "_bench_module", lambda name: pytest.fail(f"harness {name} imported"))
+    one_line_error(capsys, ["demo", "--variants", "base,nope"], "--variants ['nope'] not among ['base', 'ptb']")
+    one_line_error(capsys, ["demo", "--variants", "ptb"], "at least 2 variants")

@@ -37,6 +37,12 @@ SMALL = dict(max_windows=16, val_windows=8, calib_tokens=512)
 
 # ---------------------------------------------------------------- the plan
 
+def budget_ratios(study) -> tuple:
+    """The quality study's budgets, then 0.1 steps up to 1.0: the small zoo's non-expert sets are most of a
+    variant, so its floor (every expert shared) lies above the study's range."""
+    return tuple(study) + tuple(r / 10 for r in range(int(10 * max(study)) + 1, 11))
+
+
 def _within(ppl: dict, ref: dict, within: float) -> bool:
     return all(ppl[v] <= (1 + within) * ref[v] for v in ref)
 
@@ -63,7 +69,8 @@ def choose_plan(vs, bench, original, costs, codecs, ratios, log=None, progress: 
                                    metric="loss", non_expert_bytes=ne32, dtype=torch.float32)
         except plan_mod.PlanError as e:
             candidates.append({"budget_ratio": ratio, "within": False, "why": str(e)})
-            log(f"  budget {ratio:.2f}x: no plan ({e})")
+            log(f"  budget {ratio:.2f}x: no plan" + (" (under one copy of each expert plus every non-expert set)"
+                                                      if "cannot hold" in str(e) else f" ({e})"))
             continue
         runner = mvm_runner(MultiVariantModel(vs, p, device="cpu", dtype=torch.float32), f"demo-{ratio}")
         ppl = {v: bench.score(runner, v, bench.own[v], "val")["ppl"] for v in names}
@@ -176,7 +183,7 @@ def run(dirs: dict, *, ratios=None, codecs=None, n_sat: int = 64, n_poisson: int
         out_dir=None, tag: str = "demo", progress: bool = True, log=print) -> dict:
     """The demo on ``dirs`` ({name: HF directory}, base first). ``test_data`` / ``val_data`` ({set key: token
     ids}) replace the shared/data text (tests use them with tiny random models). ``ratios``: the budgets tried
-    (default: the quality study's ``MIXED_RATIOS``); ``codecs``: the options per entry (default
+    (default: ``budget_ratios(MIXED_RATIOS)``); ``codecs``: the options per entry (default
     ``plan.mixed.DEFAULT_CODECS``)."""
     from multimoe_rt import criterion
     from multimoe_rt.checkpoint import VariantSet
@@ -192,7 +199,7 @@ def run(dirs: dict, *, ratios=None, codecs=None, n_sat: int = 64, n_poisson: int
     t_start = time.perf_counter()
     log = log or (lambda *_: None)
     codecs = tuple(codecs or DEFAULT_CODECS)
-    ratios = tuple(ratios or MIXED_RATIOS)
+    ratios = tuple(ratios or budget_ratios(MIXED_RATIOS))
     dirs = {n: Path(p) for n, p in dirs.items()}
     vs = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
     if vs.family not in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"):
@@ -312,8 +319,8 @@ def table(out: dict) -> str:
                      f"{r['own_model_ppl']:>7.3f}{100 * (r['ppl_ratio'] - 1):>+6.1f}%{r['tokens_per_s']:>8.0f}"
                      f"{r['transformers_tokens_per_s']:>9.0f}{1e3 * r['ttft_mean_s']:>8.1f}"
                      f"{1e3 * r['transformers_ttft_mean_s']:>7.1f}  "
-                     + ("yes" if r["greedy_equal"] else f"first {r['greedy_same_prefix']} of "
-                        f"{out['protocol']['new_tokens']}"))
+                     + ("yes" if r["greedy_equal"] else f"no: first {r['greedy_same_prefix']}/"
+                        f"{out['protocol']['new_tokens']} equal"))
     lines.append(f"{'all':<13}{t['device_bytes'] / 2**20:>7.2f}{t['bytes_ratio']:>7.2f}x{'':>28}"
                  f"{t['tokens_per_s']:>8.0f}{t['transformers_tokens_per_s']:>9.0f}{1e3 * t['ttft_mean_s']:>8.1f}"
                  f"{1e3 * t['transformers_ttft_mean_s']:>7.1f}")
@@ -340,14 +347,14 @@ def plot(out: dict, path: Path) -> str:
               ("own-domain test perplexity", "ppl", "own_model_ppl", 1, "ours", "own model"),
               ("tokens/s (saturated)", "tokens_per_s", "transformers_tokens_per_s", 1, "ours", "transformers"),
               ("mean TTFT, ms (Poisson)", "ttft_mean_s", "transformers_ttft_mean_s", 1e3, "ours", "transformers")]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     for ax, (title, a, b, k, la, lb) in zip(axes, panels):
         ax.bar([i - 0.2 for i in x], [k * pv[v][a] for v in names], 0.4, label=la, color="tab:blue")
         ax.bar([i + 0.2 for i in x], [k * pv[v][b] for v in names], 0.4, label=lb, color="tab:gray")
         ax.set_xticks(list(x), names, rotation=30, fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
     t = out["total"]
     fig.suptitle(f"{len(names)} variants in one engine: {t['bytes_ratio']:.2f}x the bytes of separate models, "
                  f"{t['tokens_per_s'] / t['transformers_tokens_per_s']:.2f}x transformers' tokens/s "

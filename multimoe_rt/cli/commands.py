@@ -241,22 +241,26 @@ def _qos_inputs(args):
         _usage(f"--systems: {unknown or 'none given'}; choose from {','.join(QOS_SYSTEMS)}")
     device = _check_device(args.device or ("cuda" if _cuda() else "cpu"))
     out = _results(args)
-    variants = args.variants or (None if args.dirs else ZOO_QOS_VARIANTS)
-    want = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     if args.dirs:
         dirs = {Path(d).name: Path(d) for d in args.dirs}
         if len(dirs) != len(args.dirs):
             _usage("--dirs: two directories have the same name; the directory name is the variant name")
     else:
         dirs = _zoo_dirs(getattr(args, "recipe", None) or "mixtral-tiny", args.small, quiet=args.quiet)
-    if want:
+    return _served(dirs, args.variants or (None if args.dirs else ZOO_QOS_VARIANTS)), systems, device, out
+
+
+def _served(dirs: dict, variants: str | None) -> dict:
+    """``dirs`` narrowed to the comma-separated ``variants`` (all when None): at least 2, each one known."""
+    if variants:
+        want = [v.strip() for v in variants.split(",") if v.strip()]
         missing = [v for v in want if v not in dirs]
         if missing:
             _usage(f"--variants {missing} not among {list(dirs)}")
         dirs = {v: dirs[v] for v in want}
     if len(dirs) < 2:
         _usage(f"serving needs at least 2 variants, got {list(dirs)}")
-    return dirs, systems, device, out
+    return dirs
 
 
 def _cuda() -> bool:
@@ -287,15 +291,7 @@ def cmd_demo(args) -> int:
     from ..lab import data as data_mod
 
     data_mod.data_dir()  # no data folder: one line now, not after the zoo's 10-minute build
-    dirs = _zoo_dirs(args.recipe, args.small, quiet=args.quiet)
-    if args.variants:
-        want = [v.strip() for v in args.variants.split(",") if v.strip()]
-        missing = [v for v in want if v not in dirs]
-        if missing:
-            _usage(f"--variants {missing} not among the zoo's {list(dirs)}")
-        dirs = {v: dirs[v] for v in want}
-    if len(dirs) < 2:
-        _usage(f"the demo serves at least 2 variants, got {list(dirs)}")
+    dirs = _served(_zoo_dirs(args.recipe, args.small, quiet=args.quiet), args.variants)
     if args.threads:
         import torch
 
