@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from ..delta import INT4_GROUP, DeltaError, DeltaPools, as_tensors
-from ..torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation_args, check_moe_inputs, resolve_activation
-from .align import align_triton, check_launchable, interpreting
-from .grouped_gemm import _work, select_config
-from .tiles import ACT_CODE, block_cols, block_rows, gate_up_dot, gated_activation, load_tile, reduce_k, store_rows, \
+from ..torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, check_moe_inputs
+from .align import align_triton
+from .grouped_gemm import _work, launch_params
+from .tiles import block_tile, gate_up_dot, gated_activation, load_tile, reduce_k, store_rows, \
     store_weighted_rows
 
 DESC_WIDTH = 5
@@ -65,6 +65,14 @@ def _descriptor(desc_ptr, key):
     """An expert id's descriptor (``DeltaPools``): base slot, sign1 index, lowrank start and rank, int4 index."""
     d = desc_ptr + key.to(tl.int64) * 5
     return tl.load(d), tl.load(d + 1), tl.load(d + 2).to(tl.int64), tl.load(d + 3), tl.load(d + 4)
+
+
+@triton.jit
+def _entry_pools(sb_ptr, q_ptr, qs_ptr, si, qi, rank, stride_sbe, stride_qe, stride_qse, BLOCK_R: tl.constexpr):
+    """The entry's rows in the sign1 and int4 pools, and its lowrank rank lanes (and which of them exist)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    return (offs_r, offs_r < rank, sb_ptr + si.to(tl.int64) * stride_sbe, q_ptr + qi.to(tl.int64) * stride_qe,
+            qs_ptr + qi.to(tl.int64) * stride_qse)
 
 
 @triton.jit
@@ -101,15 +109,10 @@ def _delta_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_key_ptr, desc_p
     if key < 0:
         return
     slot, si, lr_start, rank, qi = _descriptor(desc_ptr, key)
-    pair, row_ok = block_rows(sorted_ptr, num_pairs, BLOCK_M)
-    offs_n, n_ok = block_cols(I, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < rank
+    pair, row_ok, offs_n, n_ok, offs_k = block_tile(sorted_ptr, num_pairs, I, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_r, r_ok, sb, qb, qsb = _entry_pools(sb_ptr, q_ptr, qs_ptr, si, qi, rank, stride_sbe, stride_qe, stride_qse,
+                                             BLOCK_R)
     lr_base = lr_ptr + lr_start * (N1 + H)           # U1 [N1, rank] then V1 [rank, H]
-    sb = sb_ptr + si.to(tl.int64) * stride_sbe
-    qb = q_ptr + qi.to(tl.int64) * stride_qe
-    qsb = qs_ptr + qi.to(tl.int64) * stride_qse
 
     x_ptrs = x_ptr + (pair // TOP_K)[:, None] * stride_xt + offs_k[None, :] * stride_xh
     g_ptrs = w1_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wh
@@ -177,15 +180,10 @@ def _delta_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block
     if key < 0:
         return
     slot, si, lr_start, rank, qi = _descriptor(desc_ptr, key)
-    pair, row_ok = block_rows(sorted_ptr, num_pairs, BLOCK_M)
-    offs_n, n_ok = block_cols(H, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < rank
+    pair, row_ok, offs_n, n_ok, offs_k = block_tile(sorted_ptr, num_pairs, H, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_r, r_ok, sb, qb, qsb = _entry_pools(sb_ptr, q_ptr, qs_ptr, si, qi, rank, stride_sbe, stride_qe, stride_qse,
+                                             BLOCK_R)
     lr_base = lr_ptr + lr_start * (H + I)            # U2 [H, rank] then V2 [rank, I]
-    sb = sb_ptr + si.to(tl.int64) * stride_sbe
-    qb = q_ptr + qi.to(tl.int64) * stride_qe
-    qsb = qs_ptr + qi.to(tl.int64) * stride_qse
 
     a_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_k[None, :]
     b_ptrs = w2_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wh + offs_k[:, None] * stride_wi
@@ -287,21 +285,16 @@ def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_
     elif max_rank is None:
         raise DeltaError("fused_moe_delta_triton: give max_rank with raw delta tensors")
     t = as_tensors(pools)
-    activation = resolve_activation(activation, gated)
-    check_activation_args(activation, alpha, limit)
     T, H = hidden.shape
     K = expert_ids.shape[1]
     I = w2.shape[2]
     N1 = w1.shape[1]
     device = hidden.device
-    check_launchable(device, "fused_moe_delta_triton")
+    act, upcast, precision, cfg, launch = launch_params(hidden, T * K, gated, activation, alpha, limit, config,
+                                                        "fused_moe_delta_triton")
     if t.desc_sorted.device != device:
         raise DeltaError(f"delta pools live on {t.desc_sorted.device}, the inputs on {device}")
-    upcast = interpreting(device)
-    precision = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"
-    cfg = select_config(T * K, config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
     out = _work(workspace, "out", (T, H), hidden.dtype, device)
     if T == 0:
@@ -326,7 +319,7 @@ def fused_moe_delta_triton(hidden: torch.Tensor, expert_ids: torch.Tensor, topk_
         T * K, H, I, N1,
         hidden.stride(0), hidden.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), inter.stride(0), *s1,
         float(alpha), float(limit),
-        TOP_K=K, GATED=bool(gated), ACTIVATION=ACT_CODE[activation], UPCAST=upcast, DOT_PRECISION=precision,
+        TOP_K=K, GATED=bool(gated), ACTIVATION=act, UPCAST=upcast, DOT_PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **flags, **launch)
     _delta_down_kernel[(num_blocks, triton.cdiv(H, bn))](
         inter, w2, weights, pair_out, sorted_ids, block_key, desc, *p2,

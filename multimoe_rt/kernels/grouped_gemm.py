@@ -45,7 +45,7 @@ import triton.language as tl
 from ..config import settings
 from ..torch_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation_args, check_moe_inputs, resolve_activation
 from .align import align_triton, check_launchable, interpreting, padded_size
-from .tiles import ACT_CODE, block_cols, block_rows, gate_up_dot, gated_activation, load_tile, reduce_k, store_rows, \
+from .tiles import ACT_CODE, block_tile, gate_up_dot, gated_activation, load_tile, reduce_k, store_rows, \
     store_weighted_rows
 
 _DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
@@ -63,9 +63,7 @@ def _moe_up_kernel(x_ptr, w1_ptr, inter_ptr, sorted_ptr, block_slot_ptr, b1_ptr,
     slot = tl.load(block_slot_ptr + tl.program_id(0))
     if slot < 0:
         return
-    pair, row_ok = block_rows(sorted_ptr, num_pairs, BLOCK_M)
-    offs_n, n_ok = block_cols(I, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    pair, row_ok, offs_n, n_ok, offs_k = block_tile(sorted_ptr, num_pairs, I, BLOCK_M, BLOCK_N, BLOCK_K)
     x_ptrs = x_ptr + (pair // TOP_K)[:, None] * stride_xt + offs_k[None, :] * stride_xh
     # stride_wn steps from one gate (or up) column to the next: one row, or two where gate and up interleave.
     g_ptrs = w1_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wh
@@ -97,9 +95,7 @@ def _moe_down_kernel(inter_ptr, w2_ptr, topk_w_ptr, out_ptr, sorted_ptr, block_s
     slot = tl.load(block_slot_ptr + tl.program_id(0))
     if slot < 0:
         return
-    pair, row_ok = block_rows(sorted_ptr, num_pairs, BLOCK_M)
-    offs_n, n_ok = block_cols(H, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    pair, row_ok, offs_n, n_ok, offs_k = block_tile(sorted_ptr, num_pairs, H, BLOCK_M, BLOCK_N, BLOCK_K)
     a_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_k[None, :]
     b_ptrs = w2_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wh + offs_k[:, None] * stride_wi
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -198,6 +194,22 @@ def allocate_workspace(max_tokens, top_k, hidden, intermediate, num_slots, dtype
                                                       dtype, config).items()}
 
 
+def launch_params(hidden: torch.Tensor, num_pairs: int, gated: bool, activation, alpha: float, limit: float,
+                  config: dict | None, what: str):
+    """What one call of the MoE kernels (dense or delta) is launched with: ``(activation code, UPCAST,
+    DOT_PRECISION, tile config, launch kwargs)``; raises on an activation or device they cannot take."""
+    activation = resolve_activation(activation, gated)
+    check_activation_args(activation, alpha, limit)
+    check_launchable(hidden.device, what)
+    upcast = interpreting(hidden.device)
+    # "ieee" keeps fp32 inputs out of tf32; for 16-bit inputs (and the interpreter's fp32 upcast of
+    # them) the default is what tensor cores do anyway.
+    precision = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"
+    cfg = select_config(num_pairs, config)
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    return ACT_CODE[activation], upcast, precision, cfg, launch
+
+
 def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
                      w1: torch.Tensor, w2: torch.Tensor, gated: bool, config: dict | None = None,
                      workspace: dict | None = None, activation: str | None = None, alpha: float = SWIGLU_ALPHA,
@@ -221,24 +233,16 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
     if (b1 is None) != (b2 is None):
         raise ValueError("fused_moe_triton: expert biases b1 and b2 go together")
     has_bias = b1 is not None
-    activation = resolve_activation(activation, gated)
-    check_activation_args(activation, alpha, limit)
     T, H = hidden.shape
     K = slot_ids.shape[1]
     S = w1.shape[0]
     I = w2.shape[2]
     device = hidden.device
-    check_launchable(device, "fused_moe_triton")
-    upcast = interpreting(device)
-    # "ieee" keeps fp32 inputs out of tf32; for 16-bit inputs (and the interpreter's fp32 upcast of
-    # them) the default is what tensor cores do anyway.
-    precision = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"
+    act, upcast, precision, cfg, launch = launch_params(hidden, T * K, gated, activation, alpha, limit, config,
+                                                        "fused_moe_triton")
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # Gate column j and its up column: rows j and I + j, or rows 2j and 2j + 1 (interleaved).
     col_step, up_rows = (2, 1) if interleaved else (1, I)
-
-    cfg = select_config(T * K, config)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
     out = _work(workspace, "out", (T, H), hidden.dtype, device)
     if T == 0:
@@ -259,7 +263,7 @@ def fused_moe_triton(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights:
         hidden.stride(0), hidden.stride(1), w1.stride(0), col_step * w1.stride(1), w1.stride(2),
         up_rows * w1.stride(1), inter.stride(0), *bs1,
         float(alpha), float(limit),
-        TOP_K=K, GATED=bool(gated), ACTIVATION=ACT_CODE[activation], UPCAST=upcast, DOT_PRECISION=precision,
+        TOP_K=K, GATED=bool(gated), ACTIVATION=act, UPCAST=upcast, DOT_PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=has_bias, **launch)
     _moe_down_kernel[(num_blocks, triton.cdiv(H, bn))](
         inter, w2, weights, pair_out, sorted_ids, block_slot, b2 if has_bias else w2,

@@ -17,17 +17,12 @@ assert ACTIVATIONS == ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
 
 
 @triton.jit
-def block_rows(sorted_ptr, num_pairs, BLOCK_M: tl.constexpr):
-    """This program's pairs (int64) and which of them are real (the rest pad the slot's run)."""
+def block_tile(sorted_ptr, num_pairs, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's pairs (int64) and which are real (the rest pad the slot's run), its output columns and which
+    exist, and the K lanes of one step."""
     pair = tl.load(sorted_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    return pair, pair < num_pairs
-
-
-@triton.jit
-def block_cols(N, BLOCK_N: tl.constexpr):
-    """This program's output columns and which of them exist."""
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_n, offs_n < N
+    return pair, pair < num_pairs, offs_n, offs_n < N, tl.arange(0, BLOCK_K)
 
 
 @triton.jit
