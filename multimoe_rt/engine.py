@@ -29,6 +29,7 @@ from collections import deque
 import torch
 
 from .errors import EngineClosed, EngineDead, RequestError, StepError
+from .families import get_family
 from .forward import BatchedModel, BatchEntry
 from .kv_cache import KVCache
 from .request_checks import as_token_ids
@@ -190,7 +191,9 @@ class _Sequence:
 
 
 class Engine:
-    """Continuous batching of mixed-variant requests over one ``BatchedModel`` (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE).
+    """Continuous batching of mixed-variant requests over one ``BatchedModel`` (every decoder family:
+    ``weights.batched_families()``); the Switch encoder-decoder, which the batched forward does not cover, runs
+    through the fallback ``sequential_forward.SequentialModel`` (one sequence at a time, transformers' own model).
 
     ``max_seqs``: sequences running at once (KV-cache rows). ``max_step_tokens``: token budget of one
     step (decodes first, then prompt chunks). ``mix_variants=False`` is the per-variant batching
@@ -255,8 +258,6 @@ class Engine:
         elif plan is None:
             plan = plan_mod.make_plan(vs, budget_bytes=budget, share=0.0 if budget is None and share is None
                                       else share, dtype=dtype)
-        slab, table = plan_mod.load_slab(plan, vs, device=device, dtype=dtype)
-        weights = VariantWeights.from_variant_set(vs, resident_sets or len(vs), device=device, dtype=dtype)
         cfg = vs[0].config
         positions = model_positions(cfg)
         if max_len is None:
@@ -266,8 +267,16 @@ class Engine:
                           f"{' x dynamic rope factor' if positions != cfg.get('max_position_embeddings') else ''}); "
                           f"clamped to {positions}", UserWarning, stacklevel=2)
             max_len = positions
-        kv = KVCache.for_config(cfg, max_seqs, max_len, dtype=dtype, device=device)
         engine_kwargs.setdefault("eos_token_id", list(vs[0].eos_token_ids) or None)  # variants share a tokenizer
+        if get_family(vs.family).batched is None:  # the fallback: one sequence at a time through transformers
+            from .model import MultiVariantModel
+            from .sequential_forward import SequentialModel
+
+            mv = MultiVariantModel(vs, plan, device=device, dtype=dtype, backend=backend)
+            return cls(SequentialModel(mv, max_seqs, max_len), **engine_kwargs)
+        slab, table = plan_mod.load_slab(plan, vs, device=device, dtype=dtype)
+        weights = VariantWeights.from_variant_set(vs, resident_sets or len(vs), device=device, dtype=dtype)
+        kv = KVCache.for_config(cfg, max_seqs, max_len, dtype=dtype, device=device)
         return cls(BatchedModel(cfg, weights, slab, table, kv, backend), **engine_kwargs)
 
     # -- submission (any thread) --------------------------------------------------------------

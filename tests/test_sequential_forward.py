@@ -146,3 +146,14 @@ def test_rows_refuse_misuse(mixtral_mv):
         model.batch([])
     with pytest.raises(ValueError, match="max_seqs must be positive"):
         SequenceCaches(0, 8)
+
+
+def test_engine_from_pretrained_takes_the_fallback_for_switch(switch_mv):
+    """``Engine.from_pretrained`` on Switch directories: the one engine, through the fallback, same tokens."""
+    dirs = [v.path for v in switch_mv.variant_set][:2]
+    tok = ByteTokenizer()
+    with Engine.from_pretrained(dirs, names=switch_mv.names[:2], max_seqs=2, max_len=64) as engine:
+        assert isinstance(engine.model, SequentialModel)
+        for v in engine.names:
+            ids = tok.encode(TEXTS[0])
+            assert engine.generate(v, ids, max_new_tokens=NEW) == direct(switch_mv, v, ids)
