@@ -208,6 +208,12 @@ class Suite:
             engine.shutdown(drain=False, timeout=120)
         for t in ts[:threads]:
             t.join()
+        if meddle:  # the foreign thread goes on until the burst is served, not only while it is submitted
+            for *_, h in submitted:
+                try:
+                    h.result(timeout=600)
+                except Exception:  # noqa: BLE001 -- counted below
+                    pass
         stop.set()
         for t in ts[threads:]:
             t.join()
