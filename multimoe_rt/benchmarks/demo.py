@@ -117,6 +117,19 @@ def _per_variant(trace, timings, wall: float) -> dict:
     return out
 
 
+class _FedOnDevice:
+    """A transformers model whose ``generate`` takes host tensors: ``batching.run_transformers`` builds its
+    batches on the host, which a model on a GPU refuses."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def generate(self, input_ids, attention_mask=None, **kw):
+        dev = self.model.device
+        return self.model.generate(input_ids.to(dev), attention_mask=None if attention_mask is None else
+                                   attention_mask.to(dev), **kw)
+
+
 def serve(engine, models: dict, names, vocab: int, n_sat: int, n_poisson: int, shape, seed: int,
           progress: bool = False) -> dict:
     """Saturated and Poisson runs of the engine and of transformers (every model resident), same traces."""
@@ -125,6 +138,7 @@ def serve(engine, models: dict, names, vocab: int, n_sat: int, n_poisson: int, s
     from .batching import make_trace, run_engine, run_transformers, summarize
 
     prompt_len, new_tokens = shape
+    hf = {v: m if m.device.type == "cpu" else _FedOnDevice(m) for v, m in models.items()}
 
     def trace_of(rate, n, seed_):
         # variants in turn (arrivals and prompts from make_trace): every variant gets its share of the requests
@@ -135,7 +149,7 @@ def serve(engine, models: dict, names, vocab: int, n_sat: int, n_poisson: int, s
 
     def replay(system, trace, n):
         t0 = time.perf_counter()
-        timings = run_engine(engine, trace, n) if system == "engine" else run_transformers(models, trace, n, n_sat)
+        timings = run_engine(engine, trace, n) if system == "engine" else run_transformers(hf, trace, n, n_sat)
         wall = time.perf_counter() - t0
         return dict(summarize(timings, wall), per_variant=_per_variant(trace, timings, wall))
 

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- the demo: the main job (multimoe_rt/benchmarks/demo.py)
     d = add("demo", help="the zoo's variants live in one engine on the plan that saves the most bytes within 2%%: "
                          "bytes, perplexity, tokens/s and TTFT per variant against separate models and transformers "
-                         "(first run trains the zoo: about 10 minutes on 2 cores)",
+                         "(first run trains the zoo: about 10 minutes on 2 cores; then 2-3 minutes; --small: under a minute)",
             description="Builds (first run: about 10 minutes on 2 cores, with progress and an estimate; --small: "
                         "about 15 s) or reuses the tiny zoo, measures each expert's cost of sharing and of each delta "
                         "codec, picks the smallest device-byte budget whose every variant stays within 2% of its own "
@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model resident, and prints per variant: device bytes against a full model, perplexity "
                         "against its own model, tokens/s and TTFT against transformers. One JSON and one PNG in the "
                         "results folder. The paper's batch-1 QoS comparison is `multimoe-rt bench-qos`.")
-    d.add_argument("--small", action="store_true", help="the small zoo (builds in about 15 s)")
+    d.add_argument("--small", action="store_true", help="the small zoo (builds in about 15 s; the demo then takes "
+                                                        "about 15 s more)")
     d.add_argument("--recipe", choices=[r for r in _RECIPES if r != "switch-tiny"], default="mixtral-tiny",
                    help="the zoo recipe: a family the batching engine serves (default mixtral-tiny)")
     d.add_argument("--variants", default=None, help="comma-separated variants to serve (default: every one of the zoo)")
