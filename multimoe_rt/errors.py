@@ -15,7 +15,6 @@ of ours, not a message for the user.
     ├── EngineClosed (RuntimeError)    submit() after shutdown()
     │   └── EngineDead                 the engine loop died: every waiting and later request fails with it
     ├── StepError (RuntimeError)       one stage of an engine step failed for this request; the engine goes on
-    ├── RequestCancelled               a request cancelled before it ran (also a concurrent.futures.CancelledError)
     ├── SwitchError (RuntimeError)     a variant switch failed; the previous variant is still active
     └── UsageError (ValueError)        a command-line argument that cannot work (the CLI prints it in one line)
 
@@ -23,8 +22,6 @@ This module imports nothing from the package: every other module may import it.
 """
 
 from __future__ import annotations
-
-from concurrent.futures import CancelledError
 
 
 class MultimoeError(Exception):
@@ -62,10 +59,6 @@ class EngineDead(EngineClosed):
 class StepError(MultimoeError, RuntimeError):
     """One stage of an engine step (admission, set load, forward, sampling, emit, retire) failed for this
     request; the message names the stage and the cause. Other requests and the engine go on."""
-
-
-class RequestCancelled(MultimoeError, CancelledError):
-    """A request was cancelled before it ran; the message says by whom (the client, or shutdown)."""
 
 
 class SwitchError(MultimoeError, RuntimeError):

@@ -1,5 +1,5 @@
-"""Checks of request fields at submission, shared by both engines: each returns the clean value or raises
-``RequestError`` naming the field, so a bad request never reaches a step."""
+"""Checks of request fields at submission, shared by the engine's SamplingParams and the lab's lane driver: each
+returns the clean value or raises ``RequestError`` naming the field, so a bad request never reaches a step."""
 
 from __future__ import annotations
 
