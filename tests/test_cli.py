@@ -270,7 +270,8 @@ def test_demo_serves_the_variants_live_on_the_plan_within_2pct(tmp_path, monkeyp
             assert r[k] > 0, k
     t = doc["total"]
     assert t["device_bytes"] == sum(doc["per_variant"][v]["device_bytes"] for v in names)
-    assert t["separate_bytes"] == len(names) * full and t["bytes_ratio"] == pytest.approx(t["device_bytes"] / t["separate_bytes"])
+    assert t["separate_bytes"] == len(names) * full
+    assert t["bytes_ratio"] == pytest.approx(t["device_bytes"] / t["separate_bytes"])
     assert doc["serving"]["saturated"]["engine"]["tokens"] == 6 * 5
     assert doc["serving"]["poisson"]["transformers"]["requests"] == 3
     text = demo.table(out)

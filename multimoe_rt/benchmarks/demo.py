@@ -203,9 +203,9 @@ def run(dirs: dict, *, ratios=None, codecs=None, n_sat: int = 64, n_poisson: int
     from multimoe_rt.checkpoint import VariantSet
     from multimoe_rt.engine import Engine
     from multimoe_rt.lab.evaluate import tokenize_dataset
-    from multimoe_rt.lab.quality_systems import (MIXED_RATIOS, WITHIN, Bench, QualityError, cost_batches, eval_plan, hf_runner,
-                                                 load_hf, memory_of_plan, mvm_runner, separate_bytes,
-                                                 validation_tokens, variant_info, zoo_params)
+    from multimoe_rt.lab.quality_systems import (MIXED_RATIOS, WITHIN, Bench, QualityError, causal, cost_batches,
+                                                 eval_plan, hf_runner, load_hf, memory_of_plan, mvm_runner,
+                                                 separate_bytes, validation_tokens, variant_info, zoo_params)
     from multimoe_rt.machine import machine_info
     from multimoe_rt.model import MultiVariantModel
     from multimoe_rt.plan.mixed import DEFAULT_CODECS
@@ -216,8 +216,9 @@ def run(dirs: dict, *, ratios=None, codecs=None, n_sat: int = 64, n_poisson: int
     ratios = tuple(ratios or budget_ratios(MIXED_RATIOS))
     dirs = {n: Path(p) for n, p in dirs.items()}
     vs = VariantSet.from_dirs(list(dirs.values()), names=list(dirs))
-    if vs.family not in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"):
-        raise QualityError(f"the demo serves the batching engine's families; {vs.family} is not one of them")
+    if not causal(vs.family):
+        raise QualityError(f"the demo scores perplexity on text windows, which needs a decoder-only model; "
+                           f"{vs.family} is an encoder-decoder")
     names, family, cfg = vs.names, vs.family, vs[0].config
     info = variant_info(dirs, family)
     sets, own = eval_plan(info, family)
@@ -243,7 +244,7 @@ def run(dirs: dict, *, ratios=None, codecs=None, n_sat: int = 64, n_poisson: int
     log(f"      choosing the smallest device-byte budget (of {len(ratios)}) with every variant within "
         f"{WITHIN:.0%} of its own model's validation perplexity")
     plan, candidates = choose_plan(vs, bench, original, costs, codecs, ratios, log, progress)
-    mvm = mvm_runner(MultiVariantModel(vs, plan, device=device, dtype=torch.float32), "demo-chosen")
+    mvm = mvm_runner(MultiVariantModel(vs, plan, device="cpu", dtype=torch.float32), "demo-chosen")
     ppl = {v: bench.score(mvm, v, own[v])["ppl"] for v in names}
     own_ppl = {v: bench.score(original, v, own[v])["ppl"] for v in names}
 
@@ -301,7 +302,8 @@ def run(dirs: dict, *, ratios=None, codecs=None, n_sat: int = 64, n_poisson: int
                   "kv_cache_bytes": footprint["kv_cache_bytes"],
                   "tokens_per_s": sat["engine"]["tokens_per_s"],
                   "transformers_tokens_per_s": sat["transformers"]["tokens_per_s"],
-                  "ttft_mean_s": poi["engine"]["ttft_mean"], "transformers_ttft_mean_s": poi["transformers"]["ttft_mean"],
+                  "ttft_mean_s": poi["engine"]["ttft_mean"],
+                  "transformers_ttft_mean_s": poi["transformers"]["ttft_mean"],
                   "ttft_p99_s": poi["engine"]["ttft_p99"], "transformers_ttft_p99_s": poi["transformers"]["ttft_p99"]},
         "serving": served, "greedy": greedy,
         "notes": ["device_bytes per variant: its non-expert set + the dense slots it stores first + its deltas "

@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- the demo: the main job (multimoe_rt/benchmarks/demo.py)
     d = add("demo", help="the zoo's variants live in one engine on the plan that saves the most bytes within 2%%: "
                          "bytes, perplexity, tokens/s and TTFT per variant against separate models and transformers "
-                         "(first run trains the zoo: about 10 minutes on 2 cores; then 2-3 minutes; --small: under a minute)",
+                         "(first run trains the zoo: about 10 minutes on 2 cores; then 2-3 minutes; --small: under "
+                         "a minute)",
             description="Builds (first run: about 10 minutes on 2 cores, with progress and an estimate; --small: "
                         "about 15 s) or reuses the tiny zoo, measures each expert's cost of sharing and of each delta "
                         "codec, picks the smallest device-byte budget whose every variant stays within 2% of its own "
