@@ -360,7 +360,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--synthetic", choices=["mid", "large"], default=None,
                    help="mid: H=1024 I=2048, 2 layers; large: Mixtral-8x7B's layer (H=4096 I=14336), 1 layer. "
                         "Compares one variant, mixed dense copies, every expert shared, each codec plan, the mixed "
-                        "plan and transformers; writes batching-synthetic-<shape>-<dtype>.json (mid: ~5 min on 2 CPU cores)")
+                        "plan and transformers; writes batching-synthetic-<shape>-<dtype>[-<family>].json (mid: ~5 min "
+                        "on 2 CPU cores)")
+    from .synthetic_models import FAMILIES
+
+    s.add_argument("--family", choices=FAMILIES, default="mixtral",
+                   help="the architecture at real per-layer shapes: Mixtral; DeepSeek-V3 (Moonlight-16B-A3B's layout: "
+                        "latent attention, shared experts, grouped routing, a dense first layer); GPT-OSS (gpt-oss-20b's: "
+                        "sinks, sliding/full layers, biases). Codecs the plan refuses for a family are skipped, with the "
+                        "reason in the JSON")
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     s.add_argument("--seqs", type=int, default=32, help="sequences, all queued at once (saturated)")
     s.add_argument("--prompt-tokens", type=int, default=16)
@@ -376,7 +384,7 @@ def main_synthetic(args) -> dict:
     systems = tuple(x.strip() for x in args.systems.split(",")) if args.systems else synthetic.SYSTEMS
     out = synthetic.run(args.synthetic, getattr(torch, args.dtype), args.variants or 4, args.seqs, args.prompt_tokens,
                         args.new_tokens, args.reps, systems, args.device, args.seed, out_dir=args.out,
-                        log=None if args.quiet else print)
+                        log=None if args.quiet else print, family=args.family)
     print(synthetic.table(out))
     print(f"\nJSON: {out['files']['json']}\nplot: {out['files']['plot']}")
     return out
