@@ -57,7 +57,7 @@ def start_server(dirs, *extra, timeout=120, max_len=MAX_LEN):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(dirs[0].parent / f"server-{time.monotonic_ns()}.log", "w+")
     # cwd: a folder with nothing importable, so no checkout folder can shadow an installed package
-    proc = subprocess.Popen([sys.executable, "-m", "multimoe_rt.integrations.serve_cli", *map(str, dirs),
+    proc = subprocess.Popen([sys.executable, "-m", "multimoe_rt.integrations.server_args", *map(str, dirs),
                              "--port", "0",
                              "--max-batch", str(MAX_BATCH), "--max-len", str(max_len), "--log-level", "warning",
                              *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=env,

@@ -457,7 +457,7 @@ def test_connection_limit_answers_503(server):
 # ---------------------------------------------------------------------------------------------------
 def test_port_in_use_is_one_line_before_loading(server, dirs):
     host, port = hostport(server)
-    p = subprocess.run([sys.executable, "-m", "multimoe_rt.integrations.serve_cli", *map(str, dirs), "--host", host,
+    p = subprocess.run([sys.executable, "-m", "multimoe_rt.integrations.server_args", *map(str, dirs), "--host", host,
                         "--port", str(port)], capture_output=True, text=True, timeout=60, cwd=dirs[0].parent)
     assert p.returncode == 1
     lines = [x for x in p.stderr.splitlines() if x.strip()]

@@ -144,7 +144,7 @@ def proc_cpu(pid: int) -> float:
 
 def start_server(dirs, threads: int, max_batch: int, max_len: int, stream_interval: int = 1):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "multimoe_rt.integrations.serve_cli", *map(str, dirs),
+    proc = subprocess.Popen([sys.executable, "-m", "multimoe_rt.integrations.server_args", *map(str, dirs),
                              "--port", "0",
                              "--max-batch", str(max_batch), "--max-len", str(max_len), "--log-level", "warning",
                              "--stream-interval", str(stream_interval)],

@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- serve: OpenAI-compatible HTTP server, variant = model (multimoe_rt/integrations/server.py, ray_serve.py)
     sv = add("serve", help="OpenAI-compatible HTTP server over the batching engine (variant = model)")
-    from ..integrations.serve_cli import add_arguments as serve_arguments   # argparse only: --help stays fast
+    from ..integrations.server_args import add_arguments as serve_arguments   # argparse only: --help stays fast
 
     serve_arguments(sv)
     sv.set_defaults(func=cmd_serve)

@@ -1,3 +1,3 @@
 """Integrations with other frameworks, on top of the runtime: transformers (``hf``), the OpenAI-compatible
-HTTP server (``server``, ``openai_api``, ``serve_cli``) and Ray Serve (``ray_serve``, ``groups``). Nothing in the
+HTTP server (``server``, ``openai_api``, ``server_args``) and Ray Serve (``ray_serve``, ``groups``). Nothing in the
 runtime imports this subpackage at module level."""

@@ -168,7 +168,7 @@ def engine_from_args(args, dirs=None, names=None):
 
 
 def main(args) -> int:
-    """``multimoe-rt serve`` (options in ``serve_cli.py``)."""
+    """``multimoe-rt serve`` (options in ``server_args.py``)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "ray", False):
         from . import ray_serve

@@ -1,4 +1,4 @@
-"""Options of ``multimoe-rt serve`` (also ``python -m multimoe_rt.integrations.serve_cli``).
+"""Options of ``multimoe-rt serve`` (also ``python -m multimoe_rt.integrations.server_args``).
 
 Only argparse here, so that building the ``multimoe-rt`` parser stays fast; ``runner.main`` does the work.
 """
@@ -19,7 +19,7 @@ def add_arguments(sv: argparse.ArgumentParser) -> None:
     how.add_argument("--budget", default=None, help="device bytes for experts, e.g. 30MiB")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when listening)")
-    sv.add_argument("--max-batch", type=int, default=64, help="sequences running at once (KV slots)")
+    sv.add_argument("--max-batch", type=int, default=64, help="sequences running at once (KV-cache rows)")
     sv.add_argument("--max-queue", type=int, default=4096, help="waiting requests before 429")
     sv.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's, <= 2048)")
     sv.add_argument("--max-step-tokens", type=int, default=256, help="token budget of one batched step")
