@@ -348,7 +348,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small", action="store_true", help="small zoo, fewer requests: under 3 minutes")
     p.add_argument("--variants", type=int, default=None, help="how many variants (default 4; --small: 4)")
     p.add_argument("--shapes", default="paper,long", help=f"request shapes among {sorted(SHAPES)}")
-    p.add_argument("--max-seqs", type=int, default=64, help="sequences per batch (KV slots)")
+    p.add_argument("--max-seqs", type=int, default=64, help="sequences per batch (KV-cache rows)")
     p.add_argument("--share", type=float, default=0.0,
                    help="expert sharing of the plan (0: every variant keeps its own experts: exact outputs)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps runs comparable on a shared machine)")

@@ -1,5 +1,5 @@
 """Prometheus metrics of the HTTP server: request counters and latency histograms per variant, and the
-engine's gauges (running and waiting sequences, KV slots, weight-set loads and evictions, device bytes) read
+engine's gauges (running and waiting sequences, KV-cache rows, weight-set loads and evictions, device bytes) read
 at scrape time."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Errors are OpenAI-style JSON ``{"error": {"message", "type", "param", "code"}}``
 field (``param`` names it; unknown fields, unsupported values, a prompt plus ``max_tokens`` over the context,
 ``n`` over the queue size), 404 unknown model, 408 a body that does not arrive within ``body_timeout``, 413 a
 body over ``max_body_bytes``, 429 queue full (with Retry-After), 503 shutting down. A client that disconnects
-cancels its request (the engine frees the sequence's KV slot at its next step). SIGTERM stops accepting and
+cancels its request (the engine frees the sequence's KV-cache row at its next step). SIGTERM stops accepting and
 lets in-flight requests finish within ``drain_timeout``; when it expires, each open stream ends with an error
 event and ``data: [DONE]`` and each waiting non-streamed request gets a 503.
 
