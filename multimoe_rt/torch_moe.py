@@ -366,14 +366,17 @@ def _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1
         return None
     if b2 is not None:
         y = y + b2[flat[order]]
-    return y, order
+    return y, order, h
 
 
 def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
               alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, b1=None, b2=None,
-              interleaved: bool = False) -> torch.Tensor:
+              interleaved: bool = False, keep_h: bool = False):
     """Sort pairs by slot, run the experts as one grouped matmul (or one matmul per contiguous slot run
-    where ``torch._grouped_mm`` cannot run), reduce over top-k in fp32."""
+    where ``torch._grouped_mm`` cannot run), reduce over top-k in fp32.
+
+    ``keep_h``: also return the up projection (biases added, before the activation) of every pair in slot order
+    ``[T*K, N1]``, which ``moe_torch_backward(h=...)`` then reads instead of recomputing it (training)."""
     T, K = slot_ids.shape
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     pair_out = torch.empty(T * K, hidden.shape[1], dtype=acc, device=hidden.device)
@@ -385,11 +388,12 @@ def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: s
     grouped = None if lowp else _grouped_pairs(hidden, slot_ids, w1, w2, gated, activation, alpha, limit, b1, b2,
                                                interleaved)
     if grouped is not None:
-        y, order = grouped
+        y, order, h_sorted = grouped
         pair_out[order] = y.to(acc)
     else:
         order, tokens, runs = _slot_runs(slot_ids, w1.shape[0])
         x = hidden[tokens]
+        h_runs = []
         for slot, start, n in runs:
             xs = x[start : start + n]
             if lowp:
@@ -403,8 +407,11 @@ def moe_torch(hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: s
                 a = apply_activation(h, gated, activation, alpha, limit, interleaved)
                 y = a @ w2[slot].T if b2 is None else torch.addmm(b2[slot], a, w2[slot].T)
             pair_out[order[start : start + n]] = y.to(acc)
+            h_runs.append(h)
+        h_sorted = torch.cat(h_runs) if h_runs else hidden.new_empty(0, w1.shape[1])
     pair_out *= topk_weights.reshape(-1, 1).to(acc)
-    return pair_out.view(T, K, hidden.shape[1]).sum(1).to(hidden.dtype)  # explicit H: T may be 0
+    out = pair_out.view(T, K, hidden.shape[1]).sum(1).to(hidden.dtype)  # explicit H: T may be 0
+    return (out, h_sorted) if keep_h else out
 
 
 def _grouped_weight_grad(left, right, offs, like):
@@ -416,7 +423,7 @@ def _grouped_weight_grad(left, right, offs, like):
 
 
 def _grouped_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit, needs, b1, b2,
-                      interleaved):
+                      interleaved, h_saved=None):
     """``moe_torch_backward``'s gradients from ``torch._grouped_mm`` calls over the pairs sorted by slot (no per-slot
     loop, no host sync); None where this torch, dtype or the strides do not allow it. The per-slot loop's Python
     and matmul calls cost a training step 1.2x transformers' grouped_mm (``benchmarks/train_step.py``)."""
@@ -435,9 +442,12 @@ def _grouped_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated, a
     ws = topk_weights.reshape(-1)[order].to(acc)[:, None]
     out = [None] * 6
     try:
-        h = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs).to(acc)
-        if b1 is not None:
-            h = h + b1[slots].to(acc)
+        if h_saved is not None:
+            h = h_saved.to(acc)
+        else:
+            h = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs).to(acc)
+            if b1 is not None:
+                h = h + b1[slots].to(acc)
         g_w2 = torch._grouped_mm(gs, w2, offs=offs).to(acc)  # d loss / d a for routing weight 1
         gw = gs.to(acc) * ws
         a, d_h = activation_and_backward(h, g_w2 * ws, gated, activation, alpha, limit, interleaved)
@@ -473,18 +483,19 @@ def _grouped_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated, a
 
 def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: bool, activation: str | None = None,
                        alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT,
-                       needs=(True, True, True, True), b1=None, b2=None, interleaved: bool = False):
+                       needs=(True, True, True, True), b1=None, b2=None, interleaved: bool = False, h=None):
     """Gradients of ``moe_torch``'s function: ``(d hidden, d topk_weights, d w1, d w2)``, and with six ``needs``
     flags (expert biases) ``(..., d b1, d b2)``; an entry whose ``needs`` flag is False comes back as None.
 
-    Recomputes the up projection per slot run (nothing is saved from the forward but its inputs).
+    Recomputes the up projection unless the forward kept it (``h``: ``moe_torch(..., keep_h=True)``'s, pairs in
+    slot order).
     Matmuls run in the input dtype, the activation's derivative and the routing weight's dot
     product in fp32 (fp64 for fp64 inputs); d hidden sums over k in that precision.
     """
     need_h, need_w, need_w1, need_w2 = needs[:4]
     need_b1, need_b2 = (tuple(needs[4:]) + (False, False))[:2]
     grouped = _grouped_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated, activation, alpha, limit,
-                                (need_h, need_w, need_w1, need_w2, need_b1, need_b2), b1, b2, interleaved)
+                                (need_h, need_w, need_w1, need_w2, need_b1, need_b2), b1, b2, interleaved, h)
     if grouped is not None:
         return tuple(grouped) if len(needs) > 4 else tuple(grouped[:4])
     T, K = slot_ids.shape
@@ -502,12 +513,15 @@ def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: 
         pairs, tok = order[start : start + n], tokens[start : start + n]
         xs, gs = hidden[tok], grad_out[tok]
         ws = flat_w[pairs].to(acc)[:, None]
-        h = (xs @ w1[slot].T).to(acc)
-        if b1 is not None:
-            h = h + b1[slot].to(acc)
+        if h is not None:
+            hs = h[start : start + n].to(acc)
+        else:
+            hs = (xs @ w1[slot].T).to(acc)
+            if b1 is not None:
+                hs = hs + b1[slot].to(acc)
         g_w2 = (gs @ w2[slot]).to(acc)  # d loss / d a for routing weight 1: [n, I]
         if need_w or need_w2:
-            a = apply_activation(h, gated, activation, alpha, limit, interleaved)
+            a = apply_activation(hs, gated, activation, alpha, limit, interleaved)
             if need_w:  # d loss / d w[t, k] = g[t] . (a @ w2.T + b2) = (g[t] @ w2) . a + g[t] . b2
                 d_weight[pairs] = (g_w2 * a).sum(-1)
                 if b2 is not None:
@@ -517,7 +531,7 @@ def moe_torch_backward(grad_out, hidden, slot_ids, topk_weights, w1, w2, gated: 
         if need_b2:
             d_b2[slot] = (gs.to(acc) * ws).sum(0).to(b2.dtype)
         if need_h or need_w1 or need_b1:
-            d_h = activation_backward(h, g_w2 * ws, gated, activation, alpha, limit, interleaved).to(dtype)  # [n, N1]
+            d_h = activation_backward(hs, g_w2 * ws, gated, activation, alpha, limit, interleaved).to(dtype)  # [n, N1]
             if need_w1:
                 d_w1[slot] = d_h.T @ xs
             if need_b1:

@@ -187,6 +187,27 @@ def test_compiled_training_step_traces_through_the_op():
     assert out.shape == (11, 16) and [tuple(g.shape) for g in grads] == [(11, 16), (11, 2), (0,), (4, 16, 8)]
 
 
+def test_training_keeps_the_up_projection_for_the_backward():
+    """Under grad the torch backend's op keeps each pair's up projection and the backward reads it (no recompute):
+    the kept one gives the recomputed gradients, a wrong one wrong gradients; inference keeps nothing."""
+    from multimoe_rt import torch_moe
+
+    x, s, w, w1, w2 = make_case(9, 2, 4, 8, 5, True, torch.float32, seed=12)
+    out = ops.fused_moe(x, s, w, w1, w2, True, backend="torch", activation="gelu")
+    assert "fused_moe_train" in type(out.grad_fn).__name__
+    with torch.no_grad():
+        assert ops.fused_moe(x, s, w, w1, w2, True, backend="torch").grad_fn is None
+    leaves = [t.detach() for t in (x, w, w1, w2)]
+    _, h = torch_moe.moe_torch(leaves[0], s, *leaves[1:], True, "gelu", keep_h=True)
+    assert h.shape == (9 * 2, 10)
+    args = (torch.randn(9, 8, generator=torch.Generator().manual_seed(2)), leaves[0], s, *leaves[1:], True, "gelu")
+    recomputed = torch_moe.moe_torch_backward(*args)
+    for got, want in zip(torch_moe.moe_torch_backward(*args, h=h), recomputed):
+        assert rel_err(got, want) <= 1e-6
+    for got, want in zip(torch_moe.moe_torch_backward(*args, h=h + 1), recomputed):
+        assert rel_err(got, want) > 1e-3
+
+
 def test_op_called_positionally_as_before():
     """Other runtimes call the op with the seven arguments it had before activations: SiLU / ReLU."""
     x, s, w, w1, w2 = make_case(6, 2, 3, 8, 4, True, torch.float32, seed=11)
