@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import cpu_linear
-from .kernels import time_group
+from .moe_layer import time_group
 
 
 def measure_ceilings(device: torch.device, dry: bool = False, dtype: torch.dtype | None = None) -> dict:

@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import results_dir
-from .kernels import check, make_inputs, make_layer, sync, time_group
+from .moe_layer import check, make_inputs, make_layer, sync, time_group
 
 # Experts stored as base slot + compressed delta (multimoe_rt.delta) against the same experts as dense slots.
 CODEC_SPECS = ("sign1", "lowrank16", "lowrank64", "int4", "lowrank8+sign1")
