@@ -358,7 +358,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
     s = p.add_argument_group("realistic layer shapes (synthetic random-init variants; multimoe_rt/benchmarks/synthetic.py)")
     s.add_argument("--synthetic", choices=["mid", "large"], default=None,
-                   help="mid: H=1024 I=2048, 2 layers; large: Mixtral-8x7B's layer (H=4096 I=14336), 1 layer. "
+                   help="Mixtral: mid H=1024 I=2048, 2 layers; large: Mixtral-8x7B's layer (H=4096 I=14336), 1 layer "
+                        "(the other families' shapes: multimoe_rt/benchmarks/synthetic_models.py). "
                         "Compares one variant, mixed dense copies, every expert shared, each codec plan, the mixed "
                         "plan and transformers; writes batching-synthetic-<shape>-<dtype>[-<family>].json (mid: ~5 min "
                         "on 2 CPU cores)")
