@@ -31,7 +31,6 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -101,7 +100,7 @@ def run_transformers(models: dict, trace, new_tokens: int, max_batch: int) -> li
     request of that variant (up to ``max_batch``), left-padded into one batch."""
     from transformers import LogitsProcessorList
 
-    waiting, lock, cond = [], threading.Lock(), threading.Condition()
+    waiting, cond = [], threading.Condition()
     timings = [None] * len(trace)
     done = threading.Event()
 
