@@ -1,5 +1,5 @@
-"""Find the CUDA toolkit directory from the real ``nvcc`` (stdlib only: setup.py and bench/gpu_check.py load
-this file by path, before the package is installed).
+"""Find the CUDA toolkit directory from the real ``nvcc`` (stdlib only: setup.py loads this file by
+path and bench/gpu_check.py runs it as a script, both before the package is installed).
 
 torch guesses CUDA_HOME as the parent of the directory of the first ``nvcc`` on PATH. Where that ``nvcc`` is a
 wrapper script (``/usr/local/bin/nvcc`` running ``exec /usr/local/cuda-13.0/bin/nvcc "$@"``), the guess is

@@ -219,11 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     # ---- reliability: bursts, faults, fuzzing (multimoe_rt/benchmarks/reliability.py)
-    r = add("bench-reliability", help="reliability suite: bursts with bad requests, shutdown, foreign prefetch, "
-                                     "injected faults, reader fuzzing, RSS over switches; prints one table")
+    r = add("bench-reliability", help="reliability suite: bursts with bad requests, shutdown, a foreign thread submitting and "
+                                     "cancelling, injected faults, reader fuzzing, RSS over set reloads; prints one table")
     r.add_argument("-n", "--requests", type=_pos_int, default=1000, help="requests per burst (default 1000)")
     r.add_argument("--threads", type=_pos_int, default=16, help="client threads of a burst")
-    r.add_argument("--switches", type=_pos_int, default=1000, help="switches for the RSS measurement")
+    r.add_argument("--switches", type=_pos_int, default=1000, help="weight-set reloads for the RSS measurement")
     r.add_argument("--fuzz-files", type=_pos_int, default=500, help="mutated safetensors files")
     r.add_argument("--fuzz-plans", type=_pos_int, default=200, help="mutated plans")
     r.add_argument("--full", action="store_true", help="the full mixtral-tiny zoo (default: the small one)")
