@@ -346,16 +346,39 @@ def validate_batching(paths=None, vocab: int = 272, seed: int = 0, progress: boo
             "files": out, "rows": rows, "summary": summary}
 
 
-def batching_validation_table(rows) -> str:
-    head = (f"{'file':<15} {'shape':<6} {'λ/s':>7} {'system':<12} {'meas mean':>10} {'sim mean':>10} {'err':>6} "
-            f"{'meas p99':>10} {'sim p99':>10} {'err':>6}")
+def validation_table(rows, lead=(("λ/s", "rate", 7), ("system", "system", -14))) -> str:
+    """Measured against simulated turnaround (mean, p99) per row; ``lead``: the columns that name a row, as
+    (header, key, width), a negative width left-aligned."""
+    def cell(text, width):
+        return f"{text:<{-width}}" if width < 0 else f"{text:>{width}}"
+
+    head = " ".join(cell(h, w) for h, _, w in lead) + (f" {'meas mean':>10} {'sim mean':>10} {'err':>6} "
+                                                       f"{'meas p99':>10} {'sim p99':>10} {'err':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         m, s = r["measured"], r["simulated"]
-        lines.append(f"{r['file']:<15} {r['shape']:<6} {r['rate']:>7} {r['system']:<12} {fmt_ms(m['turnaround_mean']):>10} "
-                     f"{fmt_ms(s['turnaround_mean']):>10} {100 * r['err_mean']:>+5.0f}% {fmt_ms(m['turnaround_p99']):>10} "
-                     f"{fmt_ms(s['turnaround_p99']):>10} {100 * r['err_p99']:>+5.0f}%")
+        lines.append(" ".join(cell(r[k], w) for _, k, w in lead) +
+                     f" {fmt_ms(m['turnaround_mean']):>10} {fmt_ms(s['turnaround_mean']):>10} {100 * r['err_mean']:>+5.0f}%"
+                     f" {fmt_ms(m['turnaround_p99']):>10} {fmt_ms(s['turnaround_p99']):>10} {100 * r['err_p99']:>+5.0f}%")
     return "\n".join(lines)
+
+
+def batching_validation_table(rows) -> str:
+    return validation_table(rows, (("file", "file", -15), ("shape", "shape", -6), ("λ/s", "rate", 7),
+                                   ("system", "system", -12)))
+
+
+def plot_measured_vs_simulated(ax, rows) -> None:
+    """Mean turnaround against λ per system: measured (solid) and simulated (dashed, same colour), log scale."""
+    for system in dict.fromkeys(r["system"] for r in rows):
+        pts = [r for r in rows if r["system"] == system]
+        line, = ax.plot([r["rate"] for r in pts], [1e3 * r["measured"]["turnaround_mean"] for r in pts],
+                        marker="o", label=f"{system} measured")
+        ax.plot([r["rate"] for r in pts], [1e3 * r["simulated"]["turnaround_mean"] for r in pts], marker="x",
+                ls="--", color=line.get_color(), label=f"{system} simulated")
+    ax.set_yscale("log")
+    ax.set_xlabel("λ (requests/s)")
+    ax.set_ylabel("mean turnaround (ms)")
 
 
 def plot_batching_validation(rows, path) -> str | None:
@@ -369,17 +392,8 @@ def plot_batching_validation(rows, path) -> str | None:
     fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(10, 3.2 * ((len(panels) + 1) // cols)),
                              squeeze=False)
     for ax, (f, sh) in zip(axes.flat, panels):
-        sub = [r for r in rows if r["file"] == f and r["shape"] == sh]
-        for s in dict.fromkeys(r["system"] for r in sub):
-            pts = [r for r in sub if r["system"] == s]
-            line, = ax.plot([r["rate"] for r in pts], [1e3 * r["measured"]["turnaround_mean"] for r in pts],
-                            marker="o", label=f"{s} measured")
-            ax.plot([r["rate"] for r in pts], [1e3 * r["simulated"]["turnaround_mean"] for r in pts], marker="x",
-                    ls="--", color=line.get_color(), label=f"{s} simulated")
-        ax.set_yscale("log")
+        plot_measured_vs_simulated(ax, [r for r in rows if r["file"] == f and r["shape"] == sh])
         ax.set_title(f"{f} / {sh}", fontsize=9)
-        ax.set_xlabel("λ (requests/s)")
-        ax.set_ylabel("mean turnaround (ms)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

@@ -43,21 +43,10 @@ from . import RESULTS_HELP, results_dir
 from .sim_model import HARDWARE, MODELS, load_trace
 from .sim_systems import SCALE_SYSTEMS, idle_rate, ours_vs_partitioned, paper_scale, simulate_system, sweep
 from .sim_validate import (batching_validation_table, fmt_ms, plot_batching_validation, validate, validate_archived,
-                           validate_batching)
+                           plot_measured_vs_simulated, validate_batching, validation_table)
 
 
 # ================================================================ output
-
-def validation_table(rows) -> str:
-    head = f"{'λ/s':>7} {'system':<14} {'meas mean':>10} {'sim mean':>10} {'err':>6} {'meas p99':>10} {'sim p99':>10} {'err':>6}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        m, s = r["measured"], r["simulated"]
-        lines.append(f"{r['rate']:>7} {r['system']:<14} {fmt_ms(m['turnaround_mean']):>10} "
-                     f"{fmt_ms(s['turnaround_mean']):>10} {100 * r['err_mean']:>+5.0f}% {fmt_ms(m['turnaround_p99']):>10} "
-                     f"{fmt_ms(s['turnaround_p99']):>10} {100 * r['err_p99']:>+5.0f}%")
-    return "\n".join(lines)
-
 
 def scale_table(case: dict) -> str:
     head = (f"{'λ/s':>8} {'system':<14} {'TTFT mean':>10} {'TTFT p99':>10} {'turn mean':>10} {'turn p99':>10} "
@@ -111,15 +100,7 @@ def plot_validation(rows, path) -> str | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for i, s in enumerate(dict.fromkeys(r["system"] for r in rows)):
-        pts = [r for r in rows if r["system"] == s]
-        line, = ax.plot([r["rate"] for r in pts], [1000 * r["measured"]["turnaround_mean"] for r in pts],
-                        marker="o", label=f"{s} measured")
-        ax.plot([r["rate"] for r in pts], [1000 * r["simulated"]["turnaround_mean"] for r in pts], marker="x",
-                ls="--", color=line.get_color(), label=f"{s} simulated")
-    ax.set_yscale("log")
-    ax.set_xlabel("λ (requests/s)")
-    ax.set_ylabel("mean turnaround (ms)")
+    plot_measured_vs_simulated(ax, rows)
     ax.set_title("tiny zoo on this CPU: measured vs simulated", fontsize=9)
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
