@@ -220,7 +220,8 @@ class Engine:
     def __init__(self, model: BatchedModel, max_step_tokens: int = 256, max_queue: int = 4096,
                  mix_variants: bool = True, group_variants: bool = False, eos_token_id: int | list | None = None,
                  prefetch: int = 0):
-        self.scheduler = Scheduler(max_step_tokens, None, mix_variants, group_variants, prefetch)
+        self.scheduler = Scheduler(max_step_tokens, mix_variants=mix_variants, group_variants=group_variants,
+                                   prefetch=prefetch)   # max_seqs: the KV cache's free rows bound admission
         self.model, self.weights, self.kv = model, model.weights, model.kv
         self.names, self.vocab_size = model.weights.names, model.weights.embed.shape[1]
         self.max_step_tokens, self.max_queue, self.mix = max_step_tokens, max_queue, mix_variants
